@@ -1,0 +1,25 @@
+"""dfmpc: reference implementation of DF-MPC (data-free mixed-precision compensation).
+
+Chen, Bai, Huang, Wang, Tian, Liu, "Data-Free Quantization via Mixed-Precision
+Compensation without Fine-Tuning", Pattern Recognition 143 (2023) 109780, arXiv:2307.00498.
+"""
+
+from .quantizers import ternary, dorefa, uniform, dequantize
+from .compensation import (
+    BatchNorm,
+    absorb_scale,
+    data_free_loss,
+    compensation_coefficients,
+    fold_into_bn,
+    scale_input_channels,
+)
+from .reconstruction import conv2d, pair_forward, feature_map_loss, oracle_coefficients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ternary", "dorefa", "uniform", "dequantize",
+    "BatchNorm", "absorb_scale", "data_free_loss", "compensation_coefficients",
+    "fold_into_bn", "scale_input_channels",
+    "conv2d", "pair_forward", "feature_map_loss", "oracle_coefficients",
+]
