@@ -1,0 +1,96 @@
+"""Numba kernels: im2col for dense convs, a direct loop for grouped / depthwise convs.
+
+Both take an NCHW float32 batch (any strides) and the conv geometry in ONNX
+terms: ``pads = (top, left, bottom, right)`` (only top/left are needed here,
+the output size ``oh, ow`` already accounts for bottom/right).
+Their plain-loop twins live in :mod:`dfmpc.engine.reference_kernels`.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    """Unfold conv windows into columns.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    kh, kw, sh, sw, pt, pl, dh, dw : int
+        Kernel size, strides, top/left padding, dilations.
+    oh, ow : int
+        Output height and width.
+
+    Returns
+    -------
+    cols : ndarray, shape (C*kh*kw, N*oh*ow), float32
+        Row ``(c*kh + i)*kw + j`` holds input channel ``c`` at kernel offset
+        ``(i, j)`` for every output pixel (zero where the window is in padding),
+        so ``W.reshape(O, -1) @ cols`` is the convolution.
+    """
+    n_img, c_in, h_in, w_in = x.shape
+    rows = c_in * kh * kw
+    cols = np.empty((rows, n_img * oh * ow), dtype=np.float32)
+    for r in prange(rows):
+        c = r // (kh * kw)
+        i = (r // kw) % kh
+        j = r % kw
+        for n in range(n_img):
+            for y in range(oh):
+                off = (n * oh + y) * ow
+                ih = y * sh - pt + i * dh
+                if ih < 0 or ih >= h_in:
+                    for xo in range(ow):
+                        cols[r, off + xo] = 0.0
+                else:
+                    for xo in range(ow):
+                        iw = xo * sw - pl + j * dw
+                        if iw >= 0 and iw < w_in:
+                            cols[r, off + xo] = x[n, c, ih, iw]
+                        else:
+                            cols[r, off + xo] = 0.0
+    return cols
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def conv_grouped(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
+    """Direct grouped convolution (depthwise when ``groups == C``), no bias.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    w : ndarray, shape (O, C // groups, kh, kw), float32
+    groups : int
+        Number of groups; ``C`` and ``O`` are both multiples of it.
+    sh, sw, pt, pl, dh, dw : int
+        Strides, top/left padding, dilations.
+    oh, ow : int
+        Output height and width.
+
+    Returns
+    -------
+    out : ndarray, shape (N, O, oh, ow), float32
+    """
+    n_img, c_in, h_in, w_in = x.shape
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    out = np.zeros((n_img, c_out, oh, ow), dtype=np.float32)
+    for t in prange(n_img * c_out):
+        n = t // c_out
+        o = t % c_out
+        g = o // og
+        for c in range(cg):
+            ci = g * cg + c
+            for i in range(kh):
+                for j in range(kw):
+                    wv = w[o, c, i, j]
+                    for y in range(oh):
+                        ih = y * sh - pt + i * dh
+                        if ih < 0 or ih >= h_in:
+                            continue
+                        for xo in range(ow):
+                            iw = xo * sw - pl + j * dw
+                            if iw >= 0 and iw < w_in:
+                                out[n, o, y, xo] += wv * x[n, ci, ih, iw]
+    return out

@@ -1,0 +1,108 @@
+"""Plain-loop NumPy twins of the fast kernels, used only by tests.
+
+Written for obviousness, not speed: one Python loop per output element,
+float64 accumulation.  Geometry as in ONNX: ``pads = (top, left, bottom, right)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _out_size(size, k, stride, pb, pe, dilation, ceil_mode=False):
+    span = size + pb + pe - dilation * (k - 1) - 1
+    out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pb:
+        out -= 1
+    return out
+
+
+def conv2d_loops(x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
+    """Convolution by explicit loops.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    w : ndarray, shape (O, C // groups, kh, kw)
+    b : ndarray, shape (O,), optional
+    strides, dilations : (int, int)
+    pads : (int, int, int, int)
+    groups : int
+
+    Returns
+    -------
+    ndarray, shape (N, O, oh, ow), float64
+    """
+    n_img, c_in, h, wd = x.shape
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    oh = _out_size(h, kh, strides[0], pads[0], pads[2], dilations[0])
+    ow = _out_size(wd, kw, strides[1], pads[1], pads[3], dilations[1])
+    out = np.zeros((n_img, c_out, oh, ow))
+    for n in range(n_img):
+        for o in range(c_out):
+            g = o // og
+            for y in range(oh):
+                for xo in range(ow):
+                    acc = 0.0 if b is None else float(b[o])
+                    for c in range(cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                ih = y * strides[0] - pads[0] + i * dilations[0]
+                                iw = xo * strides[1] - pads[1] + j * dilations[1]
+                                if 0 <= ih < h and 0 <= iw < wd:
+                                    acc += float(w[o, c, i, j]) * float(x[n, g * cg + c, ih, iw])
+                    out[n, o, y, xo] = acc
+    return out
+
+
+def max_pool2d_loops(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=False):
+    """Max pooling by explicit loops; x (N, C, H, W) -> (N, C, oh, ow)."""
+    n_img, c_in, h, wd = x.shape
+    oh = _out_size(h, kernel[0], strides[0], pads[0], pads[2], dilations[0], ceil_mode)
+    ow = _out_size(wd, kernel[1], strides[1], pads[1], pads[3], dilations[1], ceil_mode)
+    out = np.full((n_img, c_in, oh, ow), -np.inf)
+    for n in range(n_img):
+        for c in range(c_in):
+            for y in range(oh):
+                for xo in range(ow):
+                    for i in range(kernel[0]):
+                        for j in range(kernel[1]):
+                            ih = y * strides[0] - pads[0] + i * dilations[0]
+                            iw = xo * strides[1] - pads[1] + j * dilations[1]
+                            if 0 <= ih < h and 0 <= iw < wd:
+                                out[n, c, y, xo] = max(out[n, c, y, xo], x[n, c, ih, iw])
+    return out
+
+
+def avg_pool2d_loops(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=False,
+                     count_include_pad=False):
+    """Average pooling by explicit loops; x (N, C, H, W) -> (N, C, oh, ow).
+
+    The divisor counts input pixels, plus explicit-padding pixels when
+    ``count_include_pad`` (pixels beyond the explicit padding, reachable only
+    in ceil mode, are never counted).
+    """
+    n_img, c_in, h, wd = x.shape
+    oh = _out_size(h, kernel[0], strides[0], pads[0], pads[2], 1, ceil_mode)
+    ow = _out_size(wd, kernel[1], strides[1], pads[1], pads[3], 1, ceil_mode)
+    out = np.zeros((n_img, c_in, oh, ow))
+    for n in range(n_img):
+        for c in range(c_in):
+            for y in range(oh):
+                for xo in range(ow):
+                    total, count = 0.0, 0
+                    for i in range(kernel[0]):
+                        for j in range(kernel[1]):
+                            ih = y * strides[0] - pads[0] + i
+                            iw = xo * strides[1] - pads[1] + j
+                            inside = 0 <= ih < h and 0 <= iw < wd
+                            in_pad = -pads[0] <= ih < h + pads[2] and -pads[1] <= iw < wd + pads[3]
+                            if inside:
+                                total += x[n, c, ih, iw]
+                            if inside or (count_include_pad and in_pad):
+                                count += 1
+                    out[n, c, y, xo] = total / count
+    return out

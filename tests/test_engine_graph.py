@@ -1,0 +1,89 @@
+"""The graph IR: construction checks, queries, copies, parameter replacement, chunked running."""
+
+import numpy as np
+import pytest
+
+from dfmpc.engine import Graph, Node
+from dfmpc.engine.builders import conv_flops, resnet_cifar
+
+
+def _tiny():
+    rng = np.random.default_rng(0)
+    nodes = [
+        Node("conv", "Conv", ["x"], ["c"], {"kernel_shape": (3, 3), "pads": (1, 1, 1, 1)},
+             {"W": rng.normal(size=(4, 2, 3, 3)).astype(np.float32)}),
+        Node("bn", "BatchNormalization", ["c"], ["b"], {"epsilon": 1e-5},
+             {"gamma": np.ones(4, np.float32), "beta": np.zeros(4, np.float32),
+              "mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}),
+        Node("relu", "Relu", ["b"], ["y"]),
+    ]
+    return Graph(nodes[::-1], ["x"], ["y"], {"x": (2, 5, 5)})   # given out of order on purpose
+
+
+def test_topological_order_and_queries():
+    g = _tiny()
+    assert [n.name for n in g] == ["conv", "bn", "relu"]
+    assert g.producer("c").name == "conv" and g.producer("x") is None
+    assert [n.name for n in g.consumers("c")] == ["bn"]
+    assert [n.name for n in g.nodes_of("BatchNormalization")] == ["bn"]
+    assert "bn: BatchNormalization(c) -> b" in repr(g)
+
+
+def test_construction_errors():
+    relu = Node("r", "Relu", ["x"], ["y"])
+    with pytest.raises(ValueError, match="duplicate node names"):
+        Graph([relu, Node("r", "Relu", ["y"], ["z"])], ["x"], ["z"])
+    with pytest.raises(ValueError, match="never produced"):
+        Graph([Node("r", "Relu", ["missing"], ["y"])], ["x"], ["y"])
+    with pytest.raises(ValueError, match="cycle"):
+        Graph([Node("a", "Add", ["x", "q"], ["p"]), Node("b", "Relu", ["p"], ["q"])], ["x"], ["q"])
+    with pytest.raises(ValueError, match=r"unsupported ops: 'lrn' \(LRN\)"):
+        Graph([Node("lrn", "LRN", ["x"], ["y"])], ["x"], ["y"])
+
+
+def test_copy_is_deep_and_with_params_leaves_original():
+    g = _tiny()
+    g2 = g.copy()
+    g2.node("bn").params["gamma"][:] = 5
+    assert g.node("bn").params["gamma"][0] == 1
+    x = np.random.default_rng(1).normal(size=(3, 2, 5, 5)).astype(np.float32)
+    g3 = g.with_params({"bn": {"gamma": np.full(4, 2.0)}})
+    assert g.node("bn").params["gamma"][0] == 1 and g3.node("bn").params["gamma"].dtype == np.float32
+    # ReLU is positively homogeneous and beta = mean = 0, so doubling gamma doubles the output
+    np.testing.assert_allclose(g3.run(x), 2 * g.run(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        g.with_params({"bn": {"gamma": np.ones(3)}})
+    with pytest.raises(KeyError, match="no parameter 'W'"):
+        g.with_params({"bn": {"W": np.ones(4)}})
+
+
+def test_run_chunking_and_intermediates():
+    g = resnet_cifar(8, image_size=12, seed=3)
+    x = np.random.default_rng(0).normal(size=(7, 1, 12, 12)).astype(np.float32)
+    full = g.run(x, batch_size=64)
+    # chunked runs differ only by BLAS summation order: ~1e-6 relative on O(10) logits
+    np.testing.assert_allclose(g.run(x, batch_size=3), full, rtol=1e-5, atol=1e-4)
+    out = g.run(x, outputs=["stem.1", "logits"])
+    assert out["stem.1"].shape == (7, 16, 12, 12) and out["logits"].shape == (7, 10)
+
+
+def test_run_rejects_bad_inputs():
+    g = _tiny()
+    with pytest.raises(TypeError, match="float32"):
+        g.run(np.zeros((1, 2, 5, 5)))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        g.run([[0.0]])
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(1, 3, 5, 5\), expected \(N, 2, 5, 5\)"):
+        g.run(np.zeros((1, 3, 5, 5), np.float32))
+    g.input_shapes = {}
+    with pytest.raises(ValueError, match="node 'conv' \\(Conv\\)"):
+        g.run(np.zeros((1, 3, 5, 5), np.float32))
+
+
+def test_resnet_builder():
+    g = resnet_cifar(20)
+    assert len(g.nodes_of("Conv")) == 21 and len(g.nodes_of("BatchNormalization")) == 21
+    assert g.node("layers.3.shortcut.0").attrs["strides"] == (2, 2)
+    assert conv_flops(g, (1, 28, 28)) > 5e7
+    with pytest.raises(ValueError, match="6n"):
+        resnet_cifar(21)

@@ -1,0 +1,120 @@
+"""Fast kernels (Numba im2col / grouped conv, vectorised pooling) against their plain-loop twins."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dfmpc.engine.conv import conv2d
+from dfmpc.engine.pooling import avg_pool2d, global_avg_pool, max_pool2d
+from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, max_pool2d_loops
+
+# float32 kernels vs float64 loops on O(1) data with <= 6*3*3 = 54 terms per output:
+# float32 rounding gives ~1e-6 relative error per term, so 1e-4 absolute is generous
+# yet far below any real indexing mistake (which changes outputs by O(1)).
+ATOL = 1e-4
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3, "depthwise"]))
+    cg = draw(st.integers(1, 3))
+    if groups == "depthwise":
+        groups = draw(st.integers(1, 4))
+        cg = 1
+    c = cg * groups
+    o = groups * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))   # asymmetric allowed
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[2]), 7))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[1] - pads[3]), 7))
+    n = draw(st.integers(1, 2))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return n, c, h, w, o, groups, (kh, kw), (sh, sw), pads, (dh, dw), bias, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cases())
+def test_conv2d_matches_loops(case):
+    n, c, h, w, o, groups, k, s, pads, d, bias, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    wt = rng.normal(size=(o, c // groups) + k).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32) if bias else None
+    got = conv2d(x, wt, b, s, pads, d, groups)
+    want = conv2d_loops(x, wt, b, s, pads, d, groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_conv2d_negative_control():
+    """The twin comparison can fail: a flipped kernel differs from the true conv."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 2, 5, 5)).astype(np.float32)
+    wt = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    want = conv2d_loops(x, wt, pads=(1, 1, 1, 1))
+    got = conv2d(x, np.ascontiguousarray(wt[:, :, ::-1, ::-1]), pads=(1, 1, 1, 1))
+    assert np.abs(got - want).max() > 0.1
+
+
+def test_conv2d_noncontiguous_input_and_depthwise():
+    """Kernels accept strided views (the engine passes conv outputs as transposed views)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 3, 6, 6)).astype(np.float32).transpose(1, 0, 2, 3)  # (3, 4, 6, 6) view
+    for groups, wshape in [(1, (5, 4, 3, 3)), (4, (4, 1, 3, 3))]:
+        wt = rng.normal(size=wshape).astype(np.float32)
+        np.testing.assert_allclose(conv2d(x, wt, None, (2, 1), (1, 0, 2, 1), (1, 1), groups),
+                                   conv2d_loops(x, wt, None, (2, 1), (1, 0, 2, 1), (1, 1), groups),
+                                   atol=ATOL)
+
+
+def test_conv2d_rejects_bad_groups():
+    with pytest.raises(ValueError, match="groups"):
+        conv2d(np.zeros((1, 4, 5, 5), np.float32), np.zeros((2, 3, 3, 3), np.float32), groups=1)
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pads = (draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1)),
+            draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1)))   # pads < kernel (ONNX rule)
+    h, w = draw(st.integers(kh, 7)), draw(st.integers(kw, 7))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w, (kh, kw), (sh, sw), pads,
+            draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(pool_cases(), st.integers(1, 2))
+def test_max_pool_matches_loops(case, dil):
+    n, c, h, w, k, s, pads, ceil, _, seed = case
+    d = (dil, 1)
+    if d[0] * (k[0] - 1) + 1 > h + pads[0] + pads[2]:
+        d = (1, 1)
+    x = np.random.default_rng(seed).normal(size=(n, c, h, w)).astype(np.float32)
+    np.testing.assert_array_equal(max_pool2d(x, k, s, pads, d, ceil),
+                                  max_pool2d_loops(x, k, s, pads, d, ceil).astype(np.float32))
+
+
+@settings(max_examples=50, deadline=None)
+@given(pool_cases())
+def test_avg_pool_matches_loops(case):
+    n, c, h, w, k, s, pads, ceil, include, seed = case
+    x = np.random.default_rng(seed).normal(size=(n, c, h, w)).astype(np.float32)
+    np.testing.assert_allclose(avg_pool2d(x, k, s, pads, ceil, include),
+                               avg_pool2d_loops(x, k, s, pads, ceil, include), atol=1e-5)
+
+
+def test_pool_negative_control():
+    """count_include_pad changes border averages, so the avg-pool check is not vacuous."""
+    x = np.ones((1, 1, 4, 4), np.float32)
+    a = avg_pool2d(x, (3, 3), (1, 1), (1, 1, 1, 1), False, True)
+    assert abs(a[0, 0, 0, 0] - 4 / 9) < 1e-6
+    assert not np.allclose(a, avg_pool2d_loops(x, (3, 3), (1, 1), (1, 1, 1, 1), False, False))
+
+
+def test_global_avg_pool():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(global_avg_pool(x)[:, :, 0, 0], x.astype(np.float64).mean(axis=(2, 3)), atol=1e-6)
