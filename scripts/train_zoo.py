@@ -1,0 +1,515 @@
+#!/usr/bin/env python3
+"""Train the dfmpc model zoo on Fashion-MNIST (one-off; CI never runs this).
+
+Needs PyTorch ``torch==2.13.0`` (CPU build; ``pip install torch==2.13.0``,
+never an unpinned torch) and Debian's ``dataset-fashion-mnist`` for the 60k
+train set (``apt-get install -y dataset-fashion-mnist``). The 10k test set is
+read from the copy shipped in ``reference/dfmpc/zoo/``.
+
+Architectures (all: input 1x28x28, 10 classes, BatchNorm after every conv,
+no conv bias in front of a BN, head = global average pool -> flatten -> linear)
+
+``resnet20`` / ``resnet56``
+    CIFAR-style ResNet (He et al. 2016, section 4.2): stem conv3x3(16)-BN-ReLU,
+    three stages of n = 3 / 9 basic blocks with 16 / 32 / 64 channels (spatial
+    28 -> 14 -> 7). Basic block: conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU.
+    Shortcut **option B**: identity, or conv1x1(stride)-BN where the shape
+    changes (first block of stages 2 and 3).
+``vgg_small``
+    Plain VGG-style chain: [conv3x3-BN-ReLU] x2 at 32, maxpool, x2 at 64,
+    maxpool, x2 at 128 channels (6 convs), global average pool, linear.
+``resnet_bottleneck``
+    Small bottleneck ResNet: stem conv3x3(16)-BN-ReLU, three stages of 1
+    bottleneck block each (width 16 / 32 / 64, expansion 4 -> 64 / 128 / 256
+    output channels; 11 weight layers + 3 shortcut convs). Bottleneck: conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU,
+    conv1x1-BN, + shortcut (option B), ReLU.
+``mobilenetv2_small``
+    MobileNetV2-style net: stem conv3x3(16)-BN-ReLU6, inverted residual
+    blocks (expand conv1x1-BN-ReLU6, depthwise conv3x3-BN-ReLU6, project
+    conv1x1-BN; residual add when stride 1 and shape unchanged), settings
+    (t, c, n, s) = (1,16,1,1) (6,24,2,2) (6,32,2,2) (6,64,2,1) (6,96,1,1)
+    (spatial 28 -> 14 -> 7), last conv1x1(256)-BN-ReLU6, global average pool,
+    linear.
+
+Training (the same recipe for every model; all settings are recorded)
+    SGD momentum 0.9, Nesterov, weight decay 5e-4 (all parameters), batch 128,
+    one-cycle LR (max ``--lr``, 25 % warm-up, cosine annealing), cross-entropy.
+    Augmentation: random crop 28x28 from the image zero-padded by 2 pixels,
+    random horizontal flip. Inputs are ``x/255`` normalised with the train-set
+    mean 0.2860 and std 0.3530 (``dfmpc.zoo.data``).
+    Seeds: ``torch.manual_seed(seed)``; each epoch's shuffling and augmentation
+    come from a generator seeded with ``seed * 1000 + epoch``, so resuming from a
+    checkpoint reproduces the uninterrupted run. Deterministic algorithms on.
+
+Outputs (in ``--out-dir``, default /work/zoo_staging, outside the repo)
+    ``<arch>_ckpt.pt``  checkpoint after every epoch (resumed automatically)
+    ``<arch>_final.pt`` final state dict (eval mode)
+    ``<arch>.onnx``     ONNX export with BatchNormalization nodes kept
+    ``<arch>.json``     record: accuracy, parameter count, settings, command
+
+Examples
+--------
+Time a few batches::
+
+    python scripts/train_zoo.py --arch resnet20 --time-batches 50
+
+Train (as used for the shipped zoo)::
+
+    nice python scripts/train_zoo.py --arch resnet20 --epochs 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+ZOO_DIR = REPO / "reference" / "dfmpc" / "zoo"
+TRAIN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _load_data_module():
+    """Import ``reference/dfmpc/zoo/data.py`` by path (no package install needed)."""
+    spec = importlib.util.spec_from_file_location("dfmpc_zoo_data", ZOO_DIR / "data.py")
+    mod = importlib.util.module_from_spec(spec)
+    # data_path() resolves files relative to the module's package; point it here.
+    mod.__package__ = None
+    spec.loader.exec_module(mod)
+    mod.data_path = lambda name: ZOO_DIR / name
+    return mod
+
+
+DATA = _load_data_module()
+MEAN, STD = DATA.FASHION_MNIST_MEAN, DATA.FASHION_MNIST_STD
+
+
+# --------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    """conv(k x k, 'same' padding, no bias) followed by BatchNorm2d."""
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout)]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (option B)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(*conv_bn(cin, cout, 1, stride))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """Bottleneck block: 1x1-BN-ReLU, 3x3(stride)-BN-ReLU, 1x1-BN, + shortcut, ReLU."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, 1, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, 1, 0, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(*conv_bn(cin, cout, 1, stride))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem conv3x3(16)-BN-ReLU, three stages (stride 1, 2, 2), GAP, linear.
+
+    Parameters
+    ----------
+    block : BasicBlock or Bottleneck
+    blocks_per_stage : int
+    widths : tuple of int
+        Block width per stage (output channels = width * expansion).
+    """
+
+    def __init__(self, block, blocks_per_stage: int, widths=(16, 32, 64), num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(1, 16, 3), nn.ReLU(inplace=True))
+        expansion = getattr(block, "expansion", 1)
+        layers, cin = [], 16
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(block(cin, w, stride))
+                cin = w * expansion
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class VGGSmall(nn.Module):
+    """[conv3x3-BN-ReLU] x2 per stage at 32 / 64 / 128 channels, maxpool between, GAP, linear."""
+
+    def __init__(self, widths=(32, 64, 128), num_classes=10):
+        super().__init__()
+        layers, cin = [], 1
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += conv_bn(cin, w, 3) + [nn.ReLU(inplace=True)]
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: [1x1 expand-BN-ReLU6] dw3x3-BN-ReLU6, 1x1 project-BN, (+x)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = []
+        if expand != 1:
+            layers += conv_bn(cin, hidden, 1) + [nn.ReLU6(inplace=True)]
+        layers += conv_bn(hidden, hidden, 3, stride, groups=hidden) + [nn.ReLU6(inplace=True)]
+        layers += conv_bn(hidden, cout, 1)
+        self.conv = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.conv(x)
+        return x + out if self.use_res else out
+
+
+class MobileNetV2Small(nn.Module):
+    """Small MobileNetV2 for 28x28 inputs (see module docstring for the settings)."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 1), (6, 96, 1, 1))
+
+    def __init__(self, last_channels=256, num_classes=10):
+        super().__init__()
+        layers, cin = conv_bn(1, 16, 3) + [nn.ReLU6(inplace=True)], 16
+        for t, c, n, s in self.SETTINGS:
+            for j in range(n):
+                layers.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
+                cin = c
+        layers += conv_bn(cin, last_channels, 1) + [nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(last_channels, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+ARCHS = {
+    "resnet20": lambda: ResNet(BasicBlock, 3),
+    "resnet56": lambda: ResNet(BasicBlock, 9),
+    "vgg_small": lambda: VGGSmall(),
+    "resnet_bottleneck": lambda: ResNet(Bottleneck, 1),
+    "mobilenetv2_small": lambda: MobileNetV2Small(),
+}
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN gamma 1 / beta 0, default linear."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+def load_train() -> tuple[torch.Tensor, torch.Tensor]:
+    """60k train images as float32 (N, 1, 28, 28) in [0, 1] and int64 labels (N,)."""
+    x = DATA.read_idx(TRAIN_DIR / "train-images-idx3-ubyte.gz")
+    y = DATA.read_idx(TRAIN_DIR / "train-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def load_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped 10k test set, [0, 1] float32 (N, 1, 28, 28) and int64 labels."""
+    x, y = DATA.load_fashion_mnist_test()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - MEAN) / STD
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and random horizontal flip of a batch.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (B, 1, H, W), values in [0, 1]
+    gen : torch.Generator
+
+    Returns
+    -------
+    torch.Tensor, shape (B, 1, H, W)
+    """
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    iy = oy[:, None] + torch.arange(h)[None, :]                    # (B, H)
+    ix = ox[:, None] + torch.arange(w)[None, :]                    # (B, W)
+    flip = torch.rand(b, generator=gen) < 0.5
+    ix = torch.where(flip[:, None], ix.flip(1), ix)
+    out = padded[torch.arange(b)[:, None, None], 0, iy[:, :, None], ix[:, None, :]]
+    return out.unsqueeze(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000):
+    """Top-1 accuracy (fraction) and the logits, model in eval mode, inputs in [0, 1]."""
+    model.eval()
+    logits = torch.cat([model(normalize(x[i:i + batch])) for i in range(0, len(x), batch)])
+    return (logits.argmax(1) == y).double().mean().item(), logits
+
+
+# --------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------
+
+def export_onnx(model: nn.Module, path: Path, x_check: torch.Tensor) -> dict:
+    """Export to ONNX keeping BatchNormalization nodes, and check with onnxruntime.
+
+    The legacy TorchScript exporter folds BN into the preceding conv in eval
+    mode; ``training=TrainingMode.PRESERVE`` on an eval-mode model keeps the BN
+    nodes (with running statistics) instead.
+
+    Returns
+    -------
+    dict
+        ``{"bn_nodes": int, "conv_nodes": int, "max_abs_logit_diff": float}``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model.eval()
+    dummy = torch.zeros(1, 1, 28, 28)
+    torch.onnx.export(
+        model, (dummy,), str(path), dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        opset_version=17, do_constant_folding=False,
+    )
+    proto = onnx.load(str(path))
+    if _inline_identity_initializers(proto):
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    n_bn, n_conv = ops.count("BatchNormalization"), ops.count("Conv")
+    n_bn_torch = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if n_bn != n_bn_torch:
+        raise RuntimeError(f"ONNX has {n_bn} BatchNormalization nodes, model has {n_bn_torch}")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    xin = normalize(x_check)
+    with torch.no_grad():
+        ref = model(xin).numpy()
+    got = sess.run(None, {"input": xin.numpy()})[0]
+    diff = float(np.abs(ref - got).max())
+    if diff > 1e-4 * max(1.0, float(np.abs(ref).max())):
+        raise RuntimeError(f"onnxruntime logits differ from PyTorch by {diff}")
+    same_top1 = float((ref.argmax(1) == got.argmax(1)).mean())
+    return {"bn_nodes": n_bn, "conv_nodes": n_conv, "max_abs_logit_diff": diff,
+            "onnxruntime_same_top1_fraction": same_top1, "checked_images": len(xin)}
+
+
+def _inline_identity_initializers(proto) -> int:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer.
+
+    The TorchScript exporter de-duplicates parameters with equal values and
+    links the copies with Identity nodes; this gives every parameter its own
+    initializer again so that importers see plain Conv/BN weights.
+
+    Returns
+    -------
+    int
+        Number of Identity nodes removed.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    keep, removed = [], 0
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            arr = numpy_helper.to_array(inits[node.input[0]])
+            proto.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+            removed += 1
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return removed
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+def make_optimizer(model, args, steps_per_epoch):
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                          weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.25,
+        anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3)
+    return opt, sched
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=0.1, help="peak one-cycle learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=Path("/work/zoo_staging"))
+    p.add_argument("--time-batches", type=int, default=0,
+                   help="only time this many training batches and exit")
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = ARCHS[args.arch]()
+    init_weights(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.arch}: {n_params} parameters", flush=True)
+
+    xtr, ytr = load_train()
+    xte, yte = load_test()
+    steps_per_epoch = math.ceil(len(xtr) / args.batch_size)
+    opt, sched = make_optimizer(model, args, steps_per_epoch)
+
+    ckpt_path = args.out_dir / f"{args.arch}_ckpt.pt"
+    start_epoch, history, train_seconds = 0, [], 0.0
+    if ckpt_path.exists() and not args.no_resume and not args.time_batches:
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["args"]["epochs"] != args.epochs or ck["args"]["lr"] != args.lr:
+            sys.exit(f"{ckpt_path} was made with other settings; use --no-resume")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(len(xtr), generator=gen)
+        model.train()
+        t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            xb = normalize(augment(xtr[idx], gen))
+            yb = ytr[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(idx)
+            if args.time_batches and step + 1 == args.time_batches:
+                dt = time.time() - t0
+                print(f"{args.time_batches} batches in {dt:.1f} s -> "
+                      f"{dt / args.time_batches * steps_per_epoch / 60:.1f} min/epoch", flush=True)
+                return
+            if step % 100 == 0:
+                print(f"  epoch {epoch + 1} step {step}/{steps_per_epoch} "
+                      f"loss {loss_sum / seen:.4f} {time.time() - t0:.0f}s", flush=True)
+        dt = time.time() - t0
+        train_seconds += dt
+        acc, _ = evaluate(model, xte, yte)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                        "train_acc": correct / seen, "test_acc": acc, "seconds": dt})
+        print(f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / seen:.4f} "
+              f"train {correct / seen:.4f} test {acc:.4f} ({dt:.0f}s)", flush=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                    "train_seconds": train_seconds, "args": vars(args) | {"out_dir": str(args.out_dir)}},
+                   str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+
+    model.eval()
+    acc, _ = evaluate(model, xte, yte)
+    torch.save(model.state_dict(), args.out_dir / f"{args.arch}_final.pt")
+    onnx_info = export_onnx(model, args.out_dir / f"{args.arch}.onnx", xte[:256])
+    record = {
+        "arch": args.arch,
+        "parameters": n_params,
+        "fp32_test_accuracy_torch": acc,
+        "test_set": "Fashion-MNIST t10k (shipped dfmpc/zoo files), 10000 images",
+        "input": {"shape": [1, 28, 28], "scale": "x/255",
+                  "normalize_mean": MEAN, "normalize_std": STD},
+        "training": {
+            "epochs": args.epochs, "batch_size": args.batch_size,
+            "optimizer": "SGD momentum 0.9 nesterov", "weight_decay": args.weight_decay,
+            "lr_schedule": f"OneCycleLR max_lr={args.lr} pct_start=0.25 cos div_factor=25 final_div_factor=1e3",
+            "augmentation": "random crop 28 from zero-pad 2, random horizontal flip",
+            "loss": "cross-entropy", "seed": args.seed, "threads": args.threads,
+            "train_seconds": round(train_seconds, 1),
+            "torch": torch.__version__, "python": platform.python_version(),
+        },
+        "history": history,
+        "onnx_check": onnx_info,
+        "command": "python scripts/train_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    }
+    (args.out_dir / f"{args.arch}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("arch", "parameters", "fp32_test_accuracy_torch")}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
