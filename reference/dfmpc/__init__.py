@@ -23,3 +23,10 @@ __all__ = [
     "fold_into_bn", "scale_input_channels",
     "conv2d", "pair_forward", "feature_map_loss", "oracle_coefficients",
 ]
+
+# --- engine + interop (owned by the engine work; keep this block self-contained) ---
+from .engine import Graph, Node  # noqa: E402
+from .interop import load_model, save_model  # noqa: E402
+
+__all__ += ["Graph", "Node", "load_model", "save_model"]
+# --- end engine + interop ---

@@ -139,8 +139,12 @@ def gemm(node, x):
 
 
 def softmax(node, x):
-    """Softmax over ``axis`` (default -1), max-subtracted."""
-    axis = node.attrs.get("axis", -1)
+    """Softmax jointly over all axes from ``axis`` (default -1) on, max-subtracted.
+
+    This is ONNX opset-11 semantics ("coerce to 2-D at axis"); for the last
+    axis it equals the opset-13 definition.
+    """
+    axis = tuple(range(node.attrs.get("axis", -1) % x.ndim, x.ndim))
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 

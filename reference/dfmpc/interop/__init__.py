@@ -1,0 +1,82 @@
+"""Model I/O: ONNX import/export, the native ``.npz`` format, optional PyTorch helpers.
+
+:func:`load_model` and :func:`save_model` choose the format from the file suffix.
+
+Example
+-------
+>>> import numpy as np, dfmpc
+>>> g = dfmpc.load_model("resnet20.onnx")                      # doctest: +SKIP
+>>> logits = g.run(images.astype(np.float32))                  # doctest: +SKIP
+>>> dfmpc.save_model(g, "resnet20_copy.onnx")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..engine.graph import Graph
+from .npz_format import load_npz, save_npz
+from .onnx_export import save_onnx, to_onnx
+from .onnx_import import from_onnx, load_onnx
+
+__all__ = ["load_model", "save_model", "load_onnx", "save_onnx", "from_onnx", "to_onnx",
+           "load_npz", "save_npz"]
+
+
+def _suffix(path) -> str:
+    return os.path.splitext(os.fspath(path))[1].lower()
+
+
+def load_model(path: str | os.PathLike) -> Graph:
+    """Load a model by suffix: ``.onnx`` (ONNX) or ``.npz`` (dfmpc native format).
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    Graph
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Unknown suffix, unreadable file, or unsupported ops (listed with node names).
+    """
+    suffix = _suffix(path)
+    if suffix == ".onnx":
+        return load_onnx(path)
+    if suffix == ".npz":
+        return load_npz(path)
+    raise ValueError(f"unknown model suffix {suffix!r} for {os.fspath(path)!r}: use .onnx or .npz")
+
+
+def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Save ``graph`` by suffix (``.onnx`` or ``.npz``), atomically.
+
+    Parameters
+    ----------
+    graph : Graph
+    path : str or PathLike
+    overwrite : bool
+        Replace an existing file; by default an existing file is never overwritten.
+
+    Raises
+    ------
+    TypeError
+        ``graph`` is not a Graph.
+    ValueError
+        Unknown suffix, or the graph cannot be exported (nothing is written).
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False.
+    """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a dfmpc Graph, got {type(graph).__name__}")
+    suffix = _suffix(path)
+    if suffix == ".onnx":
+        return save_onnx(graph, path, overwrite)
+    if suffix == ".npz":
+        return save_npz(graph, path, overwrite)
+    raise ValueError(f"unknown model suffix {suffix!r} for {os.fspath(path)!r}: use .onnx or .npz")

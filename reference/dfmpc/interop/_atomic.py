@@ -1,0 +1,48 @@
+"""Atomic file writes: write a temp file in the target directory, then ``os.replace``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool = False) -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, then move it into place.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Destination; its directory must exist.
+    write : callable
+        Writes the whole content to the binary file object it is given.
+    overwrite : bool
+        Replace an existing file; otherwise an existing ``path`` is an error.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False (nothing is written).
+    FileNotFoundError
+        The destination directory does not exist.
+
+    Nothing is left behind if ``write`` raises: the temp file is removed and
+    any existing file at ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,376 @@
+"""ONNX -> :class:`~dfmpc.engine.Graph`, with the ``onnx`` package (never hand-parsed protobuf).
+
+What the importer does, in order:
+
+1. ``onnx.load`` + ``onnx.checker.check_model``; anything unreadable is a ``ValueError``.
+2. Shape inference (``onnx.shape_inference``), so static ``Shape`` nodes can be folded.
+3. Constant folding: every node whose inputs are all constants (initializers,
+   ``Constant``, ``ConstantOfShape``, ``Unsqueeze`` of constants, ``Shape`` of a
+   statically shaped tensor, ...) is evaluated once with ``onnx.reference`` and
+   becomes a constant.  Unused initializers are dropped.
+4. Every remaining node must be in the engine's op set; otherwise the import is
+   refused with the list of unsupported op types and node names.
+5. Conversion to IR nodes: constant inputs become named parameters
+   (``Conv``: W, B; ``BatchNormalization``: gamma, beta, mean, var -- never folded
+   into the conv); ``Sum`` becomes ``Add``; ``MatMul`` with a constant matrix and
+   ``Gemm`` (any transB, alpha, beta) become ``Gemm`` with ``W`` of shape (out, in);
+   a ``Reshape`` to rank 2 (``(N, -1)``, ``(1, K)``, ``(-1, K)``) becomes ``Flatten``.
+
+The first axis of every graph input is treated as the batch axis, whatever
+its declared size in the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..engine.graph import Graph, Node
+
+#: ONNX op types the importer turns into engine nodes.
+IMPORTABLE_OPS = frozenset({
+    "Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sum", "Mul", "Concat", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Softmax",
+    "Identity", "Dropout"})
+
+
+def load_onnx(path: str | os.PathLike) -> Graph:
+    """Load an ``.onnx`` file into a :class:`Graph`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    Graph
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a valid ONNX model (e.g. truncated), or unsupported ops (listed with
+        their node names), or a pattern the engine cannot run (named node).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such ONNX file: {path!r}")
+    try:
+        model = onnx.load(path)
+    except Exception as err:  # protobuf DecodeError and friends
+        raise ValueError(f"{path!r} is not a readable ONNX model: {err}") from err
+    return from_onnx(model, source=path)
+
+
+def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
+    """Convert an in-memory ``onnx.ModelProto`` into a :class:`Graph` (see module docstring).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    source : str
+        Name used in error messages.
+
+    Returns
+    -------
+    Graph
+
+    Raises
+    ------
+    ValueError
+        Invalid model, unsupported ops, or unconvertible nodes.
+    """
+    skeleton = _skeleton(model)
+    try:
+        onnx.checker.check_model(skeleton)
+    except Exception as err:
+        raise ValueError(f"{source!r} is not a valid ONNX model: {err}") from err
+    if not model.graph.node:
+        raise ValueError(f"{source!r} has an empty graph")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    shapes = _static_shapes(skeleton)
+    consts, nodes = fold_constants(model, shapes)
+
+    unsupported = [(n.op_type, _node_name(n)) for n in nodes if n.op_type not in IMPORTABLE_OPS]
+    if unsupported:
+        counts = Counter(op for op, _ in unsupported)
+        listing = "; ".join(f"{op} x{counts[op]}: " + ", ".join(repr(nm) for o, nm in unsupported if o == op)
+                            for op in counts)
+        raise ValueError(f"{source!r} uses ops outside the engine's op set: {listing}")
+
+    not_data = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    inputs = [i for i in model.graph.input if i.name not in not_data]
+    input_shapes = {i.name: _declared_shape(i)[1:] if _declared_shape(i) else None for i in inputs}
+    used_names: set[str] = set()
+    ir_nodes = []
+    for n in nodes:
+        name = _node_name(n)
+        base, k = name, 1
+        while name in used_names:
+            name, k = f"{base}_{k}", k + 1
+        used_names.add(name)
+        try:
+            ir_nodes.append(_convert(n, name, consts, shapes, opset))
+        except ValueError as err:
+            raise ValueError(f"{source!r}: node {name!r} ({n.op_type}): {err}") from err
+    outputs = [o.name for o in model.graph.output]
+    for o in outputs:
+        if o in consts:
+            raise ValueError(f"{source!r}: graph output {o!r} is a constant")
+    return Graph(ir_nodes, [i.name for i in inputs], outputs,
+                 {k: v for k, v in input_shapes.items() if v is not None},
+                 name=model.graph.name or "graph")
+
+
+# ------------------------------------------------------------------ helpers
+def _node_name(n) -> str:
+    return n.name or n.output[0]
+
+
+def _declared_shape(value_info):
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+
+
+def _skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
+    """The model with large float initializers turned into typed graph inputs.
+
+    Checking and shape inference serialise the whole model; on VGG-sized
+    weights that costs seconds.  Only initializer shapes matter to them, and
+    only small integer initializers (shapes, axes) matter by value.
+    """
+    g = model.graph
+    small, big = [], []
+    for t in g.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > max_elements:
+            big.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            small.append(t)
+    if not big:
+        return model
+    big_names = {v.name for v in big}
+    inputs = [i for i in g.input if i.name not in big_names] + big
+    sk = helper.make_graph(g.node, g.name, inputs, g.output, initializer=small, value_info=g.value_info)
+    out = helper.make_model(sk, opset_imports=list(model.opset_import))
+    out.ir_version = max(model.ir_version, 4)     # IR >= 4: inputs without initializers are fine
+    return out
+
+
+def _static_shapes(model) -> dict[str, tuple]:
+    """Tensor name -> shape tuple (None for unknown dims), from ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    return {v.name: s for v in list(g.value_info) + list(g.input) + list(g.output)
+            if (s := _declared_shape(v)) is not None}
+
+
+def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
+    """Evaluate every node whose inputs are all constant, with ``onnx.reference``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    shapes : dict, optional
+        Static shapes from shape inference; a ``Shape`` node whose input shape
+        is fully known is folded too.
+
+    Returns
+    -------
+    consts : dict of str to ndarray
+        Constant tensors still read by the remaining nodes or graph outputs.
+    nodes : list of onnx.NodeProto
+        The non-constant nodes, in the file's (topological) order.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    shapes = shapes if shapes is not None else _static_shapes(model)
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    const_names = set(consts)
+    fold, keep = [], []
+    for n in g.node:
+        ins = [i for i in n.input if i]
+        if n.op_type == "Shape" and ins[0] not in const_names and all(
+                d is not None for d in shapes.get(ins[0], (None,))):
+            full = np.array(shapes[ins[0]], dtype=np.int64)
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            consts[n.output[0]] = full[a.get("start", 0):a.get("end", len(full))]
+            const_names.add(n.output[0])
+        elif all(i in const_names for i in ins) and n.op_type not in ("RandomNormal", "RandomUniform"):
+            fold.append(n)
+            const_names.update(o for o in n.output if o)
+        else:
+            keep.append(n)
+    if fold:
+        needed = sorted({i for n in fold for i in n.input if i} - {o for n in fold for o in n.output})
+        sub = helper.make_graph(
+            fold, "fold",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape)
+             for i in needed],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+             for n in fold for o in n.output if o])
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
+        sub_model.ir_version = model.ir_version
+        outs = [o for n in fold for o in n.output if o]
+        values = ReferenceEvaluator(sub_model).run(None, {i: consts[i] for i in needed})
+        consts.update(zip(outs, (np.asarray(v) for v in values)))
+    read = {i for n in keep for i in n.input} | {o.name for o in g.output}
+    return {k: v for k, v in consts.items() if k in read}, keep
+
+
+def _attrs(n) -> dict:
+    out = {}
+    for a in n.attribute:
+        v = helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list):
+            v = tuple(v)
+        out[a.name] = v
+    return out
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _split(n, consts):
+    """Split a node's inputs into activation names and constant arrays (by position)."""
+    acts, cst = [], {}
+    for k, i in enumerate(n.input):
+        if not i:
+            continue
+        if i in consts:
+            cst[k] = consts[i]
+        else:
+            acts.append(i)
+    return acts, cst
+
+
+def _need_const(n, cst, k, what):
+    if k not in cst:
+        raise ValueError(f"{what} (input {k}, {n.input[k]!r}) must be a constant")
+    return cst[k]
+
+
+def _geometry_attrs(a, op):
+    out = {"kernel_shape": a.get("kernel_shape"), "strides": a.get("strides", (1, 1)),
+           "pads": a.get("pads", (0, 0, 0, 0)), "auto_pad": a.get("auto_pad", "NOTSET") or "NOTSET"}
+    if op != "AveragePool":
+        out["dilations"] = a.get("dilations", (1, 1))
+    if out["kernel_shape"] is not None and len(out["kernel_shape"]) != 2:
+        raise ValueError(f"only 2-D {op} is supported, got kernel_shape {out['kernel_shape']}")
+    return out
+
+
+def _convert(n, name, consts, shapes, opset) -> Node:
+    op, a = n.op_type, _attrs(n)
+    acts, cst = _split(n, consts)
+    out = [n.output[0]]
+    if op == "Conv":
+        w = _f32(_need_const(n, cst, 1, "the weight"))
+        if w.ndim != 4:
+            raise ValueError(f"only 2-D convolutions are supported, weight has shape {w.shape}")
+        attrs = _geometry_attrs(a, op)
+        attrs["kernel_shape"] = tuple(w.shape[2:])
+        attrs["group"] = a.get("group", 1)
+        params = {"W": w}
+        if 2 in cst:
+            params["B"] = _f32(cst[2])
+        elif len(n.input) > 2 and n.input[2]:
+            raise ValueError("the bias must be a constant")
+        return Node(name, "Conv", acts, out, attrs, params)
+    if op == "BatchNormalization":
+        if a.get("training_mode", 0) or a.get("spatial", 1) != 1:
+            raise ValueError("only inference-mode, spatial BatchNormalization is supported")
+        p = {k: _f32(_need_const(n, cst, i, k)) for i, k in enumerate(["gamma", "beta", "mean", "var"], 1)}
+        return Node(name, op, acts, out, {"epsilon": float(a.get("epsilon", 1e-5))}, p)
+    if op in ("Relu", "Identity", "GlobalAveragePool"):
+        return Node(name, op, acts, out)
+    if op == "Dropout":
+        if a.get("training_mode") or (len(n.input) > 2 and n.input[2] in cst and bool(cst[2])):
+            raise ValueError("Dropout in training mode is not supported")
+        return Node(name, op, acts[:1], out)
+    if op == "Clip":
+        if opset < 11:
+            lo, hi = a.get("min"), a.get("max")
+        else:
+            if len(acts) != 1:
+                raise ValueError("Clip bounds must be constants")
+            lo = float(cst[1]) if 1 in cst else None
+            hi = float(cst[2]) if 2 in cst else None
+        lo = None if lo is None or np.isneginf(lo) or lo <= -3.4e38 else float(lo)
+        hi = None if hi is None or np.isposinf(hi) or hi >= 3.4e38 else float(hi)
+        return Node(name, op, acts, out, {"min": lo, "max": hi})
+    if op in ("Add", "Sum", "Mul"):
+        params = {}
+        if cst:
+            vals = [_f32(v) for v in cst.values()]
+            c = vals[0]
+            for v in vals[1:]:
+                c = c * v if op == "Mul" else c + v
+            params["constant"] = _f32(c)
+        if not acts:
+            raise ValueError("needs at least one non-constant input")
+        return Node(name, "Mul" if op == "Mul" else "Add", acts, out, {}, params)
+    if op == "Concat":
+        return Node(name, op, acts, out, {"axis": int(a["axis"])}) if not cst else _refuse("constant inputs")
+    if op == "MaxPool":
+        if a.get("storage_order", 0) or (len(n.output) > 1 and n.output[1]):
+            raise ValueError("MaxPool indices output / storage_order are not supported")
+        attrs = _geometry_attrs(a, op)
+        attrs["ceil_mode"] = int(a.get("ceil_mode", 0))
+        return Node(name, op, acts, out, attrs)
+    if op == "AveragePool":
+        attrs = _geometry_attrs(a, op)
+        if a.get("dilations", (1, 1)) != (1, 1):
+            raise ValueError("dilated AveragePool is not supported")
+        attrs["ceil_mode"] = int(a.get("ceil_mode", 0))
+        attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
+        return Node(name, op, acts, out, attrs)
+    if op == "Flatten":
+        return Node(name, op, acts, out, {"axis": int(a.get("axis", 1))})
+    if op == "Reshape":
+        target = [int(v) for v in _need_const(n, cst, 1, "the target shape").ravel()]
+        in_shape = shapes.get(acts[0])
+        if len(target) != 2 or not (target[0] in (-1, 0, 1) or target[1] == -1):
+            raise ValueError(f"Reshape to {target} is not of the flatten kind (N, -1)")
+        if in_shape is not None and None not in in_shape[1:] and target[1] not in (-1, int(np.prod(in_shape[1:]))):
+            raise ValueError(f"Reshape of {in_shape} to {target} mixes the batch axis with features")
+        return Node(name, "Flatten", acts, out, {"axis": 1})
+    if op in ("Gemm", "MatMul"):
+        if len(acts) != 1 or acts[0] != n.input[0]:
+            raise ValueError("only activation x constant-matrix products are supported")
+        b = _f32(_need_const(n, cst, 1, "the weight matrix"))
+        if b.ndim != 2:
+            raise ValueError(f"weight must be 2-D, got {b.shape}")
+        if op == "Gemm" and a.get("transA", 0):
+            raise ValueError("transA=1 is not supported")
+        w = b if (op == "Gemm" and a.get("transB", 0)) else b.T
+        params = {"W": _f32(w * a.get("alpha", 1.0)) if op == "Gemm" else _f32(w)}
+        if 2 in cst and op == "Gemm":
+            c = _f32(cst[2]) * np.float32(a.get("beta", 1.0))
+            params["B"] = _f32(np.broadcast_to(c.reshape(-1) if c.size == w.shape[0] else c, (w.shape[0],)))
+        return Node(name, "Gemm", acts, out, {}, params)
+    if op == "Softmax":
+        rank = len(shapes[acts[0]]) if acts[0] in shapes else None
+        axis = int(a.get("axis", 1 if opset < 13 else -1))
+        if opset >= 13 and axis != -1 and not (rank is not None and axis % rank == rank - 1):
+            raise ValueError(f"opset-13 Softmax over axis {axis} that is not the last axis is not supported")
+        # IR semantics: jointly over axes >= axis (opset < 13 "coerce to 2-D"; same as opset 13 on the last axis)
+        return Node(name, op, acts, out, {"axis": axis if opset < 13 else -1})
+    raise ValueError(f"op {op} is not supported")  # unreachable: filtered before
+
+
+def _refuse(what):
+    raise ValueError(f"{what} are not supported")
