@@ -3,7 +3,7 @@
 Node names follow the PyTorch module names of ``scripts/train_zoo.py``
 (``stem.0``, ``stem.1``, ``layers.3.conv1``, ``layers.3.shortcut.0``, ``fc``), so
 a trained ``state_dict`` maps onto the graph by name
-(:func:`dfmpc.interop.torch_io.load_state_dict`).
+(:func:`dfmpc.interop.load_state_dict`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Model I/O: ONNX import/export, the native ``.npz`` format, optional PyTorch helpers.
 
+PyTorch helpers (torch imported lazily): :mod:`dfmpc.interop.torch_export`
+(``export_onnx``, ``graph_from_torch``); ``load_state_dict`` needs no torch.
+
 :func:`load_model` and :func:`save_model` choose the format from the file suffix.
 
 Example
@@ -18,9 +21,10 @@ from ..engine.graph import Graph
 from .npz_format import load_npz, save_npz
 from .onnx_export import save_onnx, to_onnx
 from .onnx_import import from_onnx, load_onnx
+from .state_dict import load_state_dict
 
 __all__ = ["load_model", "save_model", "load_onnx", "save_onnx", "from_onnx", "to_onnx",
-           "load_npz", "save_npz"]
+           "load_npz", "save_npz", "load_state_dict"]
 
 
 def _suffix(path) -> str:

@@ -96,6 +96,12 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
     shapes = _static_shapes(skeleton)
     consts, nodes = fold_constants(model, shapes)
 
+    batch_dependent = _batch_dependent(model, shapes, nodes)
+    for n in nodes:
+        for k, i in enumerate(n.input):
+            if i in batch_dependent and not (n.op_type == "Reshape" and k == 1):
+                raise ValueError(f"{source!r}: node {_node_name(n)!r} ({n.op_type}) reads {i!r}, which "
+                                 "depends on the batch size; only a flatten-kind Reshape may")
     unsupported = [(n.op_type, _node_name(n)) for n in nodes if n.op_type not in IMPORTABLE_OPS]
     if unsupported:
         counts = Counter(op for op, _ in unsupported)
@@ -200,9 +206,11 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
     fold, keep = [], []
     for n in g.node:
         ins = [i for i in n.input if i]
-        if n.op_type == "Shape" and ins[0] not in const_names and all(
-                d is not None for d in shapes.get(ins[0], (None,))):
-            full = np.array(shapes[ins[0]], dtype=np.int64)
+        known = shapes.get(ins[0], (None,)) if n.op_type == "Shape" else (None,)
+        if n.op_type == "Shape" and ins[0] not in const_names and all(d is not None for d in known[1:]):
+            # an unknown batch size is replaced by 1: such shapes may only feed flatten-kind
+            # Reshape targets, which from_onnx checks (see _batch_dependent)
+            full = np.array([1 if known[0] is None else known[0], *known[1:]], dtype=np.int64)
             a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
             consts[n.output[0]] = full[a.get("start", 0):a.get("end", len(full))]
             const_names.add(n.output[0])
@@ -226,6 +234,20 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
         consts.update(zip(outs, (np.asarray(v) for v in values)))
     read = {i for n in keep for i in n.input} | {o.name for o in g.output}
     return {k: v for k, v in consts.items() if k in read}, keep
+
+
+def _batch_dependent(model, shapes, kept) -> set[str]:
+    """Names of folded constants computed from the shape of a tensor with an unknown batch size."""
+    kept_outputs = {o for n in kept for o in n.output}
+    dep: set[str] = set()
+    for n in model.graph.node:
+        if any(o in kept_outputs for o in n.output):
+            continue
+        if n.op_type == "Shape" and shapes.get(n.input[0], (0,))[0] is None:
+            dep.update(n.output)
+        elif any(i in dep for i in n.input):
+            dep.update(n.output)
+    return dep
 
 
 def _attrs(n) -> dict:
