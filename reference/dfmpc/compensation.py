@@ -1,0 +1,328 @@
+"""Data-free compensation: BatchNorm record, scale absorption, the objective and its closed form.
+
+Notation (paper Sec. 4; W is OIHW, one output channel j of layer l is a filter W_j):
+
+    Xhat_j = gammahat_j / sigmahat_j * What_j        X_j = gamma_j / sigma_j * W_j
+    yhat_j = betahat_j - gammahat_j muhat_j / sigmahat_j
+    y_j    = beta_j    - gamma_j    mu_j    / sigma_j
+
+    Gamma_j = c_j Xhat_j - X_j                        Eq. (20)
+    Theta_j = c_j yhat_j - y_j                        Eq. (21)
+    L_j(c_j) = ||Gamma_j||^2 + lambda1 Theta_j^2 + lambda2 c_j^2          Eq. (22)
+
+    c_j = (<Xhat_j, X_j> + lambda1 yhat_j y_j) / (||Xhat_j||^2 + lambda1 yhat_j^2 + lambda2)   Eq. (27)
+
+c_j scales input channel j of layer l+1 (Eq. (7)); because ReLU is positively
+homogeneous it can equally be folded into gamma_j, beta_j of BN^l (Sec. 4.3).
+Derivations: ``data_free_derivations/05_objective.md`` .. ``08_folding.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._checks import as_float_array, check_scalar
+
+__all__ = [
+    "BatchNorm",
+    "absorb_scale",
+    "data_free_loss",
+    "compensation_coefficients",
+    "fold_into_bn",
+    "scale_input_channels",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNorm:
+    """Inference-mode BatchNorm: ``BN(x)_j = gamma_j (x_j - mean_j) / sigma_j + beta_j``.
+
+    ``sigma_j = sqrt(var_j + eps)``. The arrays are validated and stored as given
+    (integers become float64); the record is immutable, every operation returns a new one.
+
+    Parameters
+    ----------
+    gamma, beta, mean, var : array_like, shape (C,)
+        Scale, shift, running mean and running variance. ``var >= 0``.
+    eps : float, default 1e-5
+        ``eps >= 0`` with ``var + eps > 0`` for every channel.
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, non-1-D or empty arrays, NaN/Inf, negative variance or eps,
+        or a channel with ``var + eps == 0``.
+    """
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        arrays = {name: as_float_array(getattr(self, name), name, ndim=1) for name in ("gamma", "beta", "mean", "var")}
+        C = arrays["gamma"].shape[0]
+        for name, a in arrays.items():
+            if a.shape != (C,):
+                raise ValueError(f"{name}: expected shape ({C},) like gamma, got {a.shape}")
+            object.__setattr__(self, name, a)
+        eps = check_scalar(self.eps, "eps", min_value=0.0)
+        object.__setattr__(self, "eps", eps)
+        if np.any(self.var < 0):
+            raise ValueError(f"var: expected running variances >= 0, got min {self.var.min():.3g}")
+        if np.any(self.var + eps <= 0):
+            raise ValueError("var: var + eps must be > 0 for every channel (sigma would be 0)")
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """``sqrt(var + eps)``, shape (C,)."""
+        return np.sqrt(self.var + self.eps)
+
+    @property
+    def channels(self) -> int:
+        return int(self.gamma.shape[0])
+
+    def __call__(self, x):
+        """Apply BN to ``x`` of shape (N, C, ...) (channel axis 1)."""
+        x = np.asarray(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (self.gamma.reshape(shape) * (x - self.mean.reshape(shape)) / self.sigma.reshape(shape)
+                + self.beta.reshape(shape))
+
+    def affine(self):
+        """The per-channel affine form ``BN(x) = a x + b``: ``a = gamma/sigma``, ``b = beta - gamma mu/sigma``."""
+        a = self.gamma / self.sigma
+        return a, self.beta - a * self.mean
+
+    def replace(self, **changes) -> "BatchNorm":
+        """A new record with some fields replaced (validated again)."""
+        fields = dict(gamma=self.gamma, beta=self.beta, mean=self.mean, var=self.var, eps=self.eps)
+        fields.update(changes)
+        return BatchNorm(**fields)
+
+
+def _check_bn(bn, name):
+    if not isinstance(bn, BatchNorm):
+        raise TypeError(f"{name}: expected a dfmpc.BatchNorm, got {type(bn).__name__}")
+    return bn
+
+
+def _check_c(c, C, name="c"):
+    c = as_float_array(c, name, ndim=1)
+    if c.shape != (C,):
+        raise ValueError(f"{name}: expected shape ({C},), one coefficient per channel, got {c.shape}")
+    if np.any(c < 0):
+        raise ValueError(f"{name}: expected c >= 0 (ReLU is positively homogeneous only for c >= 0), "
+                         f"got min {c.min():.3g}")
+    return c
+
+
+def absorb_scale(bn, s):
+    """BN for the integer-grid weights: ``muhat = mu / s``, ``sigmahat = sigma / s``.
+
+    If a layer's quantized weights are ``W_q = s * What`` then ``Xhat = X_q / s`` and
+    ``BN(X_q) = gamma (Xhat - mu/s) / (sigma/s) + beta``: the dropped factor s is
+    absorbed by dividing BN's mean and standard deviation by s (gamma, beta unchanged).
+
+    To keep ``sigmahat = sqrt(varhat + epshat) = sigma / s`` exact with a valid
+    (non-negative) variance, ``epshat = eps / max(s)^2`` and
+    ``varhat = (var + eps) / s^2 - epshat``; for a scalar s this is simply
+    ``varhat = var / s^2``, ``epshat = eps / s^2``.
+
+    Parameters
+    ----------
+    bn : BatchNorm with C channels
+        The BN that follows the full-precision layer.
+    s : float > 0 or array_like, shape (C,), all > 0
+        The dropped quantizer factor (TWN alpha, DoReFa max|W|, or a per-channel scale).
+
+    Returns
+    -------
+    BatchNorm
+        ``bn_hat`` with ``BN_hat(X_q / s) == BN(X_q)`` for every input.
+
+    Raises
+    ------
+    ValueError
+        If s is not finite and > 0, or its length differs from the BN's channel count.
+
+    Examples
+    --------
+    >>> bn = BatchNorm(gamma=[1.5, -0.5], beta=[0.1, 0.2], mean=[0.3, -1.0], var=[2.0, 0.5])
+    >>> X_q = np.array([[[0.7]], [[-0.2]]])[None]          # (N=1, C=2, 1, 1)
+    >>> bn_hat = absorb_scale(bn, 0.25)
+    >>> bool(np.allclose(bn_hat(X_q / 0.25), bn(X_q)))
+    True
+    """
+    bn = _check_bn(bn, "bn")
+    s = as_float_array(s, "s", ndim=(0, 1))
+    if s.ndim == 1 and s.shape != (bn.channels,):
+        raise ValueError(f"s: expected a scalar or shape ({bn.channels},), got {s.shape}")
+    if np.any(s <= 0):
+        raise ValueError(f"s: expected a quantizer scale > 0, got min {s.min():.3g} "
+                         "(an all-zero layer has scale 0 and nothing to absorb)")
+    eps_hat = bn.eps / float(s.max()) ** 2
+    var_hat = np.maximum((bn.var + bn.eps) / s**2 - eps_hat, 0.0)
+    return BatchNorm(gamma=bn.gamma, beta=bn.beta, mean=bn.mean / s, var=np.broadcast_to(var_hat, bn.var.shape).copy(),
+                     eps=eps_hat)
+
+
+def _per_channel_terms(W, W_hat, bn, bn_hat):
+    """Xhat, X (shape (O, n)) and yhat, y (shape (O,)) in float64."""
+    W = as_float_array(W, "W", min_ndim=2)
+    W_hat = as_float_array(W_hat, "W_hat", min_ndim=2)
+    bn, bn_hat = _check_bn(bn, "bn"), _check_bn(bn_hat, "bn_hat")
+    if W_hat.shape != W.shape:
+        raise ValueError(f"W_hat: expected the shape of W {W.shape}, got {W_hat.shape}")
+    O = W.shape[0]
+    for name, b in (("bn", bn), ("bn_hat", bn_hat)):
+        if b.channels != O:
+            raise ValueError(f"{name}: expected {O} channels (W has {O} output channels), got {b.channels}")
+    a, y = bn.affine()
+    a_hat, y_hat = bn_hat.affine()
+    X = a.astype(np.float64)[:, None] * W.reshape(O, -1).astype(np.float64)
+    X_hat = a_hat.astype(np.float64)[:, None] * W_hat.reshape(O, -1).astype(np.float64)
+    return X_hat, X, y_hat.astype(np.float64), y.astype(np.float64)
+
+
+def _lambdas(lambda1, lambda2):
+    return check_scalar(lambda1, "lambda1", min_value=0.0), check_scalar(lambda2, "lambda2", min_value=0.0)
+
+
+def data_free_loss(c, W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
+    """Per-channel data-free objective ``L_j = ||Gamma_j||^2 + lambda1 Theta_j^2 + lambda2 c_j^2``.
+
+    Paper Eq. (20)-(22). Vectorised over the output channels j of layer l.
+
+    Parameters
+    ----------
+    c : array_like, shape (O,)
+        Compensation coefficients (any real values are evaluated; only c >= 0 is meaningful).
+    W : array_like, shape (O, I, kh, kw) or (O, I)
+        Full-precision weights of layer l.
+    W_hat : array_like, same shape as W
+        Quantized weights of layer l, in the form that matches ``bn_hat`` (grid weights with
+        an ``absorb_scale``d BN, or dequantized weights with the original BN).
+    bn, bn_hat : BatchNorm with O channels
+        BN^l of the full-precision and of the quantized layer.
+    lambda1, lambda2 : float >= 0
+        Weight of the bias term Theta and of the ridge term on c (paper defaults 0.5, 0).
+
+    Returns
+    -------
+    ndarray, shape (O,), float64
+        ``L_j(c_j)`` for every channel.
+    """
+    X_hat, X, y_hat, y = _per_channel_terms(W, W_hat, bn, bn_hat)
+    lambda1, lambda2 = _lambdas(lambda1, lambda2)
+    c = as_float_array(c, "c", ndim=1).astype(np.float64)
+    if c.shape != (X.shape[0],):
+        raise ValueError(f"c: expected shape ({X.shape[0]},), got {c.shape}")
+    Gamma = c[:, None] * X_hat - X                          # Eq. (20)
+    Theta = c * y_hat - y                                   # Eq. (21)
+    return np.sum(Gamma**2, axis=1) + lambda1 * Theta**2 + lambda2 * c**2   # Eq. (22)
+
+
+def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
+    """Closed-form minimiser of Eq. (22) over ``c_j >= 0``: ``c_j = max(0, num_j / den_j)``.
+
+    ``num_j = <Xhat_j, X_j> + lambda1 yhat_j y_j`` and
+    ``den_j = ||Xhat_j||^2 + lambda1 yhat_j^2 + lambda2`` (paper Eq. (26)-(27)).
+
+    L_j is a convex quadratic in c_j with curvature ``den_j >= 0`` (Eq. (25)), so:
+
+    * ``den_j > 0``: the unconstrained minimiser is ``num_j / den_j``; on ``c_j >= 0`` the
+      minimiser of a 1-D convex quadratic is its projection, ``max(0, num_j / den_j)``
+      (our addition: the paper does not state the constraint's effect; c >= 0 is needed by
+      Lemma 2 and by folding into BN).
+    * ``den_j == 0`` (quantized filter all zero, and ``lambda1 yhat_j^2 + lambda2 == 0``):
+      L_j does not depend on c_j; we return ``c_j = 1``, i.e. leave the channel as the
+      quantizer made it (our rule; ``data_free_derivations/09_our_additions.md``).
+
+    Parameters
+    ----------
+    W, W_hat : array_like, shape (O, I, kh, kw) or (O, I)
+        Full-precision and quantized weights of layer l (W_hat in the form matching bn_hat).
+    bn, bn_hat : BatchNorm with O channels
+    lambda1, lambda2 : float >= 0
+
+    Returns
+    -------
+    c : ndarray, shape (O,), float64, all >= 0
+        ``argmin_{c >= 0} sum_j L_j(c_j)``.
+
+    Raises
+    ------
+    ValueError
+        NaN/Inf, empty or mismatched shapes, channel count of a BN differing from W's
+        output channels, negative lambdas.
+
+    References
+    ----------
+    J. Chen et al., Pattern Recognition 143 (2023) 109780, Eq. (20)-(27).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.normal(size=(4, 3, 3, 3))
+    >>> bn = BatchNorm(gamma=rng.uniform(0.5, 1.5, 4), beta=rng.normal(size=4),
+    ...                mean=rng.normal(size=4), var=rng.uniform(0.5, 2, 4))
+    >>> from dfmpc.quantizers import ternary
+    >>> W_hat, alpha, _ = ternary(W)
+    >>> bn_hat = absorb_scale(bn, alpha)
+    >>> c = compensation_coefficients(W, W_hat, bn, bn_hat)
+    >>> L = lambda c: data_free_loss(c, W, W_hat, bn, bn_hat)
+    >>> bool(np.all(L(c) <= L(c * 1.01)) and np.all(L(c) <= L(c * 0.99)))   # stationary
+    True
+    """
+    X_hat, X, y_hat, y = _per_channel_terms(W, W_hat, bn, bn_hat)
+    lambda1, lambda2 = _lambdas(lambda1, lambda2)
+    num = np.einsum("jn,jn->j", X_hat, X) + lambda1 * y_hat * y        # Eq. (27), numerator
+    den = np.einsum("jn,jn->j", X_hat, X_hat) + lambda1 * y_hat**2 + lambda2  # Eq. (27), denominator
+    flat = den == 0.0                                                    # L_j constant in c_j
+    c = np.where(flat, 1.0, num / np.where(flat, 1.0, den))
+    return np.maximum(c, 0.0)                                            # projection onto c >= 0
+
+
+def fold_into_bn(bn, c):
+    """Fold c into BN^l: ``gamma'_j = c_j gamma_j``, ``beta'_j = c_j beta_j``.
+
+    For ``c_j >= 0``, ``ReLU(c_j BN(x)_j) = c_j ReLU(BN(x)_j)``, so this equals scaling
+    input channel j of layer l+1 by c_j (:func:`scale_input_channels`), and layer l+1
+    stays exactly on its k-bit grid (paper Sec. 4.3).
+
+    Parameters
+    ----------
+    bn : BatchNorm with C channels
+    c : array_like, shape (C,), all >= 0
+
+    Returns
+    -------
+    BatchNorm
+        A new record; mean, var and eps unchanged.
+    """
+    bn = _check_bn(bn, "bn")
+    c = _check_c(c, bn.channels)
+    return bn.replace(gamma=c * bn.gamma, beta=c * bn.beta)
+
+
+def scale_input_channels(W_next, c):
+    """Scale input channel j of layer l+1 by c_j: ``W~_{:, j} = c_j W_{:, j}`` (paper Eq. (7)).
+
+    Parameters
+    ----------
+    W_next : array_like, shape (O', C, kh, kw) or (O', C)
+        Weights of layer l+1 (usually already quantized, ``kQ(W^{l+1})``).
+    c : array_like, shape (C,), all >= 0
+
+    Returns
+    -------
+    ndarray, same shape and float dtype as W_next
+    """
+    W_next = as_float_array(W_next, "W_next", min_ndim=2)
+    c = _check_c(c, W_next.shape[1])
+    shape = (1, -1) + (1,) * (W_next.ndim - 2)
+    return (W_next * c.reshape(shape)).astype(W_next.dtype, copy=False)
