@@ -77,7 +77,7 @@ def test_closed_form_equals_scipy_minimiser_eq27(problem):
 
 
 def test_closed_form_check_negative_control_eq27():
-    """Negative control: the scipy comparison rejects a wrong formula (the paper's c without lambda1's bias term)."""
+    """Eq. (27) negative control: the scipy comparison rejects a wrong formula (the paper's c without lambda1's bias term)."""
     rng = np.random.default_rng(4)
     W = rng.normal(size=(6, 3, 3, 3))
     bn = random_bn(rng, 6)
@@ -104,7 +104,7 @@ def test_no_perturbation_lowers_the_loss_eq27(problem, delta):
 
 
 def test_perturbation_check_negative_control_eq27():
-    """Negative control: the perturbation check does detect a non-minimiser (c scaled by 1.5)."""
+    """Eq. (27) negative control: the perturbation check does detect a non-minimiser (c scaled by 1.5)."""
     rng = np.random.default_rng(1)
     W = rng.normal(size=(8, 4, 3, 3))
     bn = random_bn(rng, 8)
@@ -128,7 +128,7 @@ def test_objective_is_convex_quadratic_eq25(problem):
 
 
 def test_negative_numerator_projects_to_zero():
-    """Our c >= 0 projection: a re-calibrated BN with opposite-sign gamma gives num < 0, so c = 0, the constrained argmin."""
+    """A1, our c >= 0 projection: a re-calibrated BN with opposite-sign gamma gives num < 0, so c = 0, the constrained argmin."""
     rng = np.random.default_rng(2)
     W = rng.normal(size=(3, 2, 3, 3))
     bn = dfmpc.BatchNorm(gamma=np.ones(3), beta=np.zeros(3), mean=np.zeros(3), var=np.ones(3))
@@ -141,7 +141,7 @@ def test_negative_numerator_projects_to_zero():
 
 
 def test_zero_denominator_gives_one_and_flat_loss():
-    """Zero-denominator rule: an all-zero quantized filter with lambda1 yhat^2 + lambda2 = 0 gives c = 1, no NaN."""
+    """A2, zero-denominator rule: an all-zero quantized filter with lambda1 yhat^2 + lambda2 = 0 gives c = 1, no NaN."""
     W = np.zeros((2, 1, 3, 3))
     W[0] = 1.0                                            # channel 0 normal, channel 1 all zero
     bn = dfmpc.BatchNorm(gamma=[1.0, 1.0], beta=[0.5, 0.0], mean=[0.0, 0.0], var=[1.0, 1.0])
@@ -163,7 +163,7 @@ def _conv_bn_relu(x, W, bn):
 @given(filters(max_out=16), st.integers(0, 2**32 - 1), st.sampled_from(["ternary", "dorefa2", "dorefa6", "rtn_channel"]))
 @settings(max_examples=50)
 def test_fake_quant_equals_integer_grid_with_absorbed_bn(W, seed, quantizer):
-    """'Absorbed into BN' (Sec. 4.3): conv(x, s What) -> BN -> ReLU == conv(x, What) -> absorb_scale(BN, s) -> ReLU."""
+    """Q.1, 'absorbed into BN' (Sec. 4.3): conv(x, s What) -> BN -> ReLU == conv(x, What) -> absorb_scale(BN, s) -> ReLU."""
     rng = np.random.default_rng(seed)
     bn = random_bn(rng, W.shape[0])
     if quantizer == "ternary":
@@ -200,7 +200,7 @@ def test_fold_into_bn_equals_scaling_next_layer_eq7(W, seed):
 
 
 def test_folding_negative_control_needs_c_nonnegative():
-    """Negative control: with some c_j < 0 the two forms differ (so c >= 0 is necessary), and both functions refuse it."""
+    """F.a negative control: with some c_j < 0 the two forms differ (so c >= 0 is necessary), and both functions refuse it."""
     rng = np.random.default_rng(3)
     W, bn, W_next = rng.normal(size=(4, 2, 3, 3)), random_bn(rng, 4), rng.normal(size=(3, 4, 3, 3))
     c = np.array([1.0, -0.7, 2.0, 0.5])
@@ -216,7 +216,7 @@ def test_folding_negative_control_needs_c_nonnegative():
 
 
 def test_absorb_scale_keeps_variance_valid_for_large_scales():
-    """absorb_scale: sigma_hat = sigma / s exactly, with varhat >= 0 even for s > 1 and zero running variance."""
+    """Q.1, absorb_scale: sigma_hat = sigma / s exactly, with varhat >= 0 even for s > 1 and zero running variance."""
     bn = dfmpc.BatchNorm(gamma=[1.0, 2.0], beta=[0.0, 1.0], mean=[0.5, -0.5], var=[0.0, 3.0], eps=1e-5)
     for s in (7.5, np.array([0.01, 30.0])):
         bn_hat = dfmpc.absorb_scale(bn, s)

@@ -50,7 +50,7 @@ def test_lemma1_convolution_norm_bound(seed, I, k, stride, pad):
 
 
 def test_lemma1_negative_control_without_kernel_factor():
-    """Negative control: dropping the kh kw factor breaks the bound (constant input, constant 3x3 kernel)."""
+    """Lemma 1 negative control: dropping the kh kw factor breaks the bound (constant input, constant 3x3 kernel)."""
     A, K = np.ones((1, 1, 8, 8)), np.ones((1, 3, 3))
     out = _single_channel_conv(A, K, 1, 1)
     assert np.sum(out**2) > np.sum(K**2) * np.sum(A**2)
@@ -86,7 +86,7 @@ def test_theorem1_loss_bounded_by_per_channel_activation_error(seed, which):
 
 
 def test_theorem1_negative_control_bound_without_quantization_term():
-    """Negative control: leave out the high-bit error term and use a coarse 2-bit Q with c matched to A~ = A: the bound fails."""
+    """Theorem 1 negative control: leave out the high-bit error term and use a coarse 2-bit Q with c matched to A~ = A: the bound fails."""
     rng, A, W, bn, Wn, _, _, _ = _pair(7)
     g, s = dfmpc.dorefa(Wn, 2)
     Q = s * g
@@ -112,7 +112,7 @@ def test_data_free_objective_bounds_activation_error_eq22(seed, c_scale):
 
 
 def test_data_free_bound_negative_control_without_bias_term():
-    """Negative control: the bound without the Theta term fails when only the bias is wrong (W_hat = W, shifted beta)."""
+    """O.a negative control: the bound without the Theta term fails when only the bias is wrong (W_hat = W, shifted beta)."""
     rng, A, W, bn, *_ = _pair(3)
     bn_hat = bn.replace(beta=bn.beta + 1.0)
     c = np.ones(W.shape[0])

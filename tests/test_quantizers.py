@@ -87,7 +87,7 @@ def test_uniform_error_at_most_half_step(W, b, symmetric, per_channel):
 
 @given(filters(), st.integers(2, 16))
 def test_uniform_negative_control_outside_range(W, b):
-    """Negative control for the half-step bound: a value far outside the clipping range breaks it."""
+    """RTN negative control for the half-step bound: a value far outside the clipping range breaks it."""
     q = dfmpc.uniform(W, b)
     if not np.any(q.scale > 0):
         return
@@ -123,7 +123,7 @@ def test_linear_layout_and_dtype_preserved():
 
 
 def test_all_zero_tensor_convention():
-    """All-zero weights quantize to zeros with scale 0 (documented convention)."""
+    """Q.0: all-zero weights quantize to zeros with scale 0 (documented convention)."""
     Z = np.zeros((2, 3, 3, 3))
     assert dfmpc.ternary(Z)[1:] == (0.0, 0.0)
     assert dfmpc.dorefa(Z, 2)[1] == 0.0

@@ -104,7 +104,7 @@ def test_dfmpc_lowers_true_loss_on_trained_like_pairs_eq9():
 
 
 def test_dfmpc_gain_is_not_guaranteed_for_equal_norm_filters():
-    """Negative control / honest limit: with equal-norm filters the gain is small and not always positive."""
+    """Eq. (9) negative control / honest limit: with equal-norm filters the gain is small and not always positive."""
     ratios = []
     for seed in range(10):
         A, full, quant = make_pair(seed, spread=1.0)
@@ -130,7 +130,7 @@ def test_oracle_is_at_least_as_good_as_any_c_eq9(seed):
 
 
 def test_oracle_matches_lsq_linear_on_explicit_design_matrix():
-    """The Gram-matrix NNLS of oracle_coefficients equals scipy.optimize.lsq_linear on the explicit matrix M (1e-6)."""
+    """A3: the Gram-matrix NNLS of oracle_coefficients equals scipy.optimize.lsq_linear on the explicit matrix M (1e-6)."""
     A, full, quant = make_pair(11, N=3, C=5, O=3, H=6)
     W, bn, W_next = full
     W_hat, bn_hat, Q = quant
@@ -143,7 +143,7 @@ def test_oracle_matches_lsq_linear_on_explicit_design_matrix():
 
 
 def test_oracle_negative_control_detects_a_worse_c():
-    """Negative control for the oracle check: perturbing c* makes the loss strictly larger."""
+    """A3 negative control for the oracle check: perturbing c* makes the loss strictly larger."""
     A, full, quant = make_pair(5, N=4)
     c_star = dfmpc.oracle_coefficients(A, *full, *quant, padding=1, padding_next=1)
     assert _loss(A, full, quant, c_star * 1.05 + 0.01) > _loss(A, full, quant, c_star)
