@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Convert the trained zoo (``scripts/train_zoo.py`` output) into shipped files.
+
+For every architecture trained in ``--staging`` (``<arch>.onnx`` + ``<arch>.json``):
+
+1. load the ONNX file with dfmpc's importer (``dfmpc.load_model``), BatchNorm
+   kept as separate nodes;
+2. evaluate it with dfmpc's engine on the shipped 10k test set and compare with
+   the accuracy PyTorch measured at the end of training (and the logits with
+   onnxruntime);
+3. write ``reference/dfmpc/zoo/<arch>.npz`` (dfmpc's native format; or copy the
+   ``.onnx`` with ``--format onnx``);
+4. write ``reference/dfmpc/zoo/models.json`` describing every shipped model.
+
+Example
+-------
+::
+
+    python scripts/export_zoo.py --staging /work/zoo_staging
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+ZOO_DIR = REPO / "reference" / "dfmpc" / "zoo"
+
+#: Shipping order (ResNet-20 is the default model of ``dfmpc demo``) and a
+#: one-line description of each architecture (details: scripts/train_zoo.py).
+ARCHITECTURES = {
+    "resnet20": "CIFAR-style ResNet-20: stem conv3x3(16)-BN-ReLU, 3x3 basic blocks at "
+                "16/32/64 channels, option-B shortcuts (conv1x1+BN when the shape changes), "
+                "GAP, linear",
+    "resnet56": "CIFAR-style ResNet-56: as ResNet-20 with 9 basic blocks per stage",
+    "vgg_small": "plain VGG-style chain: 2x[conv3x3-BN-ReLU] at 32, maxpool, 2x at 64, "
+                 "maxpool, 2x at 128 (6 convs), GAP, linear",
+    "resnet_bottleneck": "small bottleneck ResNet: stem conv3x3(16)-BN-ReLU, one "
+                         "1x1-3x3-1x1 bottleneck block per stage (width 16/32/64, expansion 4), "
+                         "option-B shortcuts, GAP, linear",
+    "mobilenetv2_small": "small MobileNetV2: stem conv3x3(16)-BN-ReLU6, inverted residuals "
+                         "(t,c,n,s) = (1,16,1,1) (6,24,2,2) (6,32,2,2) (6,64,2,1) (6,96,1,1), "
+                         "depthwise 3x3, ReLU6, conv1x1(256)-BN-ReLU6, GAP, linear",
+}
+
+
+def engine_accuracy(graph, x: np.ndarray, y: np.ndarray, batch: int = 500):
+    """Top-1 accuracy of a dfmpc graph on normalised inputs, and its logits."""
+    logits = np.concatenate([graph.run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return float((logits.argmax(1) == y).mean()), logits
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--staging", type=Path, default=Path("/work/zoo_staging"))
+    p.add_argument("--format", choices=("npz", "onnx"), default="npz")
+    p.add_argument("--arch", nargs="*", default=list(ARCHITECTURES))
+    p.add_argument("--out-dir", type=Path, default=ZOO_DIR,
+                   help="where the weight files and models.json go (default: the package)")
+    args = p.parse_args(argv)
+    out = args.out_dir
+
+    import onnxruntime as ort
+
+    from dfmpc.zoo.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist_test, normalize
+
+    x, y = load_fashion_mnist_test()
+    xn = normalize(x)
+    manifest_path = out / "models.json"
+    old = {}
+    if manifest_path.exists():
+        old = {m["arch"]: m for m in json.loads(manifest_path.read_text())["models"]}
+
+    for arch in args.arch:
+        onnx_path, rec_path = args.staging / f"{arch}.onnx", args.staging / f"{arch}.json"
+        if not (onnx_path.exists() and rec_path.exists()):
+            print(f"{arch}: not trained yet, skipped")
+            continue
+        rec = json.loads(rec_path.read_text())
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        ort_logits = sess.run(None, {"input": xn})[0]
+        ort_acc = float((ort_logits.argmax(1) == y).mean())
+        entry = {
+            "arch": arch,
+            "description": ARCHITECTURES[arch],
+            "file": f"{arch}.{args.format}",
+            "parameters": rec["parameters"],
+            "fp32_test_accuracy_torch": rec["fp32_test_accuracy_torch"],
+            "fp32_test_accuracy_onnxruntime": ort_acc,
+        }
+        if args.format == "npz":
+            import dfmpc
+
+            graph = dfmpc.load_model(onnx_path)
+            t0 = time.time()
+            acc, logits = engine_accuracy(graph, xn, y)
+            entry["fp32_test_accuracy_engine"] = acc
+            entry["engine_eval_seconds"] = round(time.time() - t0, 1)
+            entry["engine_vs_onnxruntime_max_abs_logit_diff"] = float(np.abs(logits - ort_logits).max())
+            dfmpc.save_model(graph, out / entry["file"], overwrite=True)
+            # round trip: the shipped file gives the same logits
+            back = dfmpc.load_model(out / entry["file"]).run(xn[:256])
+            np.testing.assert_allclose(back, logits[:256], rtol=0, atol=1e-5)
+        else:
+            shutil.copyfile(onnx_path, out / entry["file"])
+        entry.update({
+            "input": rec["input"],
+            "training": rec["training"],
+            "history": rec["history"],
+            "onnx_check": rec["onnx_check"],
+            "command": rec["command"],
+        })
+        old[arch] = entry
+        print(json.dumps({k: entry.get(k) for k in (
+            "arch", "parameters", "fp32_test_accuracy_torch", "fp32_test_accuracy_onnxruntime",
+            "fp32_test_accuracy_engine", "engine_vs_onnxruntime_max_abs_logit_diff")}), flush=True)
+
+    models = [old[a] for a in ARCHITECTURES if a in old]
+    manifest = {
+        "format_version": 1,
+        "dataset": "Fashion-MNIST t10k (t10k-*-ubyte.gz in this directory), 10000 images, 10 classes",
+        "input_convention": "x = uint8/255 in [0,1], NCHW (N,1,28,28) float32, then "
+                            "(x - normalize_mean) / normalize_std; see dfmpc.zoo.data.normalize",
+        "normalize_mean": FASHION_MNIST_MEAN,
+        "normalize_std": FASHION_MNIST_STD,
+        "training_script": "scripts/train_zoo.py",
+        "default_model": "resnet20",
+        "models": models,
+    }
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(manifest_path)
+    print(f"wrote {manifest_path} ({len(models)} models)")
+
+
+if __name__ == "__main__":
+    main()
