@@ -87,3 +87,36 @@ def test_resnet_builder():
     assert conv_flops(g, (1, 28, 28)) > 5e7
     with pytest.raises(ValueError, match="6n"):
         resnet_cifar(21)
+
+
+def test_fused_execution_equals_unfused():
+    """The run-time Conv+BN(+ReLU) fusion changes only float32 rounding.
+
+    Requesting every BN output as an output switches the fusion off for those nodes.
+    """
+    g = resnet_cifar(8, image_size=12, seed=5)
+    x = np.random.default_rng(2).normal(size=(4, 1, 12, 12)).astype(np.float32)
+    fused = g.run(x)
+    bn_outs = [n.outputs[0] for n in g.nodes_of("BatchNormalization")]
+    unfused = g.run(x, outputs=bn_outs + ["logits"])
+    # folding BN into the conv reorders a handful of float32 products: ~1e-6 relative
+    np.testing.assert_allclose(fused, unfused["logits"], rtol=1e-4, atol=1e-4 * np.abs(fused).max())
+    # the BN outputs really were computed by the BN op: they equal BN applied by hand
+    bn = g.nodes_of("BatchNormalization")[0]
+    conv_out = g.run(x, outputs=[bn.inputs[0], bn.outputs[0]])
+    p = bn.params
+    want = ((conv_out[bn.inputs[0]] - p["mean"][:, None, None]) / np.sqrt(p["var"][:, None, None] + 1e-5)
+            * p["gamma"][:, None, None] + p["beta"][:, None, None])
+    np.testing.assert_allclose(conv_out[bn.outputs[0]], want, rtol=1e-5, atol=1e-5)
+
+
+def test_run_never_mutates_inputs_or_params():
+    g = resnet_cifar(8, image_size=12, seed=5)
+    before = {n.name: {k: v.copy() for k, v in n.params.items()} for n in g}
+    x = np.random.default_rng(2).normal(size=(3, 1, 12, 12)).astype(np.float32)
+    x0 = x.copy()
+    g.run(x, batch_size=2)
+    np.testing.assert_array_equal(x, x0)
+    for n in g:
+        for k, v in n.params.items():
+            np.testing.assert_array_equal(v, before[n.name][k])

@@ -1,15 +1,28 @@
 """Run a :class:`~dfmpc.engine.graph.Graph` on a batch, chunk by chunk.
 
-Each chunk of ``batch_size`` images flows through the nodes in topological
-order; a tensor is dropped as soon as its last reader has run, so peak
-memory is bounded by one chunk's live activations.
+Each chunk of ``batch_size`` images flows through an execution plan built
+from the nodes in topological order; a tensor is dropped as soon as its last
+reader has run, so peak memory is bounded by one chunk's live activations.
+
+The plan fuses, *at run time only*, a Conv whose only reader is a
+BatchNormalization (and that BN's only reader, if a Relu) into one conv with
+BN-scaled weights and bias, and runs a Relu in place on a fresh tensor that
+nobody else reads.  The graph itself is never changed: BN stays its own node
+with its own parameters, and requesting an intermediate tensor as an output
+turns the fusion off for it.  Fused and unfused runs agree to float32
+rounding (see ``tests/test_engine_graph.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .ops import OPS
+from .conv import conv2d
+from .ops import OPS, _geometry
+
+#: ops whose output is a new array owned by the executor (safe to overwrite in place)
+FRESH_OPS = frozenset({"Conv", "BatchNormalization", "Add", "Mul", "Concat", "Gemm", "MaxPool",
+                       "AveragePool", "GlobalAveragePool"})
 
 
 def _check_input(graph, name, x):
@@ -23,6 +36,68 @@ def _check_input(graph, name, x):
         if x.ndim != len(want) or any(e is not None and e != s for e, s in zip(want, x.shape)):
             shown = "(N, " + ", ".join("?" if e is None else str(e) for e in expected) + ")"
             raise ValueError(f"input {name!r} has shape {x.shape}, expected {shown}")
+
+
+def _plan(graph, keep):
+    """List of steps ``(kind, nodes)``: kind is "node", "conv_bn" (Conv, BN[, Relu]) or "relu_inplace"."""
+    readers = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            readers.setdefault(t, []).append(n)
+
+    def sole_reader(node, op):
+        t = node.outputs[0]
+        r = readers.get(t, [])
+        return r[0] if len(r) == 1 and r[0].op == op and t not in keep and r[0].inputs == [t] else None
+
+    steps, fused = [], set()
+    producer_op = {}
+    for n in graph.nodes:
+        if id(n) in fused:
+            continue
+        bn = sole_reader(n, "BatchNormalization") if n.op == "Conv" else None
+        if bn is not None:
+            relu = sole_reader(bn, "Relu")
+            group = [n, bn] + ([relu] if relu is not None else [])
+            fused.update(id(m) for m in group)
+            steps.append(("conv_bn", group))
+            producer_op[group[-1].outputs[0]] = "Relu" if relu is not None else "Conv"
+            continue
+        src = n.inputs[0] if n.inputs else None
+        if (n.op == "Relu" and producer_op.get(src) in FRESH_OPS and len(readers.get(src, [])) == 1
+                and src not in keep):
+            steps.append(("relu_inplace", [n]))
+        else:
+            steps.append(("node", [n]))
+        producer_op[n.outputs[0]] = n.op
+    return steps
+
+
+def _fold_bn(conv, bn):
+    """Conv weights and bias with the BN affine map applied: W' (O, C/g, kh, kw), b' (O,)."""
+    p = bn.params
+    scale = p["gamma"] / np.sqrt(p["var"] + np.float32(bn.attrs.get("epsilon", 1e-5)))
+    w = conv.params["W"] * scale[:, None, None, None]
+    b = (conv.params.get("B", 0.0) - p["mean"]) * scale + p["beta"]
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def _run_step(kind, nodes, env, folded):
+    node = nodes[0]
+    args = [env[t] for t in node.inputs]
+    if kind == "node":
+        return OPS[node.op](node, *args)
+    if kind == "relu_inplace":
+        return np.maximum(args[0], np.float32(0), out=args[0])
+    x = args[0]                                            # conv_bn
+    if x.ndim != 4:
+        raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
+    w, b = folded[node.name]
+    strides, pads, dilations = _geometry(node, x, w.shape[2:])
+    y = conv2d(x, w, b, strides, pads, dilations, node.attrs.get("group", 1))
+    if len(nodes) == 3:
+        np.maximum(y, np.float32(0), out=y)
+    return y
 
 
 def run_graph(graph, x, outputs=None, batch_size=64):
@@ -48,22 +123,25 @@ def run_graph(graph, x, outputs=None, batch_size=64):
     if unknown:
         raise ValueError(f"unknown output tensors: {unknown}")
 
+    steps = _plan(graph, set(wanted))
+    folded = {nodes[0].name: _fold_bn(nodes[0], nodes[1]) for kind, nodes in steps if kind == "conv_bn"}
     last_use = {}
-    for i, node in enumerate(graph.nodes):
-        for t in node.inputs:
+    for i, (_, nodes) in enumerate(steps):
+        for t in nodes[0].inputs:
             last_use[t] = i
     total = sizes.pop()
     chunks = {t: [] for t in wanted}
     for start in range(0, max(total, 1), int(batch_size)):
         env = {k: v[start:start + batch_size] for k, v in feeds.items()}
-        for i, node in enumerate(graph.nodes):
+        for i, (kind, nodes) in enumerate(steps):
             try:
-                y = OPS[node.op](node, *(env[t] for t in node.inputs))
+                y = _run_step(kind, nodes, env, folded)
             except (ValueError, TypeError) as err:
+                node = nodes[0]
                 shapes = [env[t].shape for t in node.inputs]
                 raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
-            env[node.outputs[0]] = y
-            for t in node.inputs:
+            env[nodes[-1].outputs[0]] = y
+            for t in nodes[0].inputs:
                 if last_use[t] == i and t not in chunks:
                     env.pop(t, None)
         for t in wanted:

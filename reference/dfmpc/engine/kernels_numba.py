@@ -6,8 +6,18 @@ the output size ``oh, ow`` already accounts for bottom/right).
 Their plain-loop twins live in :mod:`dfmpc.engine.reference_kernels`.
 """
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+# OpenMP worker threads spin-wait after each parallel region and steal the cores the
+# BLAS threads of the following matmul need (measured: several-fold slowdowns of
+# im2col + sgemm on 2 cores).  Numba's own "workqueue" pool sleeps instead.  A layer
+# chosen by the user (NUMBA_THREADING_LAYER) is respected.
+if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 @njit(parallel=True, cache=True, fastmath=False)

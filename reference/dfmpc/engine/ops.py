@@ -75,7 +75,7 @@ def clip(node, x):
 
 
 def _elementwise(node, xs, ufunc):
-    out = xs[0]
+    out = xs[0] if len(xs) > 1 or "constant" in node.params else xs[0].copy()   # always a new array
     for y in xs[1:]:
         out = ufunc(out, y)
     if "constant" in node.params:
