@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+# torch 2.13's TorchScript exporter warns that it is deprecated; it is the offline, onnxscript-free path.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 nn, F = torch.nn, torch.nn.functional
 
 from dfmpc import load_model  # noqa: E402

@@ -100,7 +100,7 @@ def _run_step(kind, nodes, env, folded):
     return y
 
 
-def run_graph(graph, x, outputs=None, batch_size=64):
+def run_graph(graph, x, outputs=None, batch_size=32):
     """Run ``graph``; see :meth:`Graph.run` for parameters, returns and errors."""
     feeds = x if isinstance(x, dict) else ({graph.inputs[0]: x} if len(graph.inputs) == 1 else None)
     if feeds is None:
