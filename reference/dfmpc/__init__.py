@@ -30,3 +30,8 @@ from .interop import load_model, save_model  # noqa: E402
 
 __all__ += ["Graph", "Node", "load_model", "save_model"]
 # --- end engine + interop ---
+
+from .pairing import Pair, Pairing, find_pairs  # noqa: E402
+from .pipeline import QuantizationReport, quantize_network  # noqa: E402
+
+__all__ += ["Pair", "Pairing", "find_pairs", "QuantizationReport", "quantize_network"]
