@@ -1,0 +1,178 @@
+"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``.
+
+Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout
+(accuracies as fractions, timings in seconds); human-readable text otherwise. Errors print
+one line on stderr and exit with status 2; nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """An error reported to the user as one line, exit status 2."""
+
+
+def _load_model(spec: str):
+    from .evaluation import load_zoo_model, zoo_manifest
+    from .interop import load_model
+    if os.path.exists(spec):
+        return load_model(spec)
+    if spec in zoo_manifest():
+        return load_zoo_model(spec)
+    if os.path.splitext(spec)[1]:
+        raise FileNotFoundError(f"model: no such file {spec!r}")
+    raise ValueError(f"model: {spec!r} is neither a file nor a zoo model (zoo: {sorted(zoo_manifest()) or 'empty'})")
+
+
+def _data(spec: str, raw: bool, limit: int | None):
+    from .evaluation import load_dataset
+    x, y = load_dataset(spec, normalize=not raw)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit: expected a positive number of images, got {limit}")
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+def _quant_kwargs(a):
+    return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
+                recalibration=a.recalibration)
+
+
+def _calibration(a, model_x=None):
+    if a.recalibration != "data" and getattr(a, "compensation", "dfmpc") != "oracle":
+        return None
+    if not a.calibration_data:
+        raise ValueError("--calibration-data: required by --recalibration data / --compensation oracle "
+                         "(these modes are not data-free)")
+    x, _ = _data(a.calibration_data, raw=False, limit=a.calibration_images)
+    return x
+
+
+def cmd_demo(a) -> dict:
+    from .evaluation import accuracy
+    from .pipeline import quantize_network
+    x, y = _data("fashion-mnist", raw=False, limit=a.limit)
+    g = _load_model(a.model)
+    show = not a.json
+    out = {"model": a.model, "data": "fashion-mnist", "n_images": int(len(x)),
+           "low_bits": a.low, "high_bits": a.high, "lambda1": a.lambda1, "lambda2": a.lambda2,
+           "recalibration": a.recalibration}
+    if show:
+        print(f"{a.model} on the shipped Fashion-MNIST test set ({len(x)} images); weights MP{a.low}/{a.high}, "
+              f"activations FP32")
+    out["fp32"] = accuracy(g, x, y, progress=None if show else False, label="FP32")
+    if show:
+        print(f"  FP32                                         {100 * out['fp32']:6.2f}%")
+    q, _ = quantize_network(g, compensation="none", **{**_quant_kwargs(a), "recalibration": "absorb"})
+    out["no_compensation"] = accuracy(q, x, y, progress=None if show else False, label="no compensation")
+    if show:
+        print(f"  MP{a.low}/{a.high} without compensation (absorb)          {100 * out['no_compensation']:6.2f}%")
+    q, rep = quantize_network(g, compensation="dfmpc", **_quant_kwargs(a))
+    out["dfmpc"] = accuracy(q, x, y, progress=None if show else False, label="DF-MPC")
+    out["dfmpc_seconds"] = rep.seconds
+    if show:
+        print(f"  DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})"
+              f"  {100 * out['dfmpc']:6.2f}%   quantization + compensation took {rep.seconds:.2f} s")
+    return out
+
+
+def cmd_quantize(a) -> dict:
+    from .interop import save_model
+    from .pipeline import quantize_network
+    if not a.output:
+        raise ValueError("-o/--output: required")
+    if os.path.exists(a.model) and os.path.abspath(a.output) == os.path.abspath(a.model) or \
+            (os.path.exists(a.output) and os.path.exists(a.model) and os.path.samefile(a.output, a.model)):
+        raise ValueError(f"-o/--output: {a.output!r} is the input model; refusing to overwrite it")
+    if os.path.splitext(a.output)[1].lower() not in (".onnx", ".npz"):
+        raise ValueError(f"-o/--output: expected a .onnx or .npz path, got {a.output!r}")
+    if os.path.exists(a.output) and not a.overwrite:
+        raise ValueError(f"-o/--output: {a.output!r} exists; pass --overwrite to replace it")
+    g = _load_model(a.model)
+    q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), **_quant_kwargs(a))
+    save_model(q, a.output, overwrite=a.overwrite)
+    if not a.json:
+        from .pairing import find_pairs
+        print(find_pairs(g).describe(a.low, a.high))
+        print(rep.summary())
+        print(f"wrote {a.output}")
+    return {"model": a.model, "output": a.output, **rep.to_dict()}
+
+
+def cmd_evaluate(a) -> dict:
+    from .evaluation import accuracy
+    g = _load_model(a.model)
+    x, y = _data(a.data, raw=a.raw, limit=a.limit)
+    t0 = time.perf_counter()
+    acc = accuracy(g, x, y, batch_size=a.batch_size, progress=None if not a.json else False, label="evaluate")
+    out = {"model": a.model, "data": a.data, "n_images": int(len(x)), "accuracy": acc,
+           "seconds": time.perf_counter() - t0}
+    if not a.json:
+        print(f"{a.model} on {a.data} ({len(x)} images): top-1 {100 * acc:.2f}% ({out['seconds']:.1f} s)")
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def quant_opts(sp):
+        sp.add_argument("--low", type=int, default=2, help="low bit-width (2 = ternary; default 2)")
+        sp.add_argument("--high", type=int, default=6, help="high bit-width (default 6)")
+        sp.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term, Eq. (22) (default 0.5)")
+        sp.add_argument("--lambda2", type=float, default=0.0, help="ridge weight on c, Eq. (22) (default 0)")
+        sp.add_argument("--recalibration", choices=("absorb", "analytic", "data"), default="analytic",
+                        help="how BN statistics of quantized convs are set (default analytic, data-free)")
+
+    d = sub.add_parser("demo", help="the main job: FP32 vs MP2/6 vs DF-MPC on the shipped model and data")
+    d.add_argument("--model", default="resnet20", help="zoo model or model file (default resnet20)")
+    d.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    quant_opts(d)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+
+    q = sub.add_parser("quantize", help="quantize a model with DF-MPC and write it")
+    q.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
+    quant_opts(q)
+    q.add_argument("--compensation", choices=("dfmpc", "none", "oracle"), default="dfmpc")
+    q.add_argument("--calibration-data", default=None, help="images for --recalibration data / --compensation oracle")
+    q.add_argument("--calibration-images", type=int, default=500, help="how many calibration images (default 500)")
+    q.add_argument("-o", "--output", required=True, help="output model (.onnx or .npz); never the input")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    q.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("evaluate", help="top-1 accuracy of a model")
+    e.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
+    e.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (shipped) or an .npz with x and y")
+    e.add_argument("--raw", action="store_true", help="shipped data without the zoo's normalisation")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate}[args.command](args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The `dfmpc` command: JSON output, errors as one line on stderr with a non-zero exit, no partial files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dfmpc
+from dfmpc.cli import main
+from dfmpc.engine.builders import resnet_cifar
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    path = d / "resnet8.npz"
+    dfmpc.save_model(resnet_cifar(8, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    path = d / "imgs.npz"
+    np.savez(path, x=rng.normal(size=(40, 1, 28, 28)).astype(np.float32), y=rng.integers(0, 10, 40))
+    return path
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_evaluate_json(capsys, model, data):
+    """evaluate --json prints exactly one JSON object with the accuracy as a fraction."""
+    rc, out, err = run(capsys, "evaluate", model, "--data", data, "--json")
+    assert rc == 0
+    res = json.loads(out)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["n_images"] == 40 and res["seconds"] >= 0
+
+
+def test_evaluate_shipped_data_limit(capsys, model):
+    rc, out, _ = run(capsys, "evaluate", model, "--data", "fashion-mnist", "--limit", 50, "--json")
+    assert rc == 0 and json.loads(out)["n_images"] == 50
+
+
+def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
+    """quantize writes a loadable model, prints the pairing, and its --json names the mode."""
+    out_path = tmp_path / "q.npz"
+    rc, out, err = run(capsys, "quantize", model, "--low", 2, "--high", 6, "-o", out_path, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["recalibration"] == "analytic" and res["compensation"] == "dfmpc" and len(res["pairs"]) == 3
+    q = dfmpc.load_model(out_path)
+    assert len(np.unique(q.node(res["pairs"][0]["low"]).params["W"])) <= 3
+    rc, out, _ = run(capsys, "quantize", model, "-o", tmp_path / "q2.onnx")
+    assert rc == 0 and "pair" in out and "recalibration=analytic" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["evaluate", "missing.onnx"], "no such file"),
+    (["evaluate", "{model}", "--data", "missing.npz"], "data: no such file"),
+    (["evaluate", "{model}", "--data", "{bad_shape}"], "expects|shape|channels"),
+    (["evaluate", "{garbage}"], "garbage|not|invalid|unreadable|parse"),
+    (["quantize", "{model}", "-o", "{model}"], "is the input model"),
+    (["quantize", "{model}", "--low", "1", "-o", "{out}"], "low_bits: expected an integer bit-width"),
+    (["quantize", "{model}", "--high", "17", "-o", "{out}"], "high_bits"),
+    (["quantize", "{model}", "--recalibration", "data", "-o", "{out}"], "--calibration-data: required"),
+])
+def test_errors_one_line_nonzero_no_file(capsys, model, tmp_path, argv, match):
+    """Missing file, unreadable model, data not fitting the model, -o equal to input, bits out of range."""
+    bad_shape = tmp_path / "bad.npz"
+    np.savez(bad_shape, x=np.zeros((4, 3, 28, 28), np.float32), y=np.zeros(4, np.int64))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not an onnx file")
+    out = tmp_path / "out.npz"
+    argv = [a.format(model=model, bad_shape=bad_shape, garbage=garbage, out=out) for a in argv]
+    before = model.read_bytes()
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dfmpc ")
+    import re
+    assert re.search(match, err), err
+    assert not out.exists()
+    assert model.read_bytes() == before
+
+
+def test_refuses_to_overwrite_existing_output(capsys, model, tmp_path):
+    out = tmp_path / "exists.npz"
+    out.write_bytes(b"keep me")
+    rc, _, err = run(capsys, "quantize", model, "-o", out)
+    assert rc == 2 and "--overwrite" in err and out.read_bytes() == b"keep me"
+
+
+def test_console_script_installed(model):
+    """`python -m dfmpc.cli --help` lists the subcommands (the `dfmpc` entry point calls the same main)."""
+    r = subprocess.run([sys.executable, "-m", "dfmpc.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout and "quantize" in r.stdout
