@@ -77,7 +77,7 @@ def test_report_losses_follow_eq22(net):
 
 
 def test_data_recalibration_matches_measured_statistics(net, images):
-    """recalibration='data': each BN after a quantized conv holds the mean/var measured on the quantized network."""
+    """R.5, recalibration='data': each BN after a quantized conv holds the mean/var measured on the quantized network."""
     q, rep = quantize_network(net, recalibration="data", compensation="none", calibration_data=images)
     X = q.run(images, outputs=["layers.4.conv2"])
     np.testing.assert_allclose(q.node("layers.4.bn2").params["mean"], X.mean(axis=(0, 2, 3)), rtol=1e-3, atol=1e-4)
@@ -87,7 +87,7 @@ def test_data_recalibration_matches_measured_statistics(net, images):
 @given(st.floats(-5, 5), st.floats(1e-4, 25), st.sampled_from([(0.0, np.inf), (0.0, 6.0), (-1.0, 2.0)]))
 @settings(max_examples=60)
 def test_clipped_gaussian_moments_match_quadrature(m, v, bounds):
-    """Rectified / clipped Gaussian moments equal numerical integration (scipy.integrate.quad, 1e-6)."""
+    """R.2: rectified / clipped Gaussian moments equal numerical integration (scipy.integrate.quad, 1e-6)."""
     lo, hi = bounds
     s = np.sqrt(v)
     pdf = lambda x: np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
@@ -103,7 +103,7 @@ def test_clipped_gaussian_moments_match_quadrature(m, v, bounds):
 
 
 def test_analytic_recalibration_is_identity_without_quantization_error(net):
-    """analytic: W_q = W gives muhat = mu, varhat = var (no shift, ratio 1); a known mean shift is reproduced."""
+    """R.3, R.4: W_q = W gives muhat = mu, varhat = var (no shift, ratio 1); a known mean shift is reproduced."""
     moments = propagate_moments(net)
     node = net.node("layers.2.conv1")
     bn = bn_of(net.node("layers.2.bn1"))
@@ -141,3 +141,24 @@ def test_bad_arguments(net, kwargs, err, match):
 def test_bad_graph_type():
     with pytest.raises(TypeError, match="graph: expected a dfmpc Graph"):
         quantize_network({"not": "a graph"})
+
+
+def test_propagated_moments_match_measured_on_a_consistent_network():
+    """R.1, R.2: on a conv-BN-ReLU-conv net whose BN statistics are measured on its own Gaussian input,
+    the propagated moments of the second conv's input (post-ReLU) match the measured ones (5%)."""
+    from dfmpc.engine import Graph, Node
+    rng = np.random.default_rng(0)
+    W1 = (rng.normal(size=(8, 3, 1, 1)) * 0.5).astype(np.float32)
+    x = rng.normal(size=(4000, 3, 4, 4)).astype(np.float32)
+    X1 = np.einsum("oi,nihw->nohw", W1[:, :, 0, 0], x)
+    nodes = [Node("conv1", "Conv", ["x"], ["conv1"], {}, {"W": W1}),
+             Node("bn1", "BatchNormalization", ["conv1"], ["bn1"], {"epsilon": 1e-5},
+                  {"gamma": rng.uniform(0.5, 2, 8).astype(np.float32), "beta": rng.normal(size=8).astype(np.float32),
+                   "mean": X1.mean(axis=(0, 2, 3)).astype(np.float32), "var": X1.var(axis=(0, 2, 3)).astype(np.float32)}),
+             Node("relu1", "Relu", ["bn1"], ["relu1"]),
+             Node("conv2", "Conv", ["relu1"], ["conv2"], {}, {"W": rng.normal(size=(4, 8, 1, 1)).astype(np.float32)})]
+    g = Graph(nodes, ["x"], ["conv2"], {"x": (3, 4, 4)})
+    m, v = propagate_moments(g)["relu1"]
+    A = g.run(x, outputs=["relu1"])
+    np.testing.assert_allclose(m, A.mean(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(v, A.var(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
