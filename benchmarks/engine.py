@@ -29,7 +29,7 @@ def _args():
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--threads", type=int, default=2, help="threads for every engine and for BLAS")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=32, help="dfmpc engine chunk size (images)")
+    p.add_argument("--chunk", type=int, default=16, help="dfmpc engine chunk size (images)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args()
 

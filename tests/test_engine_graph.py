@@ -120,3 +120,26 @@ def test_run_never_mutates_inputs_or_params():
     for n in g:
         for k, v in n.params.items():
             np.testing.assert_array_equal(v, before[n.name][k])
+
+
+def test_inplace_add_and_relu_keep_shared_tensors():
+    """Add and Relu run in place only on tensors nobody else reads: asking for the
+    Add inputs as outputs (or reading one twice) must not change any result."""
+    rng = np.random.default_rng(4)
+    w = {"W": rng.normal(size=(3, 2, 3, 3)).astype(np.float32)}
+    nodes = [
+        Node("c1", "Conv", ["x"], ["a"], {"kernel_shape": (3, 3), "pads": (1, 1, 1, 1)}, w),
+        Node("c2", "Conv", ["x"], ["b"], {"kernel_shape": (3, 3), "pads": (1, 1, 1, 1)}, w),
+        Node("add", "Add", ["a", "b"], ["s"]),
+        Node("relu", "Relu", ["s"], ["r"]),
+        Node("add2", "Add", ["r", "a2"], ["y"]),
+        Node("c3", "Conv", ["x"], ["a2"], {"kernel_shape": (1, 1)},
+             {"W": rng.normal(size=(3, 2, 1, 1)).astype(np.float32)}),
+    ]
+    g = Graph(nodes, ["x"], ["y"], {"x": (2, 5, 5)})
+    x = rng.normal(size=(4, 2, 5, 5)).astype(np.float32)
+    inter = g.run(x, outputs=["a", "b", "s", "a2", "y"])
+    np.testing.assert_array_equal(inter["a"], inter["b"])            # same conv twice
+    np.testing.assert_allclose(inter["s"], 2 * inter["a"], rtol=1e-6)
+    np.testing.assert_allclose(inter["y"], np.maximum(inter["s"], 0) + inter["a2"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g.run(x), inter["y"], rtol=1e-6, atol=1e-6)

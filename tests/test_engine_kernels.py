@@ -1,9 +1,10 @@
-"""Fast kernels (Numba im2col / grouped conv, vectorised pooling) against their plain-loop twins."""
+"""Fast kernels (NHWC im2col + BLAS, Numba grouped conv, vectorised pooling) against their plain-loop twins."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from dfmpc.engine import conv as conv_module
 from dfmpc.engine.conv import conv2d
 from dfmpc.engine.pooling import avg_pool2d, global_avg_pool, max_pool2d
 from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, max_pool2d_loops
@@ -47,6 +48,13 @@ def test_conv2d_matches_loops(case):
     want = conv2d_loops(x, wt, b, s, pads, d, groups)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    saved = conv_module.COLS_BYTES
+    try:                                  # one image per im2col slice: the slicing loop is exercised
+        conv_module.COLS_BYTES = 1
+        got1 = conv2d(x, wt, b, s, pads, d, groups, relu=True)
+    finally:
+        conv_module.COLS_BYTES = saved
+    np.testing.assert_allclose(got1, np.maximum(want, 0), atol=ATOL, rtol=0)
 
 
 def test_conv2d_negative_control():
@@ -60,7 +68,7 @@ def test_conv2d_negative_control():
 
 
 def test_conv2d_noncontiguous_input_and_depthwise():
-    """Kernels accept strided views (the engine passes conv outputs as transposed views)."""
+    """Kernels accept strided views (the engine passes conv outputs as NHWC-memory views)."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4, 3, 6, 6)).astype(np.float32).transpose(1, 0, 2, 3)  # (3, 4, 6, 6) view
     for groups, wshape in [(1, (5, 4, 3, 3)), (4, (4, 1, 3, 3))]:

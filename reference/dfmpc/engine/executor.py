@@ -6,8 +6,8 @@ reader has run, so peak memory is bounded by one chunk's live activations.
 
 The plan fuses, *at run time only*, a Conv whose only reader is a
 BatchNormalization (and that BN's only reader, if a Relu) into one conv with
-BN-scaled weights and bias, and runs a Relu in place on a fresh tensor that
-nobody else reads.  The graph itself is never changed: BN stays its own node
+BN-scaled weights and bias, and runs a Relu or a two-input Add in place on a
+fresh tensor that nobody else reads.  The graph itself is never changed: BN stays its own node
 with its own parameters, and requesting an intermediate tensor as an output
 turns the fusion off for it.  Fused and unfused runs agree to float32
 rounding (see ``tests/test_engine_graph.py``).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import conv2d
+from .conv import conv2d, dense_weight
 from .ops import OPS, _geometry
 
 #: ops whose output is a new array owned by the executor (safe to overwrite in place)
@@ -39,7 +39,8 @@ def _check_input(graph, name, x):
 
 
 def _plan(graph, keep):
-    """List of steps ``(kind, nodes)``: kind is "node", "conv_bn" (Conv, BN[, Relu]) or "relu_inplace"."""
+    """List of steps ``(kind, nodes)``: kind is "node", "conv_bn" (Conv, BN[, Relu]), "relu_inplace"
+    or "add_inplace[_1]" (the sum is written into an input that nobody else reads)."""
     readers = {}
     for n in graph.nodes:
         for t in n.inputs:
@@ -64,9 +65,12 @@ def _plan(graph, keep):
             producer_op[group[-1].outputs[0]] = "Relu" if relu is not None else "Conv"
             continue
         src = n.inputs[0] if n.inputs else None
-        if (n.op == "Relu" and producer_op.get(src) in FRESH_OPS and len(readers.get(src, [])) == 1
-                and src not in keep):
+        owned = [t for t in n.inputs if producer_op.get(t) in FRESH_OPS and len(readers.get(t, [])) == 1
+                 and t not in keep and n.inputs.count(t) == 1]
+        if n.op == "Relu" and src in owned:
             steps.append(("relu_inplace", [n]))
+        elif n.op == "Add" and len(n.inputs) == 2 and owned and "constant" not in n.params:
+            steps.append(("add_inplace" if owned[0] == n.inputs[0] else "add_inplace_1", [n]))
         else:
             steps.append(("node", [n]))
         producer_op[n.outputs[0]] = n.op
@@ -74,12 +78,14 @@ def _plan(graph, keep):
 
 
 def _fold_bn(conv, bn):
-    """Conv weights and bias with the BN affine map applied: W' (O, C/g, kh, kw), b' (O,)."""
+    """Conv weights and bias with the BN affine map applied: W' (O, C/g, kh, kw), b' (O,),
+    and for dense convs W' as the im2col matrix (``dense_weight``), else None."""
     p = bn.params
     scale = p["gamma"] / np.sqrt(p["var"] + np.float32(bn.attrs.get("epsilon", 1e-5)))
-    w = conv.params["W"] * scale[:, None, None, None]
+    w = (conv.params["W"] * scale[:, None, None, None]).astype(np.float32)
     b = (conv.params.get("B", 0.0) - p["mean"]) * scale + p["beta"]
-    return w.astype(np.float32), b.astype(np.float32)
+    wt = dense_weight(w) if conv.attrs.get("group", 1) == 1 else None
+    return w, b.astype(np.float32), wt
 
 
 def _run_step(kind, nodes, env, folded):
@@ -89,18 +95,21 @@ def _run_step(kind, nodes, env, folded):
         return OPS[node.op](node, *args)
     if kind == "relu_inplace":
         return np.maximum(args[0], np.float32(0), out=args[0])
+    if kind in ("add_inplace", "add_inplace_1"):
+        a, b = args if kind == "add_inplace" else args[::-1]    # a: the input we may overwrite
+        if a.shape == b.shape and a.dtype == b.dtype == np.float32:
+            return np.add(a, b, out=a)
+        return OPS[node.op](node, *args)                   # broadcasting: new array
     x = args[0]                                            # conv_bn
     if x.ndim != 4:
         raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
-    w, b = folded[node.name]
+    w, b, wt = folded[node.name]
     strides, pads, dilations = _geometry(node, x, w.shape[2:])
-    y = conv2d(x, w, b, strides, pads, dilations, node.attrs.get("group", 1))
-    if len(nodes) == 3:
-        np.maximum(y, np.float32(0), out=y)
-    return y
+    return conv2d(x, w, b, strides, pads, dilations, node.attrs.get("group", 1), wt=wt,
+                  relu=len(nodes) == 3)
 
 
-def run_graph(graph, x, outputs=None, batch_size=32):
+def run_graph(graph, x, outputs=None, batch_size=16):
     """Run ``graph``; see :meth:`Graph.run` for parameters, returns and errors."""
     feeds = x if isinstance(x, dict) else ({graph.inputs[0]: x} if len(graph.inputs) == 1 else None)
     if feeds is None:

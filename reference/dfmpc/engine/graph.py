@@ -185,7 +185,7 @@ class Graph:
 
     # -------------------------------------------------------------- running
     def run(self, x: np.ndarray | dict[str, np.ndarray], outputs: list[str] | None = None,
-            batch_size: int = 32) -> np.ndarray | dict[str, np.ndarray]:
+            batch_size: int = 16) -> np.ndarray | dict[str, np.ndarray]:
         """Run the graph on an NCHW float32 batch, ``batch_size`` images at a time.
 
         Parameters

@@ -1,9 +1,10 @@
-"""Numba kernels: im2col for dense convs, a direct loop for grouped / depthwise convs.
+"""Numba kernel: a direct loop for grouped / depthwise convs.
 
-Both take an NCHW float32 batch (any strides) and the conv geometry in ONNX
+(Dense convs use a NumPy strided-copy im2col + BLAS, :mod:`dfmpc.engine.conv`.)
+It takes an NCHW float32 batch (any strides) and the conv geometry in ONNX
 terms: ``pads = (top, left, bottom, right)`` (only top/left are needed here,
 the output size ``oh, ow`` already accounts for bottom/right).
-Their plain-loop twins live in :mod:`dfmpc.engine.reference_kernels`.
+Its plain-loop twin lives in :mod:`dfmpc.engine.reference_kernels`.
 """
 
 import os
@@ -14,53 +15,10 @@ from numba import njit, prange
 
 # OpenMP worker threads spin-wait after each parallel region and steal the cores the
 # BLAS threads of the following matmul need (measured: several-fold slowdowns of
-# im2col + sgemm on 2 cores).  Numba's own "workqueue" pool sleeps instead.  A layer
+# grouped conv + sgemm on 2 cores).  Numba's own "workqueue" pool sleeps instead.  A layer
 # chosen by the user (NUMBA_THREADING_LAYER) is respected.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
-    """Unfold conv windows into columns.
-
-    Parameters
-    ----------
-    x : ndarray, shape (N, C, H, W), float32
-    kh, kw, sh, sw, pt, pl, dh, dw : int
-        Kernel size, strides, top/left padding, dilations.
-    oh, ow : int
-        Output height and width.
-
-    Returns
-    -------
-    cols : ndarray, shape (C*kh*kw, N*oh*ow), float32
-        Row ``(c*kh + i)*kw + j`` holds input channel ``c`` at kernel offset
-        ``(i, j)`` for every output pixel (zero where the window is in padding),
-        so ``W.reshape(O, -1) @ cols`` is the convolution.
-    """
-    n_img, c_in, h_in, w_in = x.shape
-    rows = c_in * kh * kw
-    cols = np.empty((rows, n_img * oh * ow), dtype=np.float32)
-    for r in prange(rows):
-        c = r // (kh * kw)
-        i = (r // kw) % kh
-        j = r % kw
-        for n in range(n_img):
-            for y in range(oh):
-                off = (n * oh + y) * ow
-                ih = y * sh - pt + i * dh
-                if ih < 0 or ih >= h_in:
-                    for xo in range(ow):
-                        cols[r, off + xo] = 0.0
-                else:
-                    for xo in range(ow):
-                        iw = xo * sw - pl + j * dw
-                        if iw >= 0 and iw < w_in:
-                            cols[r, off + xo] = x[n, c, ih, iw]
-                        else:
-                            cols[r, off + xo] = 0.0
-    return cols
 
 
 @njit(parallel=True, cache=True, fastmath=False)
