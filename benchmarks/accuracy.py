@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Whole-network accuracy of every zoo model under DF-MPC and its baselines; writes the README table.
+
+For each model and each bit setting (2/6, 3/6, 6/6; 2 = TWN ternary) it evaluates
+FP32, MP without compensation (c = 1) and DF-MPC (closed-form c) under each re-calibration
+mode (absorb, analytic: data-free; data: 500 real images), and the oracle c (data-aware
+least squares of Eq. (9), an upper reference for any per-channel c).
+
+Evaluation protocol: the shipped Fashion-MNIST test set is split once; the last 500 images
+are the calibration set of the data-aware rows (data re-calibration, oracle c) and every row,
+FP32 included, is evaluated on the other 9,500 images, so no row is scored on images it saw.
+
+Usage::
+
+    python benchmarks/accuracy.py                       # all zoo models, all settings; updates README.md
+    python benchmarks/accuracy.py --models resnet20 --settings 2/6 --no-readme
+    python benchmarks/accuracy.py --sweep resnet56      # lambda1 x lambda2 sweep (paper Fig. 3)
+
+Results are also written to ``benchmarks/results/accuracy.json`` (and ``sweep_<model>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dfmpc
+from dfmpc.evaluation import accuracy, load_dataset, load_zoo_model, zoo_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+N_CAL = 500
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def split():
+    x, y = load_dataset("fashion-mnist")
+    return (x[:-N_CAL], y[:-N_CAL]), x[-N_CAL:]
+
+
+def run_model(arch, settings, lambda1, lambda2, log):
+    g = load_zoo_model(arch)
+    (xe, ye), cal = split()
+    acc = lambda q: accuracy(q, xe, ye, progress=False)
+    row = {"model": arch, "n_eval": int(len(xe)), "n_calibration": N_CAL, "lambda1": lambda1, "lambda2": lambda2,
+           "fp32": acc(g), "settings": {}}
+    log(f"{arch}: FP32 {100 * row['fp32']:.2f}%")
+    for s in settings:
+        lo, hi = map(int, s.split("/"))
+        res = {}
+        for rec in ("absorb", "analytic", "data"):
+            for comp in ("none", "dfmpc") + (("oracle",) if rec == "absorb" else ()):
+                t0 = time.perf_counter()
+                q, rep = dfmpc.quantize_network(g, lo, hi, lambda1=lambda1, lambda2=lambda2, recalibration=rec,
+                                                compensation=comp, calibration_data=cal)
+                a = acc(q)
+                res[f"{comp}/{rec}"] = {"accuracy": a, "quantize_seconds": rep.seconds,
+                                        "c_mean": float(np.mean([p.c_mean for p in rep.pairs])) if rep.pairs else None}
+                log(f"  MP{s} {comp:>6}/{rec:<8} {100 * a:6.2f}%  ({rep.seconds:.2f} s)")
+        row["settings"][s] = res
+        row["pairs"] = len(rep.pairs)
+    return row
+
+
+def table(rows, settings):
+    """Markdown table: one line per model and bit setting."""
+    head = ("| model | MP | FP32 | no comp. (absorb) | DF-MPC (absorb) | no comp. (analytic) | DF-MPC (analytic) "
+            "| no comp. (data) | DF-MPC (data) | oracle c (absorb) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        for s in settings:
+            if s not in r["settings"]:
+                continue
+            v = r["settings"][s]
+            cell = lambda k: f"{100 * v[k]['accuracy']:.2f}" if k in v else "-"
+            lines.append(f"| {r['model']} | {s} | {100 * r['fp32']:.2f} | {cell('none/absorb')} | {cell('dfmpc/absorb')} "
+                         f"| {cell('none/analytic')} | **{cell('dfmpc/analytic')}** | {cell('none/data')} "
+                         f"| {cell('dfmpc/data')} | {cell('oracle/absorb')} |")
+    return "\n".join(lines)
+
+
+def update_readme(text, start="<!-- accuracy-table:start -->", end="<!-- accuracy-table:end -->"):
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if start not in s or end not in s:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    before, rest = s.split(start, 1)
+    _, after = rest.split(end, 1)
+    _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
+
+
+def sweep(arch, log, lambda1s=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), lambda2s=(0.0, 0.001, 0.005, 0.01),
+          recalibration="analytic", setting="2/6"):
+    """Accuracy over a lambda1 x lambda2 grid (paper Fig. 3), data-free recalibration."""
+    g = load_zoo_model(arch)
+    (xe, ye), _ = split()
+    lo, hi = map(int, setting.split("/"))
+    grid = []
+    for l1 in lambda1s:
+        row = []
+        for l2 in lambda2s:
+            q, _ = dfmpc.quantize_network(g, lo, hi, lambda1=l1, lambda2=l2, recalibration=recalibration)
+            row.append(accuracy(q, xe, ye, progress=False))
+            log(f"  lambda1={l1} lambda2={l2}: {100 * row[-1]:.2f}%")
+        grid.append(row)
+    return {"model": arch, "setting": setting, "recalibration": recalibration, "lambda1": list(lambda1s),
+            "lambda2": list(lambda2s), "accuracy": grid, "n_eval": int(len(xe))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma-separated zoo models (default: all shipped)")
+    p.add_argument("--settings", default="2/6,3/6,6/6")
+    p.add_argument("--lambda1", type=float, default=0.5)
+    p.add_argument("--lambda2", type=float, default=0.0)
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    p.add_argument("--sweep", default=None, metavar="MODEL", help="run the lambda1 x lambda2 sweep on MODEL instead")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    a = p.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.sweep:
+        res = sweep(a.sweep, log)
+        _atomic_write(RESULTS / f"sweep_{a.sweep}.json", json.dumps(res, indent=1))
+        if a.json:
+            print(json.dumps(res))
+        return 0
+    models = a.models.split(",") if a.models else list(zoo_manifest())
+    settings = a.settings.split(",")
+    rows = [run_model(m, settings, a.lambda1, a.lambda2, log) for m in models]
+    out = {"protocol": f"evaluate on Fashion-MNIST test[:-{N_CAL}], calibrate data-aware rows on test[-{N_CAL}:]",
+           "rows": rows}
+    path = RESULTS / "accuracy.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    merged = {r["model"]: r for r in old.get("rows", [])}
+    merged.update({r["model"]: r for r in rows})
+    out["rows"] = [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
+                                             if m in zoo_manifest() else 99)]
+    _atomic_write(path, json.dumps(out, indent=1))
+    md = table(out["rows"], ["2/6", "3/6", "6/6"])
+    if not a.no_readme:
+        update_readme(md)
+    print(json.dumps(out) if a.json else md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
