@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from dfmpc.engine import conv as conv_module
 from dfmpc.engine.conv import conv2d
 from dfmpc.engine.pooling import avg_pool2d, global_avg_pool, max_pool2d
-from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, max_pool2d_loops
+from dfmpc.engine.kernels_numba import matmul_nt
+from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, matmul_nt_loops, max_pool2d_loops
 
 # float32 kernels vs float64 loops on O(1) data with <= 6*3*3 = 54 terms per output:
 # float32 rounding gives ~1e-6 relative error per term, so 1e-4 absolute is generous
@@ -55,6 +56,50 @@ def test_conv2d_matches_loops(case):
     finally:
         conv_module.COLS_BYTES = saved
     np.testing.assert_allclose(got1, np.maximum(want, 0), atol=ATOL, rtol=0)
+
+
+@st.composite
+def conv3rows_cases(draw):
+    """Dense convs with 3 kernel rows and unit column dilation: the direct kernel's domain.
+    Channel and pixel counts straddle multiples of 4 (the kernel's 4 x 4 blocks)."""
+    c, o = draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    kw, sh, sw, dh = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, 2 * dh + 1 - pads[0] - pads[2]), 7))
+    w = draw(st.integers(max(1, kw - pads[1] - pads[3]), 7))
+    return draw(st.integers(1, 3)), c, h, w, o, kw, (sh, sw), pads, dh, draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv3rows_cases())
+def test_conv3rows_kernel_matches_loops(case):
+    n, c, h, w, o, kw, s, pads, dh, relu, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    wt = rng.normal(size=(o, c, 3, kw)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    want = conv2d_loops(x, wt, b, s, pads, (dh, 1))
+    np.testing.assert_allclose(conv2d(x, wt, b, s, pads, (dh, 1), relu=relu),
+                               np.maximum(want, 0) if relu else want, atol=ATOL, rtol=0)
+    saved = conv_module.MATMUL
+    try:                                  # the BLAS path (im2col + np.matmul) gives the same
+        conv_module.MATMUL = "blas"
+        np.testing.assert_allclose(conv2d(x, wt, b, s, pads, (dh, 1)), want, atol=ATOL, rtol=0)
+    finally:
+        conv_module.MATMUL = saved
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 40), st.integers(1, 11), st.booleans(), st.integers(0, 2**16))
+def test_matmul_nt_matches_loops(n_p, n_k, n_o, relu, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n_p, n_k)).astype(np.float32)
+    b = rng.normal(size=(n_o, n_k)).astype(np.float32)
+    bias = rng.normal(size=n_o).astype(np.float32)
+    out = np.full((n_p, n_o), np.nan, np.float32)            # every entry must be written
+    matmul_nt(a, b, bias, relu, out)
+    # <= 40 float32 products of O(1) terms summed in any order: 1e-4 absolute is generous
+    np.testing.assert_allclose(out, matmul_nt_loops(a, b, bias, relu), atol=ATOL, rtol=0)
 
 
 def test_conv2d_negative_control():

@@ -10,9 +10,10 @@ NHWC (``x.transpose(0, 2, 3, 1)``, free when ``x`` came from this function),
 and im2col builds ``cols`` of shape (pixels, kh*kw*C) whose row for one
 output pixel is its receptive field in (i, j, c) order, so that, in NHWC,
 kernel row ``i`` is a single run of ``kw*C`` contiguous floats of the padded
-input.  ``cols @ Wt`` with ``Wt`` of shape (kh*kw*C, O) is then the output
-in NHWC, which is returned as an (N, O, oh, ow) view: no transposes on the
-way in or out.  The images are processed a few at a time so that ``cols``
+input.  ``cols @ Wm.T`` with the weight matrix ``Wm`` of shape (O, kh*kw*C)
+(:func:`dense_weight`) is then the output in NHWC, which is returned as an
+(N, O, oh, ow) view: no transposes on the way in or out.  The matmul is
+:func:`~dfmpc.engine.kernels_numba.matmul_nt` (or BLAS, see ``MATMUL``).  The images are processed a few at a time so that ``cols``
 stays small (``COLS_BYTES``) and hot in cache between the copy that writes
 it and the matmul that reads it.
 """
@@ -23,7 +24,13 @@ import numpy as np
 
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .kernels_numba import conv_grouped
+from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt
+
+#: how dense convs multiply im2col rows by the weights: "numba" (:func:`matmul_nt`, compiled
+#: for the host CPU's vector width, bias and ReLU fused) or "blas" (``np.matmul``).  With
+#: OPENBLAS_CORETYPE=Haswell (this project's CI setting) OpenBLAS runs AVX2 kernels; on the
+#: AVX-512 benchmark machine the Numba kernel was 1.3-1.6x faster on ResNet-20's conv shapes.
+MATMUL = "numba"
 
 #: target size of one im2col buffer; measured on ResNet-20 (2-core Zen 5, OpenBLAS):
 #: 1-4 MB keep cols in L2/L3 next to the matmul; 14 MB (32 images at 28x28x16) ran 1.5x slower
@@ -63,7 +70,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
         ``(top, left, bottom, right)``, ONNX order.
     dilations : (int, int)
     groups : int
-    wt : ndarray, shape (kh*kw*C, O), optional
+    wt : ndarray, shape (O, kh*kw*C), optional
         ``dense_weight(w)``, precomputed by callers that run the same conv on many chunks.
     relu : bool
         Apply ReLU to the result (fused into the bias pass).
@@ -110,9 +117,20 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
 
 
 def dense_weight(w: np.ndarray) -> np.ndarray:
-    """Weight (O, C, kh, kw) as the (kh*kw*C, O) float32 matrix that multiplies im2col rows."""
+    """Weight (O, C, kh, kw) as the (O, kh*kw*C) float32 matrix whose rows meet im2col rows."""
     o = w.shape[0]
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o), dtype=np.float32)
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1), dtype=np.float32)
+
+
+def _matmul(cols, wm, b, relu, out):
+    """out (P, O) = act(cols (P, K) @ wm (O, K).T + b)."""
+    if MATMUL == "numba":
+        matmul_nt(cols, wm, b, relu, out)
+        return
+    np.matmul(cols, wm.T, out=out)
+    out += b
+    if relu:
+        np.maximum(out, np.float32(0), out=out)
 
 
 def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
@@ -146,31 +164,34 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
 
 
 def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False):
-    """groups == 1: im2col (NHWC) + float32 matmul, a slice of images at a time; returns an NCHW view."""
+    """groups == 1: im2col (NHWC) + float32 matmul with bias (+ReLU), a slice of images at a time;
+    returns an NCHW view of NHWC memory."""
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     pt, pl, pb, pr = pads
     wt = dense_weight(w) if wt is None else wt
+    b = np.zeros(o, np.float32) if b is None else np.asarray(b, np.float32)
     xn = x.transpose(0, 2, 3, 1)                            # NHWC view
     out = np.empty((n, oh, ow, o), np.float32)
     if kh == kw == 1 and not any(pads):                     # 1x1: the (strided) input is cols
         xs = xn[:, ::strides[0], ::strides[1], :][:, :oh, :ow, :]
-        np.matmul(xs.reshape(-1, c), wt, out=out.reshape(-1, o))
+        _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, out.reshape(-1, o))
     else:
         if any(pads):
             xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
             xp[:, pt:pt + h, pl:pl + wd, :] = xn
         else:
             xp = xn
+        if kh == 3 and dilations[1] == 1 and MATMUL == "numba":   # no im2col: rows read in place
+            xp = np.ascontiguousarray(xp)
+            conv3rows_nhwc(xp.reshape(-1), xp.shape, wt, strides, dilations[0], (oh, ow), b, relu,
+                           out.reshape(-1, o))
+            return out.transpose(0, 3, 1, 2)
         row_bytes = oh * ow * kh * kw * c * 4
         step = max(1, min(n, COLS_BYTES // max(row_bytes, 1)))
         buf = np.empty((step * oh * ow, kh * kw * c), np.float32)
         for s in range(0, n, step):
             m = min(step, n - s)
             cols = im2col_nhwc(xp[s:s + m], (kh, kw), strides, dilations, oh, ow, buf[:m * oh * ow])
-            np.matmul(cols, wt, out=out[s:s + m].reshape(-1, o))
-    if b is not None:
-        out += b
-    if relu:
-        np.maximum(out, np.float32(0), out=out)
+            _matmul(cols, wt, b, relu, out[s:s + m].reshape(-1, o))
     return out.transpose(0, 3, 1, 2)

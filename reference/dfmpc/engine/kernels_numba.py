@@ -1,10 +1,13 @@
-"""Numba kernel: a direct loop for grouped / depthwise convs.
+"""Numba kernels: dense convs (direct 3-row kernel, or the matmul after im2col), grouped convs.
 
-(Dense convs use a NumPy strided-copy im2col + BLAS, :mod:`dfmpc.engine.conv`.)
-It takes an NCHW float32 batch (any strides) and the conv geometry in ONNX
-terms: ``pads = (top, left, bottom, right)`` (only top/left are needed here,
-the output size ``oh, ow`` already accounts for bottom/right).
-Its plain-loop twin lives in :mod:`dfmpc.engine.reference_kernels`.
+:func:`conv3rows_nhwc` computes a dense conv with 3 kernel rows straight from
+the padded NHWC input (no im2col); :func:`matmul_nt` multiplies im2col rows by the weight rows (the dense-conv
+matmul of :mod:`dfmpc.engine.conv`) with the bias and ReLU applied on the way
+out.  :func:`conv_grouped` takes an NCHW float32 batch (any strides) and the
+conv geometry in ONNX terms: ``pads = (top, left, bottom, right)`` (only
+top/left are needed here, the output size ``oh, ow`` already accounts for
+bottom/right).  Their plain-loop twins live in
+:mod:`dfmpc.engine.reference_kernels`.
 """
 
 import os
@@ -19,6 +22,212 @@ from numba import njit, prange
 # chosen by the user (NUMBA_THREADING_LAYER) is respected.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
+
+
+#: LLVM may reorder the sums of a dot product (so it can keep 16 lanes of partial sums)
+#: and fuse multiply-adds; nothing else of fastmath (no "no NaN / no inf" assumptions).
+_DOT_MATH = {"reassoc", "contract"}
+
+
+@njit(inline="always", fastmath=_DOT_MATH)
+def _finish(s, bias, o, relu):
+    v = s + bias[o]
+    return max(v, np.float32(0)) if relu else v
+
+
+@njit(inline="always", fastmath=_DOT_MATH)
+def _dot(a, q, b, o):
+    acc = np.float32(0)
+    for k in range(a.shape[1]):
+        acc += a[q, k] * b[o, k]
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=_DOT_MATH, boundscheck=False)
+def matmul_nt(a, b, bias, relu, out):
+    """``out[p, o] = act(sum_k a[p, k] * b[o, k] + bias[o])``, act = ReLU or identity.
+
+    Both operands are read along ``k`` (rows of ``a`` and of ``b``, contiguous),
+    so each output is a dot product.  Outputs are computed in 4 x 4 blocks: 16
+    running sums share every load of ``a`` and ``b``, and LLVM vectorises the
+    ``k`` loop over them (with SIMD partial sums, hence ``reassoc``), on the
+    vector width of the host CPU.  Rows / columns left over (P or O not a multiple
+    of 4) are plain dot products.
+
+    Parameters
+    ----------
+    a : ndarray, shape (P, K), float32, C-contiguous
+        im2col rows, one per output pixel.
+    b : ndarray, shape (O, K), float32, C-contiguous
+        Weight rows, one per output channel.
+    bias : ndarray, shape (O,), float32
+    relu : bool
+    out : ndarray, shape (P, O), float32
+        Written, not read.
+    """
+    n_p, n_k = a.shape
+    n_o = b.shape[0]
+    p4, o4 = n_p - n_p % 4, n_o - n_o % 4
+    for blk in prange(p4 // 4):
+        p = 4 * blk
+        for o in range(0, o4, 4):
+            s00 = s01 = s02 = s03 = np.float32(0)
+            s10 = s11 = s12 = s13 = np.float32(0)
+            s20 = s21 = s22 = s23 = np.float32(0)
+            s30 = s31 = s32 = s33 = np.float32(0)
+            for k in range(n_k):
+                a0, a1, a2, a3 = a[p, k], a[p + 1, k], a[p + 2, k], a[p + 3, k]
+                b0, b1, b2, b3 = b[o, k], b[o + 1, k], b[o + 2, k], b[o + 3, k]
+                s00 += a0 * b0; s01 += a0 * b1; s02 += a0 * b2; s03 += a0 * b3  # noqa: E702
+                s10 += a1 * b0; s11 += a1 * b1; s12 += a1 * b2; s13 += a1 * b3  # noqa: E702
+                s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3  # noqa: E702
+                s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3  # noqa: E702
+            out[p, o] = _finish(s00, bias, o, relu)
+            out[p, o + 1] = _finish(s01, bias, o + 1, relu)
+            out[p, o + 2] = _finish(s02, bias, o + 2, relu)
+            out[p, o + 3] = _finish(s03, bias, o + 3, relu)
+            out[p + 1, o] = _finish(s10, bias, o, relu)
+            out[p + 1, o + 1] = _finish(s11, bias, o + 1, relu)
+            out[p + 1, o + 2] = _finish(s12, bias, o + 2, relu)
+            out[p + 1, o + 3] = _finish(s13, bias, o + 3, relu)
+            out[p + 2, o] = _finish(s20, bias, o, relu)
+            out[p + 2, o + 1] = _finish(s21, bias, o + 1, relu)
+            out[p + 2, o + 2] = _finish(s22, bias, o + 2, relu)
+            out[p + 2, o + 3] = _finish(s23, bias, o + 3, relu)
+            out[p + 3, o] = _finish(s30, bias, o, relu)
+            out[p + 3, o + 1] = _finish(s31, bias, o + 1, relu)
+            out[p + 3, o + 2] = _finish(s32, bias, o + 2, relu)
+            out[p + 3, o + 3] = _finish(s33, bias, o + 3, relu)
+        for q in range(p, p + 4):                           # leftover columns of this block
+            for o in range(o4, n_o):
+                out[q, o] = _finish(_dot(a, q, b, o), bias, o, relu)
+    for q in range(p4, n_p):                                # leftover rows
+        for o in range(n_o):
+            out[q, o] = _finish(_dot(a, q, b, o), bias, o, relu)
+
+
+@njit(inline="always")
+def _pixel_base(p, oh, ow, wp, hp, c, sh, sw):
+    """Offset in the flat padded NHWC input of the top-left tap of output pixel ``p``."""
+    n, rem = p // (oh * ow), p % (oh * ow)
+    return ((n * hp + (rem // ow) * sh) * wp + (rem % ow) * sw) * c
+
+
+@njit(inline="always", fastmath=_DOT_MATH)
+def _dot3(xf, base, rs, w, o, run):
+    acc = np.float32(0)
+    for i in range(3):
+        xr, wr = xf[base + i * rs:base + i * rs + run], w[o, i * run:(i + 1) * run]
+        for k in range(run):
+            acc += xr[k] * wr[k]
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=_DOT_MATH, boundscheck=False)
+def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, out):
+    """Dense conv with 3 kernel rows and unit column dilation, read from the padded NHWC input.
+
+    For output pixel ``p`` and kernel row ``i``, the taps ``(j, c)`` are one
+    contiguous run of ``kw*C`` floats of the padded input, and the matching
+    weights are one contiguous run of the weight row ``w[o]`` (order (i, j, c)).
+    So each output is the sum of 3 dot products of runs.  As in
+    :func:`matmul_nt`, 4 pixels x 4 output channels are computed together (16
+    running sums, 3 rows in one loop so the sums are reduced once), vectorised over
+    the run.  This is im2col + matmul with the im2col rows never written.
+
+    Parameters
+    ----------
+    xf : ndarray, shape (N*Hp*Wp*C,), float32
+        The padded input in NHWC order, flattened (C-contiguous).
+    shape : (int, int, int, int)
+        ``(N, Hp, Wp, C)`` of the padded input.
+    w : ndarray, shape (O, 3*kw*C), float32, C-contiguous
+        Weight rows in (i, j, c) order (:func:`dfmpc.engine.conv.dense_weight`).
+    strides : (int, int)
+    dh : int
+        Row dilation (the column dilation must be 1).
+    out_hw : (int, int)
+        Output height and width.
+    bias : ndarray, shape (O,), float32
+    relu : bool
+    out : ndarray, shape (N*oh*ow, O), float32
+        Written, not read (NHWC output).
+    """
+    n_img, hp, wp, c = shape
+    sh, sw = strides
+    oh, ow = out_hw
+    n_p, n_o = n_img * oh * ow, w.shape[0]
+    run = w.shape[1] // 3                                   # kw * C
+    rs = dh * wp * c                                        # from one kernel row to the next
+    p4, o4 = n_p - n_p % 4, n_o - n_o % 4
+    for blk in prange(p4 // 4):
+        p = 4 * blk
+        b0 = _pixel_base(p, oh, ow, wp, hp, c, sh, sw)
+        b1 = _pixel_base(p + 1, oh, ow, wp, hp, c, sh, sw)
+        b2 = _pixel_base(p + 2, oh, ow, wp, hp, c, sh, sw)
+        b3 = _pixel_base(p + 3, oh, ow, wp, hp, c, sh, sw)
+        # the 4 pixels' input runs for kernel rows 0, 1, 2
+        x00, x01, x02 = xf[b0:b0 + run], xf[b0 + rs:b0 + rs + run], xf[b0 + 2 * rs:b0 + 2 * rs + run]
+        x10, x11, x12 = xf[b1:b1 + run], xf[b1 + rs:b1 + rs + run], xf[b1 + 2 * rs:b1 + 2 * rs + run]
+        x20, x21, x22 = xf[b2:b2 + run], xf[b2 + rs:b2 + rs + run], xf[b2 + 2 * rs:b2 + 2 * rs + run]
+        x30, x31, x32 = xf[b3:b3 + run], xf[b3 + rs:b3 + rs + run], xf[b3 + 2 * rs:b3 + 2 * rs + run]
+        for o in range(0, o4, 4):
+            # the 4 output channels' weight runs for kernel rows 0, 1, 2
+            w00, w01, w02 = w[o, :run], w[o, run:2 * run], w[o, 2 * run:]
+            w10, w11, w12 = w[o + 1, :run], w[o + 1, run:2 * run], w[o + 1, 2 * run:]
+            w20, w21, w22 = w[o + 2, :run], w[o + 2, run:2 * run], w[o + 2, 2 * run:]
+            w30, w31, w32 = w[o + 3, :run], w[o + 3, run:2 * run], w[o + 3, 2 * run:]
+            s00 = s01 = s02 = s03 = np.float32(0)
+            s10 = s11 = s12 = s13 = np.float32(0)
+            s20 = s21 = s22 = s23 = np.float32(0)
+            s30 = s31 = s32 = s33 = np.float32(0)
+            for k in range(run):
+                a0, a1, a2, a3 = x00[k], x10[k], x20[k], x30[k]            # kernel row 0
+                c0, c1, c2, c3 = w00[k], w10[k], w20[k], w30[k]
+                e0, e1, e2, e3 = x01[k], x11[k], x21[k], x31[k]            # kernel row 1
+                f0, f1, f2, f3 = w01[k], w11[k], w21[k], w31[k]
+                g0, g1, g2, g3 = x02[k], x12[k], x22[k], x32[k]            # kernel row 2
+                h0, h1, h2, h3 = w02[k], w12[k], w22[k], w32[k]
+                s00 += a0 * c0 + e0 * f0 + g0 * h0
+                s01 += a0 * c1 + e0 * f1 + g0 * h1
+                s02 += a0 * c2 + e0 * f2 + g0 * h2
+                s03 += a0 * c3 + e0 * f3 + g0 * h3
+                s10 += a1 * c0 + e1 * f0 + g1 * h0
+                s11 += a1 * c1 + e1 * f1 + g1 * h1
+                s12 += a1 * c2 + e1 * f2 + g1 * h2
+                s13 += a1 * c3 + e1 * f3 + g1 * h3
+                s20 += a2 * c0 + e2 * f0 + g2 * h0
+                s21 += a2 * c1 + e2 * f1 + g2 * h1
+                s22 += a2 * c2 + e2 * f2 + g2 * h2
+                s23 += a2 * c3 + e2 * f3 + g2 * h3
+                s30 += a3 * c0 + e3 * f0 + g3 * h0
+                s31 += a3 * c1 + e3 * f1 + g3 * h1
+                s32 += a3 * c2 + e3 * f2 + g3 * h2
+                s33 += a3 * c3 + e3 * f3 + g3 * h3
+            out[p, o] = _finish(s00, bias, o, relu)
+            out[p, o + 1] = _finish(s01, bias, o + 1, relu)
+            out[p, o + 2] = _finish(s02, bias, o + 2, relu)
+            out[p, o + 3] = _finish(s03, bias, o + 3, relu)
+            out[p + 1, o] = _finish(s10, bias, o, relu)
+            out[p + 1, o + 1] = _finish(s11, bias, o + 1, relu)
+            out[p + 1, o + 2] = _finish(s12, bias, o + 2, relu)
+            out[p + 1, o + 3] = _finish(s13, bias, o + 3, relu)
+            out[p + 2, o] = _finish(s20, bias, o, relu)
+            out[p + 2, o + 1] = _finish(s21, bias, o + 1, relu)
+            out[p + 2, o + 2] = _finish(s22, bias, o + 2, relu)
+            out[p + 2, o + 3] = _finish(s23, bias, o + 3, relu)
+            out[p + 3, o] = _finish(s30, bias, o, relu)
+            out[p + 3, o + 1] = _finish(s31, bias, o + 1, relu)
+            out[p + 3, o + 2] = _finish(s32, bias, o + 2, relu)
+            out[p + 3, o + 3] = _finish(s33, bias, o + 3, relu)
+        for q in range(p, p + 4):                           # leftover channels of this block
+            base = _pixel_base(q, oh, ow, wp, hp, c, sh, sw)
+            for o in range(o4, n_o):
+                out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, o, relu)
+    for q in range(p4, n_p):                                # leftover pixels
+        base = _pixel_base(q, oh, ow, wp, hp, c, sh, sw)
+        for o in range(n_o):
+            out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, o, relu)
 
 
 @njit(parallel=True, cache=True, fastmath=False)

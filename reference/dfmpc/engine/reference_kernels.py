@@ -106,3 +106,29 @@ def avg_pool2d_loops(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=Fal
                                 count += 1
                     out[n, c, y, xo] = total / count
     return out
+
+
+def matmul_nt_loops(a, b, bias=None, relu=False):
+    """``act(a @ b.T + bias)`` by explicit loops (twin of ``kernels_numba.matmul_nt``).
+
+    Parameters
+    ----------
+    a : ndarray, shape (P, K)
+    b : ndarray, shape (O, K)
+    bias : ndarray, shape (O,), optional
+    relu : bool
+
+    Returns
+    -------
+    ndarray, shape (P, O), float64
+    """
+    n_p, n_k = a.shape
+    n_o = b.shape[0]
+    out = np.zeros((n_p, n_o))
+    for p in range(n_p):
+        for o in range(n_o):
+            acc = 0.0 if bias is None else float(bias[o])
+            for k in range(n_k):
+                acc += float(a[p, k]) * float(b[o, k])
+            out[p, o] = max(acc, 0.0) if relu else acc
+    return out
