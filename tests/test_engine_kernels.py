@@ -1,5 +1,6 @@
 """Fast kernels (NHWC im2col + BLAS, Numba grouped conv, vectorised pooling) against their plain-loop twins."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -58,6 +59,24 @@ def test_conv2d_matches_loops(case):
     np.testing.assert_allclose(got1, np.maximum(want, 0), atol=ATOL, rtol=0)
 
 
+def _thread_counts():
+    return sorted({1, numba.config.NUMBA_NUM_THREADS})
+
+
+class _numba_threads:
+    """Run a block with ``numba.set_num_threads(n)``, restoring the previous count."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = numba.get_num_threads()
+        numba.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.saved)
+
+
 @st.composite
 def conv3rows_cases(draw):
     """Dense convs with 3 kernel rows and unit column dilation: the direct kernel's domain.
@@ -79,8 +98,10 @@ def test_conv3rows_kernel_matches_loops(case):
     wt = rng.normal(size=(o, c, 3, kw)).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32)
     want = conv2d_loops(x, wt, b, s, pads, (dh, 1))
-    np.testing.assert_allclose(conv2d(x, wt, b, s, pads, (dh, 1), relu=relu),
-                               np.maximum(want, 0) if relu else want, atol=ATOL, rtol=0)
+    for threads in _thread_counts():
+        with _numba_threads(threads):
+            got = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu)
+        np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, atol=ATOL, rtol=0)
     saved = conv_module.MATMUL
     try:                                  # the BLAS path (im2col + np.matmul) gives the same
         conv_module.MATMUL = "blas"
@@ -96,10 +117,13 @@ def test_matmul_nt_matches_loops(n_p, n_k, n_o, relu, seed):
     a = rng.normal(size=(n_p, n_k)).astype(np.float32)
     b = rng.normal(size=(n_o, n_k)).astype(np.float32)
     bias = rng.normal(size=n_o).astype(np.float32)
-    out = np.full((n_p, n_o), np.nan, np.float32)            # every entry must be written
-    matmul_nt(a, b, bias, relu, out)
-    # <= 40 float32 products of O(1) terms summed in any order: 1e-4 absolute is generous
-    np.testing.assert_allclose(out, matmul_nt_loops(a, b, bias, relu), atol=ATOL, rtol=0)
+    want = matmul_nt_loops(a, b, bias, relu)
+    for threads in _thread_counts():              # the serial and the thread-pool variant
+        out = np.full((n_p, n_o), np.nan, np.float32)        # every entry must be written
+        with _numba_threads(threads):
+            matmul_nt(a, b, bias, relu, out)
+        # <= 40 float32 products of O(1) terms summed in any order: 1e-4 absolute is generous
+        np.testing.assert_allclose(out, want, atol=ATOL, rtol=0)
 
 
 def test_conv2d_negative_control():
