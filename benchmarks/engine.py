@@ -11,6 +11,13 @@ Usage::
 
     python benchmarks/engine.py --json            # one JSON object on stdout
     python benchmarks/engine.py --threads 2 --repeats 7
+    python benchmarks/engine.py --json --conv-matmul blas     # engine convs through numpy's BLAS
+
+The JSON records OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: they select numpy's
+OpenBLAS kernels (this project's CI pins Haswell = AVX2), which matters for
+the "numpy matmul" reference figure and for ``--conv-matmul blas``.  To see
+OpenBLAS's own choice for the machine, unset both for one command:
+``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/engine.py --json``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ def _args():
     p.add_argument("--threads", type=int, default=2, help="threads for every engine and for BLAS")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=16, help="dfmpc engine chunk size (images)")
+    p.add_argument("--conv-matmul", choices=["numba", "blas"], default="numba",
+                   help="dense-conv kernels of the engine: Numba (default) or im2col + numpy/BLAS matmul")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args()
 
@@ -117,11 +126,16 @@ def _torch_model(graph):
 def main():
     import onnxruntime as ort
 
+    from dfmpc.engine import conv as engine_conv
+    engine_conv.MATMUL = ARGS.conv_matmul
     graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
     x = np.random.default_rng(1).normal(size=(ARGS.batch, 1, 28, 28)).astype(np.float32)
     flops = conv_flops(graph, (1, 28, 28)) * ARGS.batch
     result = {"model": graph.name, "input_shape": list(x.shape), "dtype": "float32",
               "threads": ARGS.threads, "repeats": ARGS.repeats, "engine_chunk": ARGS.chunk,
+              "engine_conv_matmul": ARGS.conv_matmul,
+              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+              "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
               "gflop_per_batch": flops / 1e9}
 
     opts = ort.SessionOptions()
