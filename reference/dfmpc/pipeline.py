@@ -109,7 +109,7 @@ def _check_calibration(x, graph):
 def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lambda1: float = 0.5,
                      lambda2: float = 0.0, recalibration: str = "analytic", compensation: str = "dfmpc",
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
-                     input_mean=0.0, input_var=1.0):
+                     input_mean=0.0, input_var=1.0, oracle_images: int = 64):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
@@ -133,6 +133,10 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         Passed to :func:`find_pairs`.
     input_mean, input_var : float
         Moments of the network input assumed by ``analytic`` (0, 1 for standardised images).
+    oracle_images : int
+        How many of the calibration images the oracle c is fitted on (it solves a C-variable least
+        squares over every output value of layer l+1, so a few dozen images are plenty; cost grows
+        linearly).
 
     Returns
     -------
@@ -165,7 +169,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     fp_acts = {}
     if compensation == "oracle":
         names = [fp.node(p.low).inputs[0] for p in pairing.pairs]
-        fp_acts = fp.run(calibration_data, outputs=names) if names else {}
+        fp_acts = fp.run(calibration_data[:oracle_images], outputs=names) if names else {}
         if len(names) == 1:
             fp_acts = {names[0]: fp_acts}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
