@@ -143,3 +143,32 @@ def test_inplace_add_and_relu_keep_shared_tensors():
     np.testing.assert_allclose(inter["s"], 2 * inter["a"], rtol=1e-6)
     np.testing.assert_allclose(inter["y"], np.maximum(inter["s"], 0) + inter["a2"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(g.run(x), inter["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_conv_bn_add_relu_fusion_matches_unfused():
+    """Conv -> BN -> Add -> Relu runs as one conv with the residual in its epilogue; the result
+    equals the node-by-node run (fusion off by requesting the BN output), also when the
+    residual broadcasts (then the executor falls back to a separate Add)."""
+    rng = np.random.default_rng(7)
+
+    def bn(name, src, dst, c):
+        return Node(name, "BatchNormalization", [src], [dst], {"epsilon": 1e-5},
+                    {"gamma": rng.uniform(0.5, 2, c).astype(np.float32), "beta": rng.normal(size=c).astype(np.float32),
+                     "mean": rng.normal(size=c).astype(np.float32), "var": rng.uniform(0.5, 2, c).astype(np.float32)})
+
+    for residual_pool in (False, True):
+        nodes = [
+            Node("c1", "Conv", ["x"], ["a"], {"kernel_shape": (3, 3), "pads": (1, 1, 1, 1)},
+                 {"W": rng.normal(size=(5, 3, 3, 3)).astype(np.float32)}),
+            bn("b1", "a", "ab", 5),
+            Node("sc", "Conv", ["x"], ["s"], {"kernel_shape": (1, 1)}, {"W": rng.normal(size=(5, 3, 1, 1)).astype(np.float32)}),
+        ]
+        if residual_pool:
+            nodes.append(Node("gap", "GlobalAveragePool", ["s"], ["r"]))
+        nodes += [Node("add", "Add", ["ab", "r" if residual_pool else "s"], ["y0"]), Node("relu", "Relu", ["y0"], ["y"])]
+        g = Graph(nodes, ["x"], ["y"], {"x": (3, 6, 6)})
+        x = rng.normal(size=(5, 3, 6, 6)).astype(np.float32)
+        fused = g.run(x, batch_size=2)
+        unfused = g.run(x, outputs=["ab", "y"])
+        np.testing.assert_allclose(fused, unfused["y"], rtol=1e-5, atol=1e-5)
+        assert (fused >= 0).all() and (fused == 0).any()

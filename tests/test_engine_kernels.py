@@ -53,10 +53,11 @@ def test_conv2d_matches_loops(case):
     saved = conv_module.COLS_BYTES
     try:                                  # one image per im2col slice: the slicing loop is exercised
         conv_module.COLS_BYTES = 1
-        got1 = conv2d(x, wt, b, s, pads, d, groups, relu=True)
+        res = np.random.default_rng(seed + 1).normal(size=want.shape).astype(np.float32)
+        got1 = conv2d(x, wt, b, s, pads, d, groups, relu=True, residual=res)
     finally:
         conv_module.COLS_BYTES = saved
-    np.testing.assert_allclose(got1, np.maximum(want, 0), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got1, np.maximum(want + res, 0), atol=ATOL, rtol=0)
 
 
 def _thread_counts():
@@ -98,10 +99,14 @@ def test_conv3rows_kernel_matches_loops(case):
     wt = rng.normal(size=(o, c, 3, kw)).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32)
     want = conv2d_loops(x, wt, b, s, pads, (dh, 1))
+    res = rng.normal(size=want.shape).astype(np.float32)
     for threads in _thread_counts():
         with _numba_threads(threads):
             got = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu)
+            got_res = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
         np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got_res, np.maximum(want + res, 0) if relu else want + res,
+                                   atol=ATOL, rtol=0)
     saved = conv_module.MATMUL
     try:                                  # the BLAS path (im2col + np.matmul) gives the same
         conv_module.MATMUL = "blas"
@@ -111,17 +116,19 @@ def test_conv3rows_kernel_matches_loops(case):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 13), st.integers(1, 40), st.integers(1, 11), st.booleans(), st.integers(0, 2**16))
-def test_matmul_nt_matches_loops(n_p, n_k, n_o, relu, seed):
+@given(st.integers(1, 13), st.integers(1, 40), st.integers(1, 11), st.booleans(), st.booleans(),
+       st.integers(0, 2**16))
+def test_matmul_nt_matches_loops(n_p, n_k, n_o, relu, with_res, seed):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(n_p, n_k)).astype(np.float32)
     b = rng.normal(size=(n_o, n_k)).astype(np.float32)
     bias = rng.normal(size=n_o).astype(np.float32)
-    want = matmul_nt_loops(a, b, bias, relu)
+    res = rng.normal(size=(n_p, n_o)).astype(np.float32) if with_res else None
+    want = matmul_nt_loops(a, b, bias, relu, res)
     for threads in _thread_counts():              # the serial and the thread-pool variant
         out = np.full((n_p, n_o), np.nan, np.float32)        # every entry must be written
         with _numba_threads(threads):
-            matmul_nt(a, b, bias, relu, out)
+            matmul_nt(a, b, bias, relu, res, out)
         # <= 40 float32 products of O(1) terms summed in any order: 1e-4 absolute is generous
         np.testing.assert_allclose(out, want, atol=ATOL, rtol=0)
 

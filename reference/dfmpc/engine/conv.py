@@ -57,7 +57,8 @@ def conv_output_size(size: int, k: int, stride: int, pad_begin: int, pad_end: in
 
 def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
            strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups: int = 1, *,
-           wt: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
+           wt: np.ndarray | None = None, relu: bool = False,
+           residual: np.ndarray | None = None) -> np.ndarray:
     """Convolve a batch with a filter bank (cross-correlation, as in ONNX and PyTorch).
 
     Parameters
@@ -74,6 +75,9 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
         ``dense_weight(w)``, precomputed by callers that run the same conv on many chunks.
     relu : bool
         Apply ReLU to the result (fused into the bias pass).
+    residual : ndarray, shape (N, O, oh, ow), float32, optional
+        Added to the conv output before the ReLU (a ResNet block's shortcut), in the
+        same pass: ``relu(conv(x) + b + residual)``.
 
     Returns
     -------
@@ -107,10 +111,12 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
         raise ValueError(f"input {h}x{wd} is too small for kernel {kh}x{kw} "
                          f"(pads {pads}, dilations {dilations})")
     if groups == 1:
-        return _conv_dense(x, w, b, (sh, sw), pads, (dh, dw), oh, ow, wt, relu)
+        return _conv_dense(x, w, b, (sh, sw), pads, (dh, dw), oh, ow, wt, relu, residual)
     out = conv_grouped(x, np.ascontiguousarray(w), groups, sh, sw, pt, pl, dh, dw, oh, ow)
     if b is not None:
         out += b[None, :, None, None]
+    if residual is not None:
+        out += residual
     if relu:
         np.maximum(out, np.float32(0), out=out)
     return out
@@ -122,13 +128,15 @@ def dense_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1), dtype=np.float32)
 
 
-def _matmul(cols, wm, b, relu, out):
-    """out (P, O) = act(cols (P, K) @ wm (O, K).T + b)."""
+def _matmul(cols, wm, b, relu, res, out):
+    """out (P, O) = act(cols (P, K) @ wm (O, K).T + b (+ res))."""
     if MATMUL == "numba":
-        matmul_nt(cols, wm, b, relu, out)
+        matmul_nt(cols, wm, b, relu, res, out)
         return
     np.matmul(cols, wm.T, out=out)
     out += b
+    if res is not None:
+        out += res
     if relu:
         np.maximum(out, np.float32(0), out=out)
 
@@ -163,7 +171,7 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
     return out
 
 
-def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False):
+def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, residual=None):
     """groups == 1: im2col (NHWC) + float32 matmul with bias (+ReLU), a slice of images at a time;
     returns an NCHW view of NHWC memory."""
     n, c, h, wd = x.shape
@@ -173,9 +181,14 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False):
     b = np.zeros(o, np.float32) if b is None else np.asarray(b, np.float32)
     xn = x.transpose(0, 2, 3, 1)                            # NHWC view
     out = np.empty((n, oh, ow, o), np.float32)
+    res = None
+    if residual is not None:                                # (P, O); free if it is NHWC memory
+        if residual.shape != (n, o, oh, ow):
+            raise ValueError(f"residual has shape {residual.shape}, expected {(n, o, oh, ow)}")
+        res = np.ascontiguousarray(residual.transpose(0, 2, 3, 1), dtype=np.float32).reshape(-1, o)
     if kh == kw == 1 and not any(pads):                     # 1x1: the (strided) input is cols
         xs = xn[:, ::strides[0], ::strides[1], :][:, :oh, :ow, :]
-        _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, out.reshape(-1, o))
+        _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, res, out.reshape(-1, o))
     else:
         if any(pads):
             xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
@@ -184,7 +197,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False):
             xp = xn
         if kh == 3 and dilations[1] == 1 and MATMUL == "numba":   # no im2col: rows read in place
             xp = np.ascontiguousarray(xp)
-            conv3rows_nhwc(xp.reshape(-1), xp.shape, wt, strides, dilations[0], (oh, ow), b, relu,
+            conv3rows_nhwc(xp.reshape(-1), xp.shape, wt, strides, dilations[0], (oh, ow), b, relu, res,
                            out.reshape(-1, o))
             return out.transpose(0, 3, 1, 2)
         row_bytes = oh * ow * kh * kw * c * 4
@@ -193,5 +206,6 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False):
         for s in range(0, n, step):
             m = min(step, n - s)
             cols = im2col_nhwc(xp[s:s + m], (kh, kw), strides, dilations, oh, ow, buf[:m * oh * ow])
-            _matmul(cols, wt, b, relu, out[s:s + m].reshape(-1, o))
+            rows = slice(s * oh * ow, (s + m) * oh * ow)
+            _matmul(cols, wt, b, relu, None if res is None else res[rows], out.reshape(-1, o)[rows])
     return out.transpose(0, 3, 1, 2)

@@ -6,8 +6,11 @@ reader has run, so peak memory is bounded by one chunk's live activations.
 
 The plan fuses, *at run time only*, a Conv whose only reader is a
 BatchNormalization (and that BN's only reader, if a Relu) into one conv with
-BN-scaled weights and bias, and runs a Relu or a two-input Add in place on a
-fresh tensor that nobody else reads.  The graph itself is never changed: BN stays its own node
+BN-scaled weights and bias; when the BN's only reader is a two-input Add (and
+the Add's, if a Relu), the Add's other input is added in the conv's epilogue
+(``relu(conv(x) + b + residual)``, one pass), the step running where the Add
+stood.  A Relu or a two-input Add on a fresh tensor that nobody else reads
+runs in place.  The graph itself is never changed: BN stays its own node
 with its own parameters, and requesting an intermediate tensor as an output
 turns the fusion off for it.  Fused and unfused runs agree to float32
 rounding (see ``tests/test_engine_graph.py``).
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import conv2d, dense_weight
+from .conv import conv2d, conv_output_size, dense_weight
 from .ops import OPS, _geometry
 
 #: ops whose output is a new array owned by the executor (safe to overwrite in place)
@@ -39,8 +42,9 @@ def _check_input(graph, name, x):
 
 
 def _plan(graph, keep):
-    """List of steps ``(kind, nodes)``: kind is "node", "conv_bn" (Conv, BN[, Relu]), "relu_inplace"
-    or "add_inplace[_1]" (the sum is written into an input that nobody else reads)."""
+    """List of steps ``(kind, nodes)``: kind is "node", "conv_bn" (Conv, BN[, Relu]),
+    "conv_bn_add" (Conv, BN, Add[, Relu]: the Add's other input enters the conv's epilogue),
+    "relu_inplace" or "add_inplace[_1]" (the sum is written into an input that nobody else reads)."""
     readers = {}
     for n in graph.nodes:
         for t in n.inputs:
@@ -51,9 +55,33 @@ def _plan(graph, keep):
         r = readers.get(t, [])
         return r[0] if len(r) == 1 and r[0].op == op and t not in keep and r[0].inputs == [t] else None
 
-    steps, fused = [], set()
+    def sole_add(node):
+        t = node.outputs[0]
+        r = readers.get(t, [])
+        ok = (len(r) == 1 and r[0].op == "Add" and t not in keep and len(r[0].inputs) == 2
+              and r[0].inputs.count(t) == 1 and "constant" not in r[0].params)
+        return r[0] if ok else None
+
+    # Conv -> BN -> Add [-> Relu] (a ResNet block's end) runs as one step at the Add's place,
+    # when the other Add input exists; only one of the two convs feeding an Add can claim it.
+    at_add, fused = {}, set()
+    for n in graph.nodes:
+        bn = sole_reader(n, "BatchNormalization") if n.op == "Conv" else None
+        add = sole_add(bn) if bn is not None and sole_reader(bn, "Relu") is None else None
+        if add is not None and id(add) not in at_add:
+            relu = sole_reader(add, "Relu")
+            group = [n, bn, add] + ([relu] if relu is not None else [])
+            at_add[id(add)] = group
+            fused.update(id(m) for m in group)
+
+    steps = []
     producer_op = {}
     for n in graph.nodes:
+        if id(n) in at_add:
+            group = at_add[id(n)]
+            steps.append(("conv_bn_add", group))
+            producer_op[group[-1].outputs[0]] = "Conv"       # a new array from the conv
+            continue
         if id(n) in fused:
             continue
         bn = sole_reader(n, "BatchNormalization") if n.op == "Conv" else None
@@ -75,6 +103,13 @@ def _plan(graph, keep):
             steps.append(("node", [n]))
         producer_op[n.outputs[0]] = n.op
     return steps
+
+
+def _step_inputs(kind, nodes):
+    """Tensors a step reads: the first node's inputs, plus the residual of a conv_bn_add."""
+    if kind == "conv_bn_add":
+        return nodes[0].inputs + [t for t in nodes[2].inputs if t != nodes[1].outputs[0]]
+    return nodes[0].inputs
 
 
 def _fold_bn(conv, bn):
@@ -100,13 +135,23 @@ def _run_step(kind, nodes, env, folded):
         if a.shape == b.shape and a.dtype == b.dtype == np.float32:
             return np.add(a, b, out=a)
         return OPS[node.op](node, *args)                   # broadcasting: new array
-    x = args[0]                                            # conv_bn
+    x = args[0]                                            # conv_bn, conv_bn_add
     if x.ndim != 4:
         raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
     w, b, wt = folded[node.name]
     strides, pads, dilations = _geometry(node, x, w.shape[2:])
-    return conv2d(x, w, b, strides, pads, dilations, node.attrs.get("group", 1), wt=wt,
-                  relu=len(nodes) == 3)
+    group = node.attrs.get("group", 1)
+    if kind == "conv_bn":
+        return conv2d(x, w, b, strides, pads, dilations, group, wt=wt, relu=len(nodes) == 3)
+    res = env[_step_inputs(kind, nodes)[-1]]
+    relu = len(nodes) == 4
+    out_shape = (x.shape[0], w.shape[0]) + tuple(
+        conv_output_size(x.shape[2 + a], w.shape[2 + a], strides[a], pads[a], pads[2 + a], dilations[a])
+        for a in range(2))
+    if res.shape == out_shape and res.dtype == np.float32:
+        return conv2d(x, w, b, strides, pads, dilations, group, wt=wt, relu=relu, residual=res)
+    y = OPS["Add"](nodes[2], conv2d(x, w, b, strides, pads, dilations, group, wt=wt), res)  # broadcasting
+    return np.maximum(y, np.float32(0), out=y) if relu else y
 
 
 def run_graph(graph, x, outputs=None, batch_size=16):
@@ -133,10 +178,11 @@ def run_graph(graph, x, outputs=None, batch_size=16):
         raise ValueError(f"unknown output tensors: {unknown}")
 
     steps = _plan(graph, set(wanted))
-    folded = {nodes[0].name: _fold_bn(nodes[0], nodes[1]) for kind, nodes in steps if kind == "conv_bn"}
+    folded = {nodes[0].name: _fold_bn(nodes[0], nodes[1]) for kind, nodes in steps
+              if kind in ("conv_bn", "conv_bn_add")}
     last_use = {}
-    for i, (_, nodes) in enumerate(steps):
-        for t in nodes[0].inputs:
+    for i, (kind, nodes) in enumerate(steps):
+        for t in _step_inputs(kind, nodes):
             last_use[t] = i
     total = sizes.pop()
     chunks = {t: [] for t in wanted}
@@ -150,7 +196,7 @@ def run_graph(graph, x, outputs=None, batch_size=16):
                 shapes = [env[t].shape for t in node.inputs]
                 raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
             env[nodes[-1].outputs[0]] = y
-            for t in nodes[0].inputs:
+            for t in _step_inputs(kind, nodes):
                 if last_use[t] == i and t not in chunks:
                     env.pop(t, None)
         for t in wanted:

@@ -30,8 +30,11 @@ _DOT_MATH = {"reassoc", "contract"}
 
 
 @njit(inline="always", fastmath=_DOT_MATH)
-def _finish(s, bias, o, relu):
+def _finish(s, bias, res, p, o, relu):
+    """Epilogue of one output: ``act(s + bias[o] (+ res[p, o]))``; ``res`` None or (P, O)."""
     v = s + bias[o]
+    if res is not None:
+        v += res[p, o]
     return max(v, np.float32(0)) if relu else v
 
 
@@ -43,8 +46,8 @@ def _dot(a, q, b, o):
     return acc
 
 
-def matmul_nt(a, b, bias, relu, out):
-    """``out[p, o] = act(sum_k a[p, k] * b[o, k] + bias[o])``, act = ReLU or identity.
+def matmul_nt(a, b, bias, relu, res, out):
+    """``out[p, o] = act(sum_k a[p, k] * b[o, k] + bias[o] + res[p, o])``, act = ReLU or identity.
 
     Both operands are read along ``k`` (rows of ``a`` and of ``b``, contiguous),
     so each output is a dot product.  Outputs are computed in 4 x 4 blocks: 16
@@ -61,14 +64,16 @@ def matmul_nt(a, b, bias, relu, out):
         Weight rows, one per output channel.
     bias : ndarray, shape (O,), float32
     relu : bool
+    res : ndarray, shape (P, O), float32, or None
+        Residual added before the activation (ResNet's shortcut), or None.
     out : ndarray, shape (P, O), float32
         Written, not read.
     """
-    (_matmul_nt_par if numba.get_num_threads() > 1 else _matmul_nt_ser)(a, b, bias, relu, out)
+    (_matmul_nt_par if numba.get_num_threads() > 1 else _matmul_nt_ser)(a, b, bias, relu, res, out)
 
 
 @njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
-def _matmul_rows4(a, b, bias, relu, out, p):
+def _matmul_rows4(a, b, bias, relu, res, out, p):
     """Rows ``p .. p+3`` of :func:`matmul_nt`."""
     n_k, n_o = a.shape[1], b.shape[0]
     o4 = n_o - n_o % 4
@@ -84,50 +89,50 @@ def _matmul_rows4(a, b, bias, relu, out, p):
             s10 += a1 * b0; s11 += a1 * b1; s12 += a1 * b2; s13 += a1 * b3  # noqa: E702
             s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3  # noqa: E702
             s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3  # noqa: E702
-        out[p, o] = _finish(s00, bias, o, relu)
-        out[p, o + 1] = _finish(s01, bias, o + 1, relu)
-        out[p, o + 2] = _finish(s02, bias, o + 2, relu)
-        out[p, o + 3] = _finish(s03, bias, o + 3, relu)
-        out[p + 1, o] = _finish(s10, bias, o, relu)
-        out[p + 1, o + 1] = _finish(s11, bias, o + 1, relu)
-        out[p + 1, o + 2] = _finish(s12, bias, o + 2, relu)
-        out[p + 1, o + 3] = _finish(s13, bias, o + 3, relu)
-        out[p + 2, o] = _finish(s20, bias, o, relu)
-        out[p + 2, o + 1] = _finish(s21, bias, o + 1, relu)
-        out[p + 2, o + 2] = _finish(s22, bias, o + 2, relu)
-        out[p + 2, o + 3] = _finish(s23, bias, o + 3, relu)
-        out[p + 3, o] = _finish(s30, bias, o, relu)
-        out[p + 3, o + 1] = _finish(s31, bias, o + 1, relu)
-        out[p + 3, o + 2] = _finish(s32, bias, o + 2, relu)
-        out[p + 3, o + 3] = _finish(s33, bias, o + 3, relu)
+        out[p, o] = _finish(s00, bias, res, p, o, relu)
+        out[p, o + 1] = _finish(s01, bias, res, p, o + 1, relu)
+        out[p, o + 2] = _finish(s02, bias, res, p, o + 2, relu)
+        out[p, o + 3] = _finish(s03, bias, res, p, o + 3, relu)
+        out[p + 1, o] = _finish(s10, bias, res, p + 1, o, relu)
+        out[p + 1, o + 1] = _finish(s11, bias, res, p + 1, o + 1, relu)
+        out[p + 1, o + 2] = _finish(s12, bias, res, p + 1, o + 2, relu)
+        out[p + 1, o + 3] = _finish(s13, bias, res, p + 1, o + 3, relu)
+        out[p + 2, o] = _finish(s20, bias, res, p + 2, o, relu)
+        out[p + 2, o + 1] = _finish(s21, bias, res, p + 2, o + 1, relu)
+        out[p + 2, o + 2] = _finish(s22, bias, res, p + 2, o + 2, relu)
+        out[p + 2, o + 3] = _finish(s23, bias, res, p + 2, o + 3, relu)
+        out[p + 3, o] = _finish(s30, bias, res, p + 3, o, relu)
+        out[p + 3, o + 1] = _finish(s31, bias, res, p + 3, o + 1, relu)
+        out[p + 3, o + 2] = _finish(s32, bias, res, p + 3, o + 2, relu)
+        out[p + 3, o + 3] = _finish(s33, bias, res, p + 3, o + 3, relu)
     for q in range(p, p + 4):                           # leftover columns of this block
         for o in range(o4, n_o):
-            out[q, o] = _finish(_dot(a, q, b, o), bias, o, relu)
+            out[q, o] = _finish(_dot(a, q, b, o), bias, res, q, o, relu)
 
 
 @njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
-def _matmul_last_rows(a, b, bias, relu, out, p4):
+def _matmul_last_rows(a, b, bias, relu, res, out, p4):
     for q in range(p4, a.shape[0]):                         # leftover rows
         for o in range(b.shape[0]):
-            out[q, o] = _finish(_dot(a, q, b, o), bias, o, relu)
+            out[q, o] = _finish(_dot(a, q, b, o), bias, res, q, o, relu)
 
 
 @njit(parallel=True, cache=True)
-def _matmul_nt_par(a, b, bias, relu, out):
+def _matmul_nt_par(a, b, bias, relu, res, out):
     p4 = a.shape[0] - a.shape[0] % 4
     for blk in prange(p4 // 4):
-        _matmul_rows4(a, b, bias, relu, out, 4 * blk)
-    _matmul_last_rows(a, b, bias, relu, out, p4)
+        _matmul_rows4(a, b, bias, relu, res, out, 4 * blk)
+    _matmul_last_rows(a, b, bias, relu, res, out, p4)
 
 
 @njit(cache=True)
-def _matmul_nt_ser(a, b, bias, relu, out):
+def _matmul_nt_ser(a, b, bias, relu, res, out):
     """:func:`_matmul_nt_par` without Numba's thread pool: at one thread, handing each call to
     a pool thread and waiting for it cost ~15% of ResNet-20's run time (loaded 2-core VM)."""
     p4 = a.shape[0] - a.shape[0] % 4
     for blk in range(p4 // 4):
-        _matmul_rows4(a, b, bias, relu, out, 4 * blk)
-    _matmul_last_rows(a, b, bias, relu, out, p4)
+        _matmul_rows4(a, b, bias, relu, res, out, 4 * blk)
+    _matmul_last_rows(a, b, bias, relu, res, out, p4)
 
 
 @njit(inline="always")
@@ -147,7 +152,7 @@ def _dot3(xf, base, rs, w, o, run):
     return acc
 
 
-def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, out):
+def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
     """Dense conv with 3 kernel rows and unit column dilation, read from the padded NHWC input.
 
     For output pixel ``p`` and kernel row ``i``, the taps ``(j, c)`` are one
@@ -173,15 +178,17 @@ def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, out):
         Output height and width.
     bias : ndarray, shape (O,), float32
     relu : bool
+    res : ndarray, shape (N*oh*ow, O), float32, or None
+        Residual added before the activation, or None.
     out : ndarray, shape (N*oh*ow, O), float32
         Written, not read (NHWC output).
     """
     f = _conv3rows_par if numba.get_num_threads() > 1 else _conv3rows_ser
-    f(xf, shape, w, strides, dh, out_hw, bias, relu, out)
+    f(xf, shape, w, strides, dh, out_hw, bias, relu, res, out)
 
 
 @njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
-def _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, out, p):
+def _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, p):
     """Output pixels ``p .. p+3`` of :func:`conv3rows_nhwc`."""
     n_img, hp, wp, c = shape
     sh, sw = strides
@@ -232,54 +239,54 @@ def _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, out, p):
             s31 += a3 * c1 + e3 * f1 + g3 * h1
             s32 += a3 * c2 + e3 * f2 + g3 * h2
             s33 += a3 * c3 + e3 * f3 + g3 * h3
-        out[p, o] = _finish(s00, bias, o, relu)
-        out[p, o + 1] = _finish(s01, bias, o + 1, relu)
-        out[p, o + 2] = _finish(s02, bias, o + 2, relu)
-        out[p, o + 3] = _finish(s03, bias, o + 3, relu)
-        out[p + 1, o] = _finish(s10, bias, o, relu)
-        out[p + 1, o + 1] = _finish(s11, bias, o + 1, relu)
-        out[p + 1, o + 2] = _finish(s12, bias, o + 2, relu)
-        out[p + 1, o + 3] = _finish(s13, bias, o + 3, relu)
-        out[p + 2, o] = _finish(s20, bias, o, relu)
-        out[p + 2, o + 1] = _finish(s21, bias, o + 1, relu)
-        out[p + 2, o + 2] = _finish(s22, bias, o + 2, relu)
-        out[p + 2, o + 3] = _finish(s23, bias, o + 3, relu)
-        out[p + 3, o] = _finish(s30, bias, o, relu)
-        out[p + 3, o + 1] = _finish(s31, bias, o + 1, relu)
-        out[p + 3, o + 2] = _finish(s32, bias, o + 2, relu)
-        out[p + 3, o + 3] = _finish(s33, bias, o + 3, relu)
+        out[p, o] = _finish(s00, bias, res, p, o, relu)
+        out[p, o + 1] = _finish(s01, bias, res, p, o + 1, relu)
+        out[p, o + 2] = _finish(s02, bias, res, p, o + 2, relu)
+        out[p, o + 3] = _finish(s03, bias, res, p, o + 3, relu)
+        out[p + 1, o] = _finish(s10, bias, res, p + 1, o, relu)
+        out[p + 1, o + 1] = _finish(s11, bias, res, p + 1, o + 1, relu)
+        out[p + 1, o + 2] = _finish(s12, bias, res, p + 1, o + 2, relu)
+        out[p + 1, o + 3] = _finish(s13, bias, res, p + 1, o + 3, relu)
+        out[p + 2, o] = _finish(s20, bias, res, p + 2, o, relu)
+        out[p + 2, o + 1] = _finish(s21, bias, res, p + 2, o + 1, relu)
+        out[p + 2, o + 2] = _finish(s22, bias, res, p + 2, o + 2, relu)
+        out[p + 2, o + 3] = _finish(s23, bias, res, p + 2, o + 3, relu)
+        out[p + 3, o] = _finish(s30, bias, res, p + 3, o, relu)
+        out[p + 3, o + 1] = _finish(s31, bias, res, p + 3, o + 1, relu)
+        out[p + 3, o + 2] = _finish(s32, bias, res, p + 3, o + 2, relu)
+        out[p + 3, o + 3] = _finish(s33, bias, res, p + 3, o + 3, relu)
     for q in range(p, p + 4):                           # leftover channels of this block
         base = _pixel_base(q, oh, ow, wp, hp, c, sh, sw)
         for o in range(o4, n_o):
-            out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, o, relu)
+            out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, res, q, o, relu)
 
 
 @njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
-def _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, out, p4):
+def _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, p4):
     n_img, hp, wp, c = shape
     (sh, sw), (oh, ow) = strides, out_hw
     run, rs = w.shape[1] // 3, dh * wp * c
     for q in range(p4, n_img * oh * ow):                    # leftover pixels
         base = _pixel_base(q, oh, ow, wp, hp, c, sh, sw)
         for o in range(w.shape[0]):
-            out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, o, relu)
+            out[q, o] = _finish(_dot3(xf, base, rs, w, o, run), bias, res, q, o, relu)
 
 
 @njit(parallel=True, cache=True)
-def _conv3rows_par(xf, shape, w, strides, dh, out_hw, bias, relu, out):
+def _conv3rows_par(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
     n_p = shape[0] * out_hw[0] * out_hw[1]
     for blk in prange(n_p // 4):
-        _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, out, 4 * blk)
-    _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, out, n_p - n_p % 4)
+        _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, 4 * blk)
+    _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, n_p - n_p % 4)
 
 
 @njit(cache=True)
-def _conv3rows_ser(xf, shape, w, strides, dh, out_hw, bias, relu, out):
+def _conv3rows_ser(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
     """:func:`_conv3rows_par` without the thread pool (see :func:`_matmul_nt_ser`)."""
     n_p = shape[0] * out_hw[0] * out_hw[1]
     for blk in range(n_p // 4):
-        _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, out, 4 * blk)
-    _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, out, n_p - n_p % 4)
+        _conv3rows_pixels4(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, 4 * blk)
+    _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, n_p - n_p % 4)
 
 
 @njit(parallel=True, cache=True, fastmath=False)

@@ -108,8 +108,8 @@ def avg_pool2d_loops(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=Fal
     return out
 
 
-def matmul_nt_loops(a, b, bias=None, relu=False):
-    """``act(a @ b.T + bias)`` by explicit loops (twin of ``kernels_numba.matmul_nt``).
+def matmul_nt_loops(a, b, bias=None, relu=False, res=None):
+    """``act(a @ b.T + bias + res)`` by explicit loops (twin of ``kernels_numba.matmul_nt``).
 
     Parameters
     ----------
@@ -117,6 +117,7 @@ def matmul_nt_loops(a, b, bias=None, relu=False):
     b : ndarray, shape (O, K)
     bias : ndarray, shape (O,), optional
     relu : bool
+    res : ndarray, shape (P, O), optional
 
     Returns
     -------
@@ -130,5 +131,7 @@ def matmul_nt_loops(a, b, bias=None, relu=False):
             acc = 0.0 if bias is None else float(bias[o])
             for k in range(n_k):
                 acc += float(a[p, k]) * float(b[o, k])
+            if res is not None:
+                acc += float(res[p, o])
             out[p, o] = max(acc, 0.0) if relu else acc
     return out
