@@ -1,9 +1,9 @@
 """2-D convolution, NCHW x OIHW, with ONNX geometry (asymmetric pads, dilation, groups).
 
-Dense convs (``groups == 1``) are im2col + one float32 BLAS matmul per
-slice of images; grouped and depthwise convs use a direct Numba loop, where
-im2col would mostly copy zeros.  The plain-loop twin is
-:func:`dfmpc.engine.reference_kernels.conv2d_loops`.
+Dense convs (``groups == 1``) are im2col + one float32 matmul, with bias,
+residual and ReLU applied as each output is written; grouped and depthwise
+convs use a direct Numba loop, where im2col would mostly copy zeros.  The
+plain-loop twin is :func:`dfmpc.engine.reference_kernels.conv2d_loops`.
 
 Memory layout of the dense path (the shapes stay NCHW): the input is read as
 NHWC (``x.transpose(0, 2, 3, 1)``, free when ``x`` came from this function),
@@ -12,10 +12,18 @@ output pixel is its receptive field in (i, j, c) order, so that, in NHWC,
 kernel row ``i`` is a single run of ``kw*C`` contiguous floats of the padded
 input.  ``cols @ Wm.T`` with the weight matrix ``Wm`` of shape (O, kh*kw*C)
 (:func:`dense_weight`) is then the output in NHWC, which is returned as an
-(N, O, oh, ow) view: no transposes on the way in or out.  The matmul is
-:func:`~dfmpc.engine.kernels_numba.matmul_nt` (or BLAS, see ``MATMUL``).  The images are processed a few at a time so that ``cols``
-stays small (``COLS_BYTES``) and hot in cache between the copy that writes
-it and the matmul that reads it.
+(N, O, oh, ow) view: no transposes on the way in or out.
+
+Which kernel runs (``MATMUL = "numba"``, the default):
+
+- 3 kernel rows, column dilation 1 (every 3x3 conv):
+  :func:`~dfmpc.engine.kernels_numba.conv3rows_nhwc` reads the runs straight
+  from the padded input, so ``cols`` is never written;
+- otherwise (1x1, other kernel heights): im2col by one strided NumPy copy,
+  a few images at a time so that ``cols`` stays small (``COLS_BYTES``) and in
+  cache, then :func:`~dfmpc.engine.kernels_numba.matmul_nt`.
+
+With ``MATMUL = "blas"`` every dense conv is im2col + ``np.matmul`` (BLAS).
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt
 
-#: how dense convs multiply im2col rows by the weights: "numba" (:func:`matmul_nt`, compiled
-#: for the host CPU's vector width, bias and ReLU fused) or "blas" (``np.matmul``).  With
-#: OPENBLAS_CORETYPE=Haswell (this project's CI setting) OpenBLAS runs AVX2 kernels; on the
-#: AVX-512 benchmark machine the Numba kernel was 1.3-1.6x faster on ResNet-20's conv shapes.
+#: dense-conv kernels: "numba" (compiled for the host CPU's vector width; epilogue fused) or
+#: "blas" (im2col + ``np.matmul``).  With OPENBLAS_CORETYPE=Haswell (this project's CI setting)
+#: OpenBLAS runs AVX2 kernels; on the AVX-512 benchmark machine the Numba kernels ran
+#: ResNet-20's conv shapes 1.3-1.6x faster than that BLAS (benchmarks/engine.py --conv-matmul).
 MATMUL = "numba"
 
 #: target size of one im2col buffer; measured on ResNet-20 (2-core Zen 5, OpenBLAS):

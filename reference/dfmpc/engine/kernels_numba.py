@@ -1,13 +1,21 @@
 """Numba kernels: dense convs (direct 3-row kernel, or the matmul after im2col), grouped convs.
 
 :func:`conv3rows_nhwc` computes a dense conv with 3 kernel rows straight from
-the padded NHWC input (no im2col); :func:`matmul_nt` multiplies im2col rows by the weight rows (the dense-conv
-matmul of :mod:`dfmpc.engine.conv`) with the bias and ReLU applied on the way
-out.  :func:`conv_grouped` takes an NCHW float32 batch (any strides) and the
-conv geometry in ONNX terms: ``pads = (top, left, bottom, right)`` (only
-top/left are needed here, the output size ``oh, ow`` already accounts for
-bottom/right).  Their plain-loop twins live in
-:mod:`dfmpc.engine.reference_kernels`.
+the padded NHWC input (no im2col); :func:`matmul_nt` multiplies im2col rows
+by the weight rows (the other dense convs of :mod:`dfmpc.engine.conv`).  Both
+add the bias (and a residual) and apply ReLU as they write each output, and
+both have a serial twin used at one Numba thread.  :func:`conv_grouped` takes
+an NCHW float32 batch (any strides) and the conv geometry in ONNX terms:
+``pads = (top, left, bottom, right)`` (only top/left are needed here, the
+output size ``oh, ow`` already accounts for bottom/right).  Plain-loop twins
+(tests only): :func:`~dfmpc.engine.reference_kernels.conv2d_loops` (both
+convs) and :func:`~dfmpc.engine.reference_kernels.matmul_nt_loops`.
+
+Speed notes (ResNet-20, 2-core AMD EPYC Zen 5, AVX-512): LLVM vectorises the
+``k`` loops to 16-lane FMAs; the 4 x 4 blocks reach ~170 GFLOP/s when a dot
+product is long (C = 64: 576 terms) but ~95 GFLOP/s at C = 16 (144 terms),
+where reducing the 16 SIMD partial sums of each output costs as much as the
+multiply-adds.
 """
 
 import os
