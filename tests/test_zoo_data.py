@@ -103,12 +103,14 @@ def _zoo_records():
 ZOO = _zoo_records()
 
 
-def test_models_json_lists_the_five_architectures():
+def test_models_json_records():
     if not ZOO:
         pytest.skip("models.json not committed yet")
-    names = {m["arch"] for m in ZOO}
-    assert names == {"resnet20", "resnet56", "vgg_small", "resnet_bottleneck",
-                     "mobilenetv2_small"}
+    names = [m["arch"] for m in ZOO]
+    assert len(set(names)) == len(names)
+    assert set(names) <= {"resnet20", "resnet56", "vgg_small", "resnet_bottleneck",
+                          "mobilenetv2_small"}
+    assert "resnet20" in names, "the default model of `dfmpc demo` must be shipped"
     for m in ZOO:
         assert 0.85 < m["fp32_test_accuracy_torch"] <= 1.0
         assert m["input"]["normalize_mean"] == FASHION_MNIST_MEAN
@@ -131,3 +133,20 @@ def test_each_model_file_exists_and_loads(record):
         import dfmpc
         graph = dfmpc.load_model(path)
         assert graph is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("record", [m for m in ZOO if m["file"].endswith(".npz")],
+                         ids=[m["arch"] for m in ZOO if m["file"].endswith(".npz")])
+def test_engine_reproduces_recorded_fp32_accuracy(record, test_set):
+    """The shipped weights, run by dfmpc's engine, give the accuracy in models.json."""
+    import dfmpc
+
+    x, y = test_set
+    graph = dfmpc.load_model(data_path(record["file"]))
+    xn = normalize(x, record["input"]["normalize_mean"], record["input"]["normalize_std"])
+    logits = np.concatenate([graph.run(xn[i:i + 1000]) for i in range(0, len(xn), 1000)])
+    acc = float((logits.argmax(1) == y).mean())
+    # deterministic engine: equal up to a few borderline images across BLAS/CPU builds
+    assert abs(acc - record["fp32_test_accuracy_engine"]) <= 3e-4
+    assert abs(acc - record["fp32_test_accuracy_torch"]) <= 1e-3
