@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from dfmpc.engine import conv as conv_module
 from dfmpc.engine.conv import conv2d
 from dfmpc.engine.pooling import avg_pool2d, global_avg_pool, max_pool2d
-from dfmpc.engine.kernels_numba import matmul_nt
+from dfmpc.engine.kernels_numba import conv3rows_nhwc, matmul_nt
 from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, matmul_nt_loops, max_pool2d_loops
 
 # float32 kernels vs float64 loops on O(1) data with <= 6*3*3 = 54 terms per output:
@@ -81,8 +81,9 @@ class _numba_threads:
 @st.composite
 def conv3rows_cases(draw):
     """Dense convs with 3 kernel rows and unit column dilation: the direct kernel's domain.
-    Channel and pixel counts straddle multiples of 4 (the kernel's 4 x 4 blocks)."""
-    c, o = draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    Channel and pixel counts straddle multiples of 4 (the kernel's 4 x 4 blocks), runs kw*C
+    straddle 16 (conv2d's switch between the direct kernel and im2col + matmul_nt)."""
+    c, o = draw(st.sampled_from([1, 2, 3, 5, 6, 8, 17])), draw(st.integers(1, 9))
     kw, sh, sw, dh = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
     h = draw(st.integers(max(1, 2 * dh + 1 - pads[0] - pads[2]), 7))
@@ -100,13 +101,24 @@ def test_conv3rows_kernel_matches_loops(case):
     b = rng.normal(size=o).astype(np.float32)
     want = conv2d_loops(x, wt, b, s, pads, (dh, 1))
     res = rng.normal(size=want.shape).astype(np.float32)
+    # the kernel itself (conv2d only sends it runs kw*C >= 16): padded NHWC in, (P, O) out
+    pt, pl, pb, pr = pads
+    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+    xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
+    oh, ow = want.shape[2:]
+    res_rows = np.ascontiguousarray(res.transpose(0, 2, 3, 1)).reshape(-1, o)
     for threads in _thread_counts():
+        for r in (None, res_rows):
+            out = np.full((n * oh * ow, o), np.nan, np.float32)
+            with _numba_threads(threads):
+                conv3rows_nhwc(xp.reshape(-1), xp.shape, conv_module.dense_weight(wt), s, dh, (oh, ow),
+                               b, relu, r, out)
+            expect = want if r is None else want + res
+            np.testing.assert_allclose(out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2),
+                                       np.maximum(expect, 0) if relu else expect, atol=ATOL, rtol=0)
         with _numba_threads(threads):
-            got = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu)
-            got_res = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
-        np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, atol=ATOL, rtol=0)
-        np.testing.assert_allclose(got_res, np.maximum(want + res, 0) if relu else want + res,
-                                   atol=ATOL, rtol=0)
+            got = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
+        np.testing.assert_allclose(got, np.maximum(want + res, 0) if relu else want + res, atol=ATOL, rtol=0)
     saved = conv_module.MATMUL
     try:                                  # the BLAS path (im2col + np.matmul) gives the same
         conv_module.MATMUL = "blas"
