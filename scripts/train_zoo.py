@@ -53,9 +53,17 @@ Time a few batches::
 
     python scripts/train_zoo.py --arch resnet20 --time-batches 50
 
-Train (as used for the shipped zoo)::
+Train (the commands that produced the shipped zoo; 1 thread each, two at a
+time under ``nice`` on a shared 2-core machine; ``models.json`` records each)::
 
-    nice python scripts/train_zoo.py --arch resnet20 --epochs 15
+    nice python scripts/train_zoo.py --arch resnet20 --epochs 10
+    nice python scripts/train_zoo.py --arch vgg_small --epochs 8
+    nice python scripts/train_zoo.py --arch resnet_bottleneck --epochs 5
+    nice python scripts/train_zoo.py --arch mobilenetv2_small --epochs 4
+    nice python scripts/train_zoo.py --arch resnet56 --epochs 4
+    python scripts/export_zoo.py        # -> reference/dfmpc/zoo/*.npz, models.json
+
+The epoch counts are what fitted the time available, not tuned optima.
 """
 
 from __future__ import annotations
