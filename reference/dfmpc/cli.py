@@ -73,17 +73,23 @@ def cmd_demo(a) -> dict:
               f"activations FP32")
     out["fp32"] = accuracy(g, x, y, progress=None if show else False, label="FP32")
     if show:
-        print(f"  FP32                                         {100 * out['fp32']:6.2f}%")
+        print(f"  {'FP32':<60} {100 * out['fp32']:6.2f}%")
     q, _ = quantize_network(g, compensation="none", **{**_quant_kwargs(a), "recalibration": "absorb"})
     out["no_compensation"] = accuracy(q, x, y, progress=None if show else False, label="no compensation")
     if show:
-        print(f"  MP{a.low}/{a.high} without compensation (absorb)          {100 * out['no_compensation']:6.2f}%")
+        print(f"  {f'MP{a.low}/{a.high} without compensation (absorb, c = 1)':<60} {100 * out['no_compensation']:6.2f}%")
+    if a.recalibration != "absorb":      # separate what re-calibration does from what c does
+        q, _ = quantize_network(g, compensation="none", **_quant_kwargs(a))
+        out["recalibration_only"] = accuracy(q, x, y, progress=None if show else False, label="c = 1")
+        if show:
+            label = f"MP{a.low}/{a.high} {a.recalibration} re-calibration only (c = 1)"
+            print(f"  {label:<60} {100 * out['recalibration_only']:6.2f}%")
     q, rep = quantize_network(g, compensation="dfmpc", **_quant_kwargs(a))
     out["dfmpc"] = accuracy(q, x, y, progress=None if show else False, label="DF-MPC")
     out["dfmpc_seconds"] = rep.seconds
     if show:
-        print(f"  DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})"
-              f"  {100 * out['dfmpc']:6.2f}%   quantization + compensation took {rep.seconds:.2f} s")
+        label = f"DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})"
+        print(f"  {label:<60} {100 * out['dfmpc']:6.2f}%   (quantization + compensation: {rep.seconds:.2f} s)")
     return out
 
 

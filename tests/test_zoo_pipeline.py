@@ -1,0 +1,78 @@
+"""DF-MPC on the shipped, trained zoo models: pairing patterns (paper Fig. 2) and the demo's figures."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dfmpc
+from dfmpc.cli import main
+from dfmpc.evaluation import load_zoo_model, zoo_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = zoo_manifest()
+
+
+def need(arch):
+    if arch not in ZOO:
+        pytest.skip(f"zoo model {arch} not shipped yet")
+    return load_zoo_model(arch)
+
+
+def test_resnet20_pairs_conv1_low_conv2_high():
+    """Fig. 2, basic block on the trained ResNet-20: conv1 ternary, conv2 6-bit; stem, shortcuts, FC alone."""
+    g = need("resnet20")
+    p = dfmpc.find_pairs(g)
+    assert [(q.low, q.high) for q in p.pairs] == [
+        (f"/layers/layers.{i}/conv1/Conv", f"/layers/layers.{i}/conv2/Conv") for i in range(9)]
+    assert p.unpaired == ["/stem/stem.0/Conv", "/layers/layers.3/shortcut/shortcut.0/Conv",
+                          "/layers/layers.6/shortcut/shortcut.0/Conv", "/fc/Gemm"]
+
+
+def test_vgg_small_pairs_alternate_through_pooling():
+    """Fig. 2, plain chain on the trained VGG-small: (features.7, features.10), (features.14, features.17)."""
+    g = need("vgg_small")
+    p = dfmpc.find_pairs(g)
+    assert [(q.low, q.high) for q in p.pairs] == [("/features/features.7/Conv", "/features/features.10/Conv"),
+                                                  ("/features/features.14/Conv", "/features/features.17/Conv")]
+
+
+def test_bottleneck_pairs_3x3_low():
+    """Fig. 2, bottleneck on the trained bottleneck ResNet: every low conv is a 3x3, every high conv a 1x1."""
+    g = need("resnet_bottleneck")
+    p = dfmpc.find_pairs(g)
+    assert p.pairs
+    assert all(g.node(q.low).params["W"].shape[2:] == (3, 3) for q in p.pairs)
+    assert all(g.node(q.high).params["W"].shape[2:] == (1, 1) for q in p.pairs)
+
+
+def test_mobilenet_relu6_refused():
+    """ReLU6 chains of the trained MobileNetV2-style net are reported and not paired."""
+    g = need("mobilenetv2_small")
+    p = dfmpc.find_pairs(g)
+    assert p.rejected and all("positively homogeneous" in why for _, why in p.rejected)
+    acts = {g.node(q.act).op for q in p.pairs}
+    assert "Clip" not in acts
+
+
+def _readme_demo_figures():
+    block = README_DEMO.search((ROOT / "README.md").read_text()).group(1)
+    return [float(v) / 100 for v in re.findall(r"(\d+\.\d\d)%", block)]
+
+
+README_DEMO = re.compile(r"## The main job.*?```\n(.*?)```", re.S)
+
+
+def test_demo_json_matches_readme_and_dfmpc_beats_no_compensation(capsys):
+    """`dfmpc demo --json` on ResNet-20: DF-MPC > no compensation, and every figure equals the README's (+-0.002)."""
+    need("resnet20")
+    assert main(["demo", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["dfmpc"] > res["no_compensation"]
+    fp32, none, recal, dfmpc_acc = _readme_demo_figures()
+    # Evaluation is deterministic; the tolerance (20 of 10,000 images) only absorbs BLAS differences across CPUs.
+    for key, ref in [("fp32", fp32), ("no_compensation", none), ("recalibration_only", recal), ("dfmpc", dfmpc_acc)]:
+        assert res[key] == pytest.approx(ref, abs=0.002), key
+    assert res["fp32"] == pytest.approx(ZOO["resnet20"]["fp32_test_accuracy_engine"], abs=1e-9)
