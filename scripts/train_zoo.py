@@ -59,7 +59,7 @@ time under ``nice`` on a shared 2-core machine; ``models.json`` records each)::
     nice python scripts/train_zoo.py --arch resnet20 --epochs 10
     nice python scripts/train_zoo.py --arch vgg_small --epochs 8
     nice python scripts/train_zoo.py --arch resnet_bottleneck --epochs 5
-    nice python scripts/train_zoo.py --arch mobilenetv2_small --epochs 4
+    nice python scripts/train_zoo.py --arch mobilenetv2_small --epochs 3
     nice python scripts/train_zoo.py --arch resnet56 --epochs 4
     python scripts/export_zoo.py        # -> reference/dfmpc/zoo/*.npz, models.json
 
