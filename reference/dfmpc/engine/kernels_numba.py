@@ -13,7 +13,7 @@ convs) and :func:`~dfmpc.engine.reference_kernels.matmul_nt_loops`.
 
 Speed notes (ResNet-20, 2-core AMD EPYC Zen 5, AVX-512): LLVM vectorises the
 ``k`` loops to 16-lane FMAs; the 4 x 4 blocks reach ~170 GFLOP/s when a dot
-product is long (C = 64: 576 terms) but ~95 GFLOP/s at C = 16 (144 terms),
+product is long (C = 64: 576 terms) but ~105 GFLOP/s at C = 16 (144 terms),
 where reducing the 16 SIMD partial sums of each output costs as much as the
 multiply-adds.
 """
