@@ -103,10 +103,12 @@ def update_readme(text, start="<!-- accuracy-table:start -->", end="<!-- accurac
 
 
 def sweep(arch, log, lambda1s=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), lambda2s=(0.0, 0.001, 0.005, 0.01),
-          recalibration="analytic", setting="2/6"):
+          recalibration="analytic", setting="2/6", eval_images=None):
     """Accuracy over a lambda1 x lambda2 grid (paper Fig. 3), data-free recalibration."""
     g = load_zoo_model(arch)
     (xe, ye), _ = split()
+    if eval_images:
+        xe, ye = xe[:eval_images], ye[:eval_images]
     lo, hi = map(int, setting.split("/"))
     grid = []
     for l1 in lambda1s:
@@ -128,6 +130,7 @@ def main(argv=None):
     p.add_argument("--lambda2", type=float, default=0.0)
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--sweep", default=None, metavar="MODEL", help="run the lambda1 x lambda2 sweep on MODEL instead")
+    p.add_argument("--eval-images", type=int, default=None, help="sweep: evaluate on the first N held-out images only")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--table-only", action="store_true",
                    help="only rewrite the README table from benchmarks/results/accuracy.json")
@@ -140,7 +143,7 @@ def main(argv=None):
         print(md)
         return 0
     if a.sweep:
-        res = sweep(a.sweep, log)
+        res = sweep(a.sweep, log, eval_images=a.eval_images)
         _atomic_write(RESULTS / f"sweep_{a.sweep}.json", json.dumps(res, indent=1))
         if a.json:
             print(json.dumps(res))
