@@ -62,6 +62,16 @@ def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
     assert rc == 0 and "pair" in out and "recalibration=analytic" in out
 
 
+def test_quantize_explicit_pairs(capsys, model, tmp_path):
+    """--pair LOW HIGH uses the user's assignment; an impossible pair is refused naming it."""
+    rc, out, err = run(capsys, "quantize", model, "--pair", "layers.0.conv1", "layers.0.conv2",
+                       "-o", tmp_path / "p.npz", "--json")
+    assert rc == 0, err
+    assert [(p["low"], p["high"]) for p in json.loads(out)["pairs"]] == [("layers.0.conv1", "layers.0.conv2")]
+    rc, _, err = run(capsys, "quantize", model, "--pair", "layers.0.conv2", "layers.1.conv1", "-o", tmp_path / "x.npz")
+    assert rc == 2 and "is not a conv -> BN -> ReLU -> conv chain" in err and not (tmp_path / "x.npz").exists()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["evaluate", "missing.onnx"], "no such file"),
     (["evaluate", "{model}", "--data", "missing.npz"], "data: no such file"),

@@ -106,11 +106,13 @@ def cmd_quantize(a) -> dict:
     if os.path.exists(a.output) and not a.overwrite:
         raise ValueError(f"-o/--output: {a.output!r} exists; pass --overwrite to replace it")
     g = _load_model(a.model)
-    q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), **_quant_kwargs(a))
+    pairs = [tuple(p) for p in a.pair] if a.pair else None
+    q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), pairs=pairs,
+                              **_quant_kwargs(a))
     save_model(q, a.output, overwrite=a.overwrite)
     if not a.json:
         from .pairing import find_pairs
-        print(find_pairs(g).describe(a.low, a.high))
+        print(find_pairs(g, pairs=pairs).describe(a.low, a.high))
         print(rep.summary())
         print(f"wrote {a.output}")
     return {"model": a.model, "output": a.output, **rep.to_dict()}
@@ -151,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
     quant_opts(q)
     q.add_argument("--compensation", choices=("dfmpc", "none", "oracle"), default="dfmpc")
+    q.add_argument("--pair", nargs=2, action="append", metavar=("LOW", "HIGH"), default=None,
+                   help="explicit pair (node names of the low and the high conv); repeat for several; "
+                        "default: automatic pairing")
     q.add_argument("--calibration-data", default=None, help="images for --recalibration data / --compensation oracle")
     q.add_argument("--calibration-images", type=int, default=500, help="how many calibration images (default 500)")
     q.add_argument("-o", "--output", required=True, help="output model (.onnx or .npz); never the input")
