@@ -55,6 +55,19 @@ def conv2d(x, W, stride=1, padding=0, groups=1):
     ------
     ValueError
         Shapes that do not fit, non-finite values, a kernel larger than the padded input.
+
+    Examples
+    --------
+    One output value is the inner product of the kernel with one input patch:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x, W = rng.normal(size=(1, 2, 5, 5)), rng.normal(size=(3, 2, 3, 3))
+    >>> y = conv2d(x, W, stride=2, padding=1)
+    >>> y.shape
+    (1, 3, 3, 3)
+    >>> xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    >>> bool(np.isclose(y[0, 2, 1, 1], np.sum(W[2] * xp[0, :, 2:5, 2:5])))
+    True
     """
     x = as_float_array(x, "x", ndim=4).astype(np.float64, copy=False)
     W = as_float_array(W, "W", ndim=4).astype(np.float64, copy=False)
