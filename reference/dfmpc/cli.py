@@ -49,7 +49,7 @@ def _quant_kwargs(a):
                 recalibration=a.recalibration)
 
 
-def _calibration(a, model_x=None):
+def _calibration(a):
     if a.recalibration != "data" and getattr(a, "compensation", "dfmpc") != "oracle":
         return None
     if not a.calibration_data:
@@ -98,7 +98,7 @@ def cmd_quantize(a) -> dict:
     from .pipeline import quantize_network
     if not a.output:
         raise ValueError("-o/--output: required")
-    if os.path.exists(a.model) and os.path.abspath(a.output) == os.path.abspath(a.model) or \
+    if os.path.abspath(a.output) == os.path.abspath(a.model) or \
             (os.path.exists(a.output) and os.path.exists(a.model) and os.path.samefile(a.output, a.model)):
         raise ValueError(f"-o/--output: {a.output!r} is the input model; refusing to overwrite it")
     if os.path.splitext(a.output)[1].lower() not in (".onnx", ".npz"):

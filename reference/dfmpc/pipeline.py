@@ -39,7 +39,23 @@ COMPENSATIONS = ("dfmpc", "none", "oracle")
 
 
 def quantize_weights(W, bits):
-    """Dequantized weights ``s * grid``: TWN ternary for bits = 2 (s = alpha), DoReFa kQ otherwise (s = max|W|)."""
+    """Dequantized weights ``s * grid``: TWN ternary for bits = 2 (Eq. (3)-(4), s = alpha), DoReFa kQ otherwise (Eq. (6), s = max|W|).
+
+    Parameters
+    ----------
+    W : array_like, shape (O, ...)
+        One layer's weights (OIHW conv or (out, in) Gemm).
+    bits : int in [2, 16]
+
+    Returns
+    -------
+    ndarray, same shape as W, float32
+
+    Raises
+    ------
+    ValueError
+        Empty or non-finite W, bits out of range (from the quantizers).
+    """
     if bits == 2:
         grid, s, _ = ternary(W)
     else:
@@ -98,7 +114,7 @@ def _fold_conv_bias_into_bn(g: Graph) -> None:
             cons[0].params["mean"] = (cons[0].params["mean"] - conv.params.pop("B")).astype(np.float32)
 
 
-def _check_calibration(x, graph):
+def _check_calibration(x):
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
         raise ValueError("calibration_data: expected a non-empty float32 array (N, C, H, W) of images "
                          f"(needed by recalibration='data' and compensation='oracle'), got "
@@ -159,7 +175,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation: expected one of {COMPENSATIONS}, got {compensation!r}")
     if recalibration == "data" or compensation == "oracle":
-        calibration_data = _check_calibration(calibration_data, graph)
+        calibration_data = _check_calibration(calibration_data)
 
     fp = graph.copy()
     _fold_conv_bias_into_bn(fp)
@@ -199,14 +215,14 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         if recalibration == "absorb":
             bn_hat = bn
         elif recalibration == "analytic":
-            bn_hat = analytic_bn(bn, W, W_q, node.attrs.get("group", 1), *moments[node.inputs[0]])
+            bn_hat = analytic_bn(bn, W, W_q, node.attrs.get("group", 1), *moments[node.inputs[0]])   # R.3, R.4
         else:
-            bn_hat = measured_bn(bn, env[node.outputs[0]])
+            bn_hat = measured_bn(bn, env[node.outputs[0]])                # R.5
         pair = pairing.pair_of_low(node.name)
         if pair is not None:
             ones = np.ones(bn.channels)
             if compensation == "dfmpc":
-                c = compensation_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)
+                c = compensation_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)   # Eq. (27), c >= 0
             elif compensation == "none":
                 c = ones
             else:
@@ -214,7 +230,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
             L = lambda c: float(np.sum(data_free_loss(c, W, W_q, bn, bn_hat, lambda1, lambda2)))
             report.pairs.append(PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
                                            int(np.sum(c == 0)), L(ones), L(c)))
-            bn_hat = fold_into_bn(bn_hat, c)
+            bn_hat = fold_into_bn(bn_hat, c)          # = Eq. (7) on conv B, by (F.a)
         bn_node.params.update({k: getattr(bn_hat, k).astype(np.float32) for k in ("gamma", "beta", "mean", "var")})
     report.seconds = time.perf_counter() - t0
     return g, report

@@ -71,7 +71,7 @@ def clipped_gaussian_moments(m, v, lo=0.0, hi=np.inf):
     e1_mid = m * mid + s * (pa - pb)
     e2_mid = (m * m + v) * mid + s * ((np.where(np.isfinite(a), lo_t, 0.0) + m) * pa
                                       - (np.where(np.isfinite(b), hi_t, 0.0) + m) * pb)
-    mean = lo_t * Pa + e1_mid + hi_t * (1 - Pb)
+    mean = lo_t * Pa + e1_mid + hi_t * (1 - Pb)                       # R.2
     second = lo_t**2 * Pa + e2_mid + hi_t**2 * (1 - Pb)
     return mean, np.maximum(second - mean**2, 0.0)
 
@@ -124,7 +124,7 @@ def propagate_moments(graph: Graph, input_mean=0.0, input_var=1.0) -> dict:
             cons = graph.consumers(node.outputs[0])
             if len(cons) == 1 and cons[0].op == "BatchNormalization":
                 p = cons[0].params
-                out = (p["mean"].astype(float), p["var"].astype(float))
+                out = (p["mean"].astype(float), p["var"].astype(float))   # R.1
             else:
                 W = node.params["W"].astype(float)
                 B = node.params.get("B")
@@ -171,10 +171,10 @@ def analytic_bn(bn: BatchNorm, W, W_q, group: int, in_mean, in_var) -> BatchNorm
     W, W_q = np.asarray(W, float), np.asarray(W_q, float)
     idx = conv_input_groups(W, group)
     m, v = np.asarray(in_mean, float)[idx], np.asarray(in_var, float)[idx]
-    shift = np.sum((W_q - W).sum(axis=(2, 3)) * m, axis=1)
+    shift = np.sum((W_q - W).sum(axis=(2, 3)) * m, axis=1)              # R.3
     num, den = np.sum((W_q**2).sum(axis=(2, 3)) * v, axis=1), np.sum((W**2).sum(axis=(2, 3)) * v, axis=1)
     ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
-    sigma2_hat = (bn.var + bn.eps) * ratio
+    sigma2_hat = (bn.var + bn.eps) * ratio                               # R.4
     return bn.replace(mean=bn.mean + shift, var=np.maximum(sigma2_hat - bn.eps, 0.0))
 
 

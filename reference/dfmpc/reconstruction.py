@@ -206,9 +206,9 @@ def oracle_coefficients(A, W, bn, W_next, W_hat, bn_hat, W_next_hat, *, stride=1
     e, V = scipy.linalg.eigh(G)
     tol = max(e.max(), 0.0) * C * np.finfo(float).eps
     keep = e > tol
-    R = np.sqrt(e[keep])[:, None] * V[:, keep].T                       # R^T R = G on its range
-    d = (V[:, keep].T @ b) / np.sqrt(e[keep])                          # R^T d = b (b lies in range(G))
     if not keep.any():                                                 # every M_j == 0: any c is optimal
         return np.ones(C)
-    c, _ = scipy.optimize.nnls(R, d)
+    R = np.sqrt(e[keep])[:, None] * V[:, keep].T                       # R^T R = G on its range
+    d = (V[:, keep].T @ b) / np.sqrt(e[keep])                          # R^T d = b (b lies in range(G))
+    c, _ = scipy.optimize.nnls(R, d)                                  # A3
     return c
