@@ -111,3 +111,27 @@ def test_console_script_installed(model):
     """`python -m dfmpc.cli --help` lists the subcommands (the `dfmpc` entry point calls the same main)."""
     r = subprocess.run([sys.executable, "-m", "dfmpc.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout and "quantize" in r.stdout
+
+
+def test_compare_json_rows_per_method(capsys, model, data):
+    """compare --json: one row per method (FP32 first) with accuracy and quantization time; oracle gets held-out images."""
+    rc, out, err = run(capsys, "compare", model, "--data", data, "--methods", "rtn,rtn-channel,dfmpc,oracle",
+                       "--calibration-images", 10, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n_images"] == 30 and res["n_calibration"] == 10
+    assert [r["method"] for r in res["results"]] == ["fp32", "rtn", "rtn-channel", "dfmpc", "oracle"]
+    for r in res["results"]:
+        assert r["error"] is None and 0 <= r["accuracy"] <= 1 and r["seconds"] >= 0
+    assert [r["data_free"] for r in res["results"]] == [True, True, True, True, False]
+
+
+def test_compare_text_table_and_errors(capsys, model, data):
+    rc, out, err = run(capsys, "compare", model, "--data", data, "--methods", "rtn,oracle", "--calibration-images", 0)
+    assert rc == 0 and "rtn" in out and "refused" in out and "not data-free" in out
+    rc, out, err = run(capsys, "compare", model, "--data", data, "--methods", "rtn,gptq")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "--methods" in err and "gptq" in err
+    rc, out, err = run(capsys, "compare", model, "--data", data, "--calibration-images", 40)
+    assert rc == 2 and "--calibration-images" in err
+    rc, out, err = run(capsys, "compare", model, "--data", data, "--low", 1, "--calibration-images", 0)
+    assert rc == 2 and "low_bits" in err

@@ -162,3 +162,21 @@ def test_propagated_moments_match_measured_on_a_consistent_network():
     A = g.run(x, outputs=["relu1"])
     np.testing.assert_allclose(m, A.mean(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
     np.testing.assert_allclose(v, A.var(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
+
+
+def test_weight_quantizer_hook_is_used_and_checked():
+    """weight_quantizer replaces the TWN / DoReFa quantizer for every layer; a wrong shape or a non-callable is refused."""
+    from dfmpc.engine.builders import resnet_cifar
+    g = resnet_cifar(8, seed=7)
+    seen = []
+
+    def q(W, bits, name):
+        seen.append((name, bits))
+        return np.zeros_like(W)
+    out, _ = dfmpc.quantize_network(g, 2, 6, weight_quantizer=q, compensation="none")
+    assert {n for n, _ in seen} == {n.name for n in g.nodes if n.op in ("Conv", "Gemm")}
+    assert all(not np.any(n.params["W"]) for n in out.nodes if n.op in ("Conv", "Gemm"))
+    with pytest.raises(ValueError, match="weight_quantizer: returned shape"):
+        dfmpc.quantize_network(g, weight_quantizer=lambda W, b, n: W[:1])
+    with pytest.raises(TypeError, match="weight_quantizer"):
+        dfmpc.quantize_network(g, weight_quantizer=3)

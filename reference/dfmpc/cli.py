@@ -1,4 +1,4 @@
-"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``.
+"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``.
 
 Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout
 (accuracies as fractions, timings in seconds); human-readable text otherwise. Errors print
@@ -131,6 +131,35 @@ def cmd_evaluate(a) -> dict:
     return out
 
 
+def cmd_compare(a) -> dict:
+    from .baselines import METHODS
+    from .compare import compare, format_table
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {','.join(METHODS)}")
+    g = _load_model(a.model)
+    x, y = _data(a.data, raw=a.raw, limit=a.limit)
+    n_cal = a.calibration_images
+    if n_cal < 0 or n_cal >= len(x):
+        raise ValueError(f"--calibration-images: expected 0 <= N < {len(x)} (the number of images), got {n_cal}")
+    cal = x[len(x) - n_cal:] if n_cal else None
+    xe, ye = x[:len(x) - n_cal], y[:len(x) - n_cal]
+    pairs = [tuple(p) for p in a.pair] if a.pair else None
+    show = not a.json
+    if show:
+        print(f"{a.model} on {a.data}: {len(xe)} evaluation images"
+              + (f", the last {n_cal} held out for data-aware methods" if n_cal else "")
+              + f"; weights MP{a.low}/{a.high} (same layers low/high for every method), activations FP32")
+    rows = compare(g, xe, ye, methods, a.low, a.high, calibration_data=cal, pairs=pairs,
+                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None)
+    if show:
+        print(format_table(rows))
+    return {"model": a.model, "data": a.data, "n_images": int(len(xe)), "n_calibration": int(n_cal),
+            "low_bits": a.low, "high_bits": a.high, "results": rows}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,13 +198,31 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("compare", help="data-free baselines and DF-MPC on the same weights: accuracy and time")
+    c.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
+    c.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (shipped) or an .npz with x and y")
+    c.add_argument("--raw", action="store_true", help="shipped data without the zoo's normalisation")
+    c.add_argument("--low", type=int, default=2, help="low bit-width (default 2)")
+    c.add_argument("--high", type=int, default=6, help="high bit-width (default 6)")
+    from .baselines import DEFAULT_METHODS
+    c.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated method names (default: all: %(default)s)")
+    c.add_argument("--pair", nargs=2, action="append", metavar=("LOW", "HIGH"), default=None,
+                   help="explicit pair for every method; repeat for several")
+    c.add_argument("--calibration-images", type=int, default=500,
+                   help="the last N images are held out of the evaluation and given only to data-aware "
+                        "methods (oracle); 0 = none (default 500)")
+    c.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    c.add_argument("--json", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate}[args.command](args)
+        out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate,
+               "compare": cmd_compare}[args.command](args)
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)

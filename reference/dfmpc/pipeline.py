@@ -125,7 +125,7 @@ def _check_calibration(x):
 def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lambda1: float = 0.5,
                      lambda2: float = 0.0, recalibration: str = "analytic", compensation: str = "dfmpc",
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
-                     input_mean=0.0, input_var=1.0, oracle_images: int = 64):
+                     input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
@@ -153,6 +153,9 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         How many of the calibration images the oracle c is fitted on (it solves a C-variable least
         squares over every output value of layer l+1, so a few dozen images are plenty; cost grows
         linearly).
+    weight_quantizer : callable (W, bits, name) -> ndarray, optional
+        Replaces :func:`quantize_weights` for every layer (e.g. SQuant rounding on the DoReFa grid
+        for the high-bit layers, :mod:`dfmpc.baselines`); must return dequantized weights of W's shape.
 
     Returns
     -------
@@ -177,6 +180,10 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     if recalibration == "data" or compensation == "oracle":
         calibration_data = _check_calibration(calibration_data)
 
+    if weight_quantizer is not None and not callable(weight_quantizer):
+        raise TypeError(f"weight_quantizer: expected a callable (W, bits, name) -> W_q, got {type(weight_quantizer).__name__}")
+    quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(W, bits))
+
     fp = graph.copy()
     _fold_conv_bias_into_bn(fp)
     pairing: Pairing = find_pairs(fp, pairs=pairs, keep_first_high=keep_first_high)
@@ -199,7 +206,11 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     for node in g.nodes:
         if node.op in ("Conv", "Gemm"):
             bits = low_bits if node.name in pairing.low else high_bits
-            node.params["W"] = quantize_weights(fp.node(node.name).params["W"], bits)
+            W_fp = fp.node(node.name).params["W"]
+            node.params["W"] = np.asarray(quantize(W_fp, bits, node.name), dtype=np.float32)
+            if node.params["W"].shape != W_fp.shape:
+                raise ValueError(f"weight_quantizer: returned shape {node.params['W'].shape} for {node.name!r}, "
+                                 f"expected {W_fp.shape}")
         if env is not None:
             env[node.outputs[0]] = _run_node(node, env)
             for t in node.inputs:
@@ -226,7 +237,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
             elif compensation == "none":
                 c = ones
             else:
-                c = _oracle(fp, pair, W_q, bn_hat, fp_acts[node.inputs[0]], high_bits)
+                c = _oracle(fp, pair, W_q, bn_hat, fp_acts[node.inputs[0]], high_bits, quantize)
             L = lambda c: float(np.sum(data_free_loss(c, W, W_q, bn, bn_hat, lambda1, lambda2)))
             report.pairs.append(PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
                                            int(np.sum(c == 0)), L(ones), L(c)))
@@ -252,7 +263,7 @@ def _sym_pads(node):
     return tuple(node.attrs.get("strides", (1, 1))), pads[:2], node.attrs.get("group", 1)
 
 
-def _oracle(fp, pair, W_q, bn_hat, A, high_bits):
+def _oracle(fp, pair, W_q, bn_hat, A, high_bits, quantize):
     """Oracle c for one pair (Eq. (9) on real activations A of the full-precision network)."""
     lo, hi = fp.node(pair.low), fp.node(pair.high)
     if fp.producer(hi.inputs[0]).name != pair.act:
@@ -262,6 +273,6 @@ def _oracle(fp, pair, W_q, bn_hat, A, high_bits):
     if g1 != 1 or g2 != 1:
         raise ValueError(f"compensation='oracle': grouped convs in pair {pair.low} -> {pair.high} are not supported")
     bn = bn_of(fp.node(pair.bn))
-    W_next_hat = quantize_weights(hi.params["W"], high_bits)
+    W_next_hat = quantize(hi.params["W"], high_bits, hi.name)
     return oracle_coefficients(A, lo.params["W"], bn, hi.params["W"], W_q, bn_hat, W_next_hat,
                                stride=s1, padding=p1, stride_next=s2, padding_next=p2, batch_size=32)
