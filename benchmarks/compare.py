@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""DF-MPC beside the data-free baselines on the same weights: accuracy over the zoo, and quantization cost.
+
+Accuracy (``--models``, default the whole zoo): every method of ``dfmpc.baselines.METHODS`` at
+MP``low``/``high`` (the same layers low/high for every method), evaluated on the shipped test set
+minus its last 500 images, which only the data-aware ``oracle`` sees. Results go to
+``benchmarks/results/compare.json`` and the README table between the ``compare-table`` markers.
+
+Cost (``--cost``): wall time of each method's quantization step (median of ``--repeats``) on the
+zoo models and on the ResNet-50 topology shipped in the onnx wheel (``light_resnet50.onnx``) with
+re-randomised weights (25.5 M weights), against one ``np.abs(W).sum()`` over all weights timed in
+the same run: the cost of reading the weights once. Results go to ``benchmarks/results/cost.json``
+and the README table between the ``cost-table`` markers.
+
+Usage::
+
+    python benchmarks/compare.py                        # accuracy, all zoo models, MP2/6; updates README
+    python benchmarks/compare.py --models resnet20 --settings 2/6,3/6 --no-readme
+    python benchmarks/compare.py --cost                 # quantization time, zoo + ResNet-50 (random weights)
+    python benchmarks/compare.py --table-only           # README tables from the stored JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dfmpc
+from dfmpc.baselines import DEFAULT_METHODS, METHODS
+from dfmpc.compare import compare
+from dfmpc.compensation import compensation_coefficients
+from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
+from dfmpc.pairing import find_pairs
+from dfmpc.pipeline import quantize_weights
+from dfmpc.recalibration import bn_of
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+N_CAL = 500
+
+#: Numbers the methods' own papers report, each in its own setting (never measured here).
+PAPER = {
+    "dfmpc": "91.05 (ResNet-56, CIFAR-10, MP2/6; FP32 93.88)",
+    "none": "38.03 (ResNet-56, CIFAR-10, MP2/6 without compensation)",
+}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _replace_between(text: str, marker: str, body: str) -> str:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
+# ------------------------------------------------------------------------------------ accuracy
+def run_accuracy(models, settings, methods, log):
+    x, y = load_dataset("fashion-mnist")
+    xe, ye, cal = x[:-N_CAL], y[:-N_CAL], x[-N_CAL:]
+    out = []
+    for arch in models:
+        g = load_zoo_model(arch)
+        for s in settings:
+            lo, hi = map(int, s.split("/"))
+            log(f"{arch} MP{s}")
+            rows = compare(g, xe, ye, methods, lo, hi, calibration_data=cal, log=log)
+            out.append({"model": arch, "setting": s, "n_eval": int(len(xe)), "n_calibration": N_CAL,
+                        "rows": [{k: r[k] for k in ("method", "accuracy", "seconds", "error", "data_free")}
+                                 for r in rows]})
+    return out
+
+
+def accuracy_table(results, setting="2/6"):
+    res = [r for r in results if r["setting"] == setting]
+    models = [r["model"] for r in res]
+    cell = {(r["model"], row["method"]): row for r in res for row in r["rows"]}
+    methods = [row["method"] for row in res[0]["rows"]] if res else []
+    head = ("| method | " + " | ".join(models) + " | quantize time, ResNet-20 | paper-reported (its own setting) |\n"
+            "|---|" + "---|" * (len(models) + 2))
+    lines = [head]
+    for m in methods:
+        vals = []
+        for arch in models:
+            row = cell.get((arch, m))
+            vals.append("-" if row is None else ("refused" if row["error"] else f"{100 * row['accuracy']:.2f}"))
+        t = cell.get(("resnet20", m))
+        tt = "-" if t is None or t["error"] or m == "fp32" else f"{1000 * t['seconds']:.0f} ms"
+        name = m if METHODS.get(m) is None or METHODS[m].data_free else f"{m} (uses data)"
+        lines.append(f"| {name} | " + " | ".join(vals) + f" | {tt} | {PAPER.get(m, '-')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- cost
+def light_resnet50(seed=0):
+    """The onnx wheel's light ResNet-50 topology with seeded random weights (He-normal convs, random BN)."""
+    import onnx
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    g = dfmpc.load_model(path)
+    rng = np.random.default_rng(seed)
+    updates = {}
+    for n in g.nodes:
+        p = {}
+        if n.op == "Conv":
+            W = n.params["W"]
+            p["W"] = rng.standard_normal(W.shape) * np.sqrt(2.0 / np.prod(W.shape[1:]))
+        elif n.op == "Gemm":
+            W = n.params["W"]
+            p["W"] = rng.standard_normal(W.shape) / np.sqrt(W.shape[1])
+        elif n.op == "BatchNormalization":
+            C = n.params["gamma"].shape[0]
+            p = {"gamma": rng.uniform(0.5, 1.5, C), "beta": rng.normal(0, 0.1, C),
+                 "mean": rng.normal(0, 0.1, C), "var": rng.uniform(0.5, 1.5, C)}
+        if "B" in n.params:
+            p["B"] = rng.normal(0, 0.01, n.params["B"].shape)
+        if p:
+            updates[n.name] = p
+    return g.with_params(updates)
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _c_only(g):
+    """DF-MPC's c alone, Eq. (27) for every pair, given the quantized weights (no graph copy, no re-calibration)."""
+    pairing = find_pairs(g)
+    inputs = []
+    for p in pairing.pairs:
+        W = g.node(p.low).params["W"]
+        bn = bn_of(g.node(p.bn))
+        inputs.append((W, quantize_weights(W, 2), bn))
+    return lambda: [compensation_coefficients(W, W_q, bn, bn) for W, W_q, bn in inputs]
+
+
+def run_cost(models, methods, repeats, log):
+    out = []
+    graphs = [(m, load_zoo_model(m)) for m in models] + [("resnet50 (random)", light_resnet50())]
+    for name, g in graphs:
+        Ws = [n.params["W"] for n in g.nodes if n.op in ("Conv", "Gemm")]
+        n_weights = int(sum(W.size for W in Ws))
+        read = _median_time(lambda: sum(float(np.abs(W).sum()) for W in Ws), max(repeats, 5))
+        copy = _median_time(g.copy, repeats)
+        row = {"model": name, "weights": n_weights, "abs_sum_seconds": read, "graph_copy_seconds": copy,
+               "c_only_seconds": _median_time(_c_only(g), repeats), "methods": {}}
+        log(f"{name}: {n_weights / 1e6:.2f} M weights; np.abs(W).sum() over all {1000 * read:.2f} ms, "
+            f"graph copy {1000 * copy:.2f} ms, c alone {1000 * row['c_only_seconds']:.2f} ms")
+        for m in methods:
+            meth = METHODS[m]
+            if not meth.data_free:
+                continue
+            meth.run(g, 2, 6)                                   # warm-up (Numba compilation, caches)
+            t = _median_time(lambda: meth.run(g, 2, 6), repeats)
+            row["methods"][m] = t
+            log(f"  {m:<14} {1000 * t:9.1f} ms   {t / read:8.1f} x abs-sum")
+        out.append(row)
+    return out
+
+
+def cost_table(rows):
+    methods = list(rows[0]["methods"]) if rows else []
+    lines = ["| model | weights | `np.abs(W).sum()` | graph copy | DF-MPC c alone | "
+             + " | ".join(methods) + " |",
+             "|---|---|---|---|---|" + "---|" * len(methods)]
+    for r in rows:
+        rd = r["abs_sum_seconds"]
+        cells = [f"{1000 * t:.0f} ms ({t / rd:.0f}x)" for t in r["methods"].values()]
+        lines.append(f"| {r['model']} | {r['weights'] / 1e6:.2f} M | {1000 * rd:.1f} ms | "
+                     f"{1000 * r['graph_copy_seconds']:.0f} ms ({r['graph_copy_seconds'] / rd:.0f}x) | "
+                     f"{1000 * r['c_only_seconds']:.1f} ms ({r['c_only_seconds'] / rd:.1f}x) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(zoo_manifest()), help="zoo models (default: all)")
+    ap.add_argument("--settings", default="2/6", help="comma-separated low/high settings (default 2/6)")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--cost", action="store_true", help="time the quantization step instead of accuracy")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per method for --cost (median)")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the README tables from the stored JSON")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch README.md")
+    a = ap.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    models = [m for m in a.models.split(",") if m]
+    methods = [m for m in a.methods.split(",") if m]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    acc_path, cost_path = RESULTS / "compare.json", RESULTS / "cost.json"
+    if not a.table_only:
+        if a.cost:
+            rows = run_cost(models, methods, a.repeats, log)
+            _atomic_write(cost_path, json.dumps({"rows": rows}, indent=1) + "\n")
+        else:
+            res = run_accuracy(models, [s for s in a.settings.split(",") if s], methods, log)
+            _atomic_write(acc_path, json.dumps({"results": res}, indent=1) + "\n")
+    if not a.no_readme:
+        text = README.read_text()
+        if acc_path.exists():
+            text = _replace_between(text, "compare-table", accuracy_table(json.loads(acc_path.read_text())["results"]))
+        if cost_path.exists():
+            text = _replace_between(text, "cost-table", cost_table(json.loads(cost_path.read_text())["rows"]))
+        _atomic_write(README, text)
+    if acc_path.exists():
+        print(accuracy_table(json.loads(acc_path.read_text())["results"]))
+    if cost_path.exists():
+        print(cost_table(json.loads(cost_path.read_text())["rows"]))
+
+
+if __name__ == "__main__":
+    main()
