@@ -1,0 +1,69 @@
+"""The step-through notebooks in notebooks/: committed without outputs, and each runs top to bottom in a fresh kernel."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+#: Seconds allowed for one notebook (and for any one cell), on the project's 2-core machine.
+TIMEOUT = 120
+
+
+def test_the_five_notebooks_exist():
+    names = [p.name for p in NOTEBOOKS]
+    assert names == ["01_quantizers.ipynb", "02_feature_map_loss_to_data_free.ipynb", "03_whole_network.ipynb",
+                     "04_sensitivity.ipynb", "05_porting.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_committed_without_outputs(path):
+    """No outputs, no execution counts: the committed notebooks are sources, not results."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: cell {i} has outputs"
+            assert cell.execution_count is None, f"{path.name}: cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_uses_dfmpc_and_its_plotting_module(path):
+    """Each notebook imports dfmpc and draws with dfmpc.plotting; markdown cites a derivation file."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "import dfmpc" in code
+    assert "plotting" in code
+    assert "data_free_derivations/" in text or path.name == "05_porting.ipynb"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path):
+    """Execute in a fresh python3 kernel (this interpreter, via ipykernel), working directory notebooks/."""
+    nb = nbformat.read(path, as_version=4)
+    env_backup = os.environ.get("MPLBACKEND")
+    os.environ.pop("MPLBACKEND", None)               # let the kernel use its inline backend
+    try:
+        client = nbclient.NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3",
+                                         resources={"metadata": {"path": str(NB_DIR)}})
+        t0 = time.perf_counter()
+        client.execute()
+        seconds = time.perf_counter() - t0
+    finally:
+        if env_backup is not None:
+            os.environ["MPLBACKEND"] = env_backup
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert images, f"{path.name} drew no figure"
+    assert seconds < TIMEOUT, f"{path.name} took {seconds:.0f} s (budget {TIMEOUT} s)"
