@@ -362,7 +362,7 @@ def fig_c_distribution(pair_labels, cs, title=None, ax=None):
     return fig
 
 
-def fig_weight_histograms(before, after, titles=None, axes=None, bins=64):
+def fig_weight_histograms(before, after, titles=None, axes=None, bins=41):
     """The paper's Fig. 4: histograms of the high-bit weights before and after compensation.
 
     Draw the *effective* compensated weights ``dfmpc.scale_input_channels(W_next_q, c)`` (Eq. (7)) against
@@ -376,7 +376,9 @@ def fig_weight_histograms(before, after, titles=None, axes=None, bins=64):
         The compensated weights ``c_j kQ(W^{l+1})_{:,j}``.
     titles : sequence of P str, optional
     axes : sequence of P matplotlib Axes, optional
-    bins : int
+    bins : int, or sequence of P arrays of bin edges
+        An int spreads that many bins over each panel's range. The uncompensated weights sit on a
+        grid, so edges aligned with it (e.g. every other level of the 2^k-level grid) avoid aliasing.
 
     Returns
     -------
@@ -389,17 +391,23 @@ def fig_weight_histograms(before, after, titles=None, axes=None, bins=64):
     axes = _flat_axes(axes, P)
     for p, ax in enumerate(axes):
         b, a = np.ravel(np.asarray(before[p], float)), np.ravel(np.asarray(after[p], float))
-        edges = np.linspace(min(b.min(), a.min()), max(b.max(), a.max()), bins + 1)
-        ax.hist(b, bins=edges, color=COLORS["before"], alpha=0.55,
-                label=f"6-bit, no comp.  mean|w| {np.abs(b).mean():.4f}")
-        ax.hist(a, bins=edges, color=COLORS["after"], alpha=0.55,
-                label=f"compensated  mean|w| {np.abs(a).mean():.4f}")
+        if np.ndim(bins) == 0:
+            edges = np.linspace(min(b.min(), a.min()), max(b.max(), a.max()), int(bins) + 1)
+        else:
+            edges = np.asarray(bins[p], float)
+        lo, hi = np.percentile(np.concatenate([a, b]), [0.1, 99.9])
+        pad = 0.1 * (hi - lo) or 0.1 * max(abs(hi), 1e-3)
+        ax.hist(b, bins=edges, color=COLORS["before"], alpha=0.45, histtype="stepfilled",
+                label=f"6-bit, no comp.: mean|w| {np.abs(b).mean():.4f}")
+        ax.hist(a, bins=edges, color=COLORS["after"], lw=1.8, histtype="step",
+                label=f"compensated: mean|w| {np.abs(a).mean():.4f}")
+        ax.set_xlim(lo - pad, hi + pad)
         ax.set_xlabel("weight value")
         if p == 0:
             ax.set_ylabel("count")
         if titles is not None:
             ax.set_title(titles[p], fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper left")
     fig.tight_layout()
     return fig
 
