@@ -67,3 +67,21 @@ def test_notebook_runs_top_to_bottom(path):
               if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
     assert seconds < TIMEOUT, f"{path.name} took {seconds:.0f} s (budget {TIMEOUT} s)"
+
+
+def test_derivations_and_notebooks_point_at_each_other():
+    """Every 'Notebook:' pointer in data_free_derivations/ names an existing notebook that links back to that file."""
+    import re
+    derivations = sorted((NB_DIR.parent / "data_free_derivations").glob("[0-9][0-9]_*.md"))
+    pointers = 0
+    for d in derivations:
+        m = re.search(r"^Notebook:(.*)$", d.read_text(), re.M)
+        if not m:
+            continue
+        for name in re.findall(r"\(\.\./notebooks/([\w.]+\.ipynb)\)", m.group(1)):
+            pointers += 1
+            nb_path = NB_DIR / name
+            assert nb_path.exists(), f"{d.name} points at missing {name}"
+            text = "\n".join(c.source for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == "markdown")
+            assert f"../data_free_derivations/{d.name}" in text, f"{name} does not link back to {d.name}"
+    assert pointers >= 10

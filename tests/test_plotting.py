@@ -179,3 +179,18 @@ def test_filter_normalized_directions_and_perturb():
 def test_cross_entropy():
     logits = np.array([[0.0, 0.0], [10.0, 0.0]])
     assert np.isclose(plotting.cross_entropy(logits, [0, 0]), (np.log(2) + np.log1p(np.exp(-10))) / 2)
+
+
+def test_make_figures_regenerates_the_readme_figures(tmp_path):
+    """scripts/make_figures.py writes the README's PNGs (Fig. 3 from the stored sweeps, Fig. 4 on ResNet-20)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(__import__("os").environ, MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, str(root / "scripts" / "make_figures.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for name in ("lambda_sweep.png", "weight_histograms.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (root / "docs" / "figures" / name).exists(), f"docs/figures/{name} is not committed"
+    assert not list(tmp_path.glob("*.tmp.png"))
