@@ -105,6 +105,12 @@ def accuracy_table(results, setting="2/6"):
     return "\n".join(lines)
 
 
+def all_tables(results):
+    """One table per bit setting, in the order measured."""
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    return "\n\n".join(f"**MP{s}**\n\n" + accuracy_table(results, s) for s in settings)
+
+
 # ---------------------------------------------------------------------------------------- cost
 def light_resnet50(seed=0):
     """The onnx wheel's light ResNet-50 topology with seeded random weights (He-normal convs, random BN)."""
@@ -215,12 +221,12 @@ def main(argv=None):
     if not a.no_readme:
         text = README.read_text()
         if acc_path.exists():
-            text = _replace_between(text, "compare-table", accuracy_table(json.loads(acc_path.read_text())["results"]))
+            text = _replace_between(text, "compare-table", all_tables(json.loads(acc_path.read_text())["results"]))
         if cost_path.exists():
             text = _replace_between(text, "cost-table", cost_table(json.loads(cost_path.read_text())["rows"]))
         _atomic_write(README, text)
     if acc_path.exists():
-        print(accuracy_table(json.loads(acc_path.read_text())["results"]))
+        print(all_tables(json.loads(acc_path.read_text())["results"]))
     if cost_path.exists():
         print(cost_table(json.loads(cost_path.read_text())["rows"]))
 
