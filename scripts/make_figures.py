@@ -88,25 +88,13 @@ def weights_figure(log, show=(0, 4, 8)):
     import dfmpc
     from dfmpc import plotting
     from dfmpc.evaluation import load_zoo_model
-    from dfmpc.pipeline import quantize_weights
-    from dfmpc.recalibration import analytic_bn, bn_of, propagate_moments
 
     g = load_zoo_model("resnet20")
     q, report = dfmpc.quantize_network(g, 2, 6, lambda1=0.5, lambda2=0.0, recalibration="analytic")
-    pairing = dfmpc.find_pairs(g)
-    moments = propagate_moments(g)
     before, after, titles, edges = [], [], [], []
     for i in show:
-        p = pairing.pairs[i]
-        conv = g.node(p.low)
-        W = conv.params["W"]
-        W_q = quantize_weights(W, 2)
-        bn = bn_of(g.node(p.bn))
-        bn_hat = analytic_bn(bn, W, W_q, conv.attrs.get("group", 1), *moments[conv.inputs[0]])
-        c = dfmpc.compensation_coefficients(W, W_q, bn, bn_hat, 0.5, 0.0)                   # Eq. (27)
-        folded = q.node(p.bn).params["gamma"] / g.node(p.bn).params["gamma"]
-        if not np.allclose(folded, c, rtol=1e-5):
-            raise SystemExit(f"{p.low}: recomputed c differs from the c folded by quantize_network")
+        p = report.pairs[i]
+        c = np.asarray(p.c)                                    # Eq. (27), as folded into BN^l
         W_next_q = q.node(p.high).params["W"]
         before.append(W_next_q)
         after.append(dfmpc.scale_input_channels(W_next_q, c))                                # Eq. (7)

@@ -180,3 +180,15 @@ def test_weight_quantizer_hook_is_used_and_checked():
         dfmpc.quantize_network(g, weight_quantizer=lambda W, b, n: W[:1])
     with pytest.raises(TypeError, match="weight_quantizer"):
         dfmpc.quantize_network(g, weight_quantizer=3)
+
+
+def test_report_keeps_c_as_folded_into_bn():
+    """PairReport.c is the c folded into BN^l (F.a): gamma of the low layer's BN becomes c_j gamma_j."""
+    g = resnet_cifar(8, seed=8)
+    q, rep = quantize_network(g, 2, 6, recalibration="analytic")
+    pairing = dfmpc.find_pairs(g)
+    for p, r in zip(pairing.pairs, rep.pairs):
+        c = np.asarray(r.c)
+        assert r.low == p.low and c.shape == (g.node(p.bn).params["gamma"].size,)
+        assert np.allclose(q.node(p.bn).params["gamma"], c * g.node(p.bn).params["gamma"], rtol=1e-5, atol=1e-7)
+        assert c.min() == r.c_min and np.isclose(c.mean(), r.c_mean)

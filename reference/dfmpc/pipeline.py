@@ -65,7 +65,7 @@ def quantize_weights(W, bits):
 
 @dataclass
 class PairReport:
-    """Per pair: the low and high layer, statistics of c, and the data-free loss (22) summed over channels."""
+    """Per pair: the low and high layer, c and its statistics, and the data-free loss (22) summed over channels."""
 
     low: str
     high: str
@@ -75,6 +75,7 @@ class PairReport:
     c_zero: int
     loss_before: float   # sum_j L_j(1): no compensation
     loss_after: float    # sum_j L_j(c)
+    c: list[float] = field(default_factory=list)   # c_j per output channel of the low layer, as folded into its BN
 
 
 @dataclass
@@ -240,7 +241,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                 c = _oracle(fp, pair, W_q, bn_hat, fp_acts[node.inputs[0]], high_bits, quantize)
             L = lambda c: float(np.sum(data_free_loss(c, W, W_q, bn, bn_hat, lambda1, lambda2)))
             report.pairs.append(PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
-                                           int(np.sum(c == 0)), L(ones), L(c)))
+                                           int(np.sum(c == 0)), L(ones), L(c), [float(v) for v in c]))
             bn_hat = fold_into_bn(bn_hat, c)          # = Eq. (7) on conv B, by (F.a)
         bn_node.params.update({k: getattr(bn_hat, k).astype(np.float32) for k in ("gamma", "beta", "mean", "var")})
     report.seconds = time.perf_counter() - t0
