@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+# Hard imports: the test extra installs them, and a missing one must fail, not skip the notebooks.
+import ipykernel  # noqa: E402,F401
+import matplotlib  # noqa: E402,F401
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-matplotlib = pytest.importorskip("matplotlib")
+import matplotlib  # the test extra installs it; a missing one must fail, not skip
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import dfmpc  # noqa: E402
-from dfmpc import plotting  # noqa: E402
+from dfmpc import landscape, plotting  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -162,15 +162,15 @@ def test_filter_normalized_directions_and_perturb():
     """Li et al.'s filter normalisation: each direction filter has its weight filter's norm; perturb is W + a d1 + b d2."""
     from dfmpc.engine.builders import resnet_cifar
     g = resnet_cifar(depth=8, seed=0)
-    d1 = plotting.filter_normalized_directions(g, seed=1)
-    d2 = plotting.filter_normalized_directions(g, seed=2)
+    d1 = landscape.filter_normalized_directions(g, seed=1)
+    d2 = landscape.filter_normalized_directions(g, seed=2)
     assert set(d1) == {n.name for n in g.nodes if n.op in ("Conv", "Gemm")}
     for name, d in d1.items():
         W = g.node(name).params["W"].astype(float)
         ax = tuple(range(1, W.ndim))
         assert np.allclose(np.linalg.norm(d.reshape(len(d), -1), axis=1), np.sqrt((W**2).sum(axis=ax)))
     name = next(iter(d1))
-    g2 = plotting.perturb(g, d1, 0.5, d2, -0.25)
+    g2 = landscape.perturb(g, d1, 0.5, d2, -0.25)
     expect = g.node(name).params["W"] + 0.5 * d1[name] - 0.25 * d2[name]
     assert np.allclose(g2.node(name).params["W"], expect, atol=1e-6)
     assert g.node(name).params["W"] is not g2.node(name).params["W"]
@@ -178,7 +178,7 @@ def test_filter_normalized_directions_and_perturb():
 
 def test_cross_entropy():
     logits = np.array([[0.0, 0.0], [10.0, 0.0]])
-    assert np.isclose(plotting.cross_entropy(logits, [0, 0]), (np.log(2) + np.log1p(np.exp(-10))) / 2)
+    assert np.isclose(landscape.cross_entropy(logits, [0, 0]), (np.log(2) + np.log1p(np.exp(-10))) / 2)
 
 
 def test_make_figures_regenerates_the_readme_figures(tmp_path):

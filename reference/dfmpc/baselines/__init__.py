@@ -17,6 +17,7 @@ recal          TWN / DoReFa with the data-free ``analytic`` BN re-calibration, c
 dfmpc          DF-MPC: closed-form c (Eq. (27)) with ``analytic`` re-calibration (the default)
 cle+dfmpc      DFQ's cross-layer equalisation (exact in FP32), then DF-MPC
 dfmpc+squant   DF-MPC with SQuant rounding on the DoReFa grid of the high-bit layers
+squant+recal   SQuant weights (every layer) with the ``analytic`` BN re-calibration, c = 1
 oracle         data-aware: the c >= 0 minimising Eq. (9) on calibration images (a reference)
 =============  ============================================================================
 """
@@ -94,6 +95,14 @@ def _dfmpc_squant(graph, lo, hi, pairs=None, calibration_data=None):
     return q, rep.to_dict()
 
 
+def _squant_recal(graph, lo, hi, pairs=None, calibration_data=None):
+    from ..pipeline import quantize_network
+    from .squant import squant_weights
+    q, rep = quantize_network(graph, lo, hi, pairs=pairs, compensation="none", recalibration="analytic",
+                              weight_quantizer=lambda W, bits, name: squant_weights(W, bits))
+    return q, rep.to_dict()
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("rtn", "round-to-nearest, per-tensor scale", True, _rtn, "-"),
     Method("rtn-channel", "round-to-nearest, per-channel scale", True, _rtn_channel, "-"),
@@ -111,6 +120,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _dfmpc(compensation="dfmpc", recalibration="analytic"), "Chen et al. 2023"),
     Method("cle+dfmpc", "DFQ's cross-layer equalisation, then DF-MPC", True, _cle_dfmpc, "combination"),
     Method("dfmpc+squant", "DF-MPC with SQuant rounding of the high-bit DoReFa grid", True, _dfmpc_squant,
+           "combination"),
+    Method("squant+recal", "SQuant weights, analytic BN re-calibration, c = 1", True, _squant_recal,
            "combination"),
     Method("oracle", "c >= 0 fitted to Eq. (9) on real calibration images (NOT data-free)", False,
            _dfmpc(compensation="oracle", recalibration="absorb"), "this project"),
