@@ -280,3 +280,17 @@ def test_compensation_rejects_bad_input():
         dfmpc.fold_into_bn(bn, np.ones(2))
     with pytest.raises(ValueError, match=r"c: expected shape \(2,\)"):
         dfmpc.scale_input_channels(np.ones((3, 2, 1, 1)), np.ones(4))
+
+
+@given(compensation_problems(), st.data())
+def test_quadratic_expansion_equals_objective_eq25(problem, data):
+    """Eq. (25): L_j(c) = den_j c^2 - 2 num_j c + const_j, the expansion of (22), equals data_free_loss for any c
+    (relative tolerance 1e-9 of the loss scale); den_j >= 0."""
+    W, W_hat, bn, bn_hat, lambda1, lambda2 = problem
+    C = W.shape[0]
+    c = data.draw(hnp.arrays(np.float64, C, elements=st.floats(-3, 3)))
+    den, num, const = dfmpc.compensation.quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1, lambda2)
+    L = dfmpc.data_free_loss(c, W, W_hat, bn, bn_hat, lambda1, lambda2)
+    scale = 1.0 + np.abs(den) * c**2 + np.abs(const)
+    assert np.all(np.abs(den * c**2 - 2 * num * c + const - L) <= 1e-9 * scale)
+    assert np.all(den >= 0)

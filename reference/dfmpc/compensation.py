@@ -237,6 +237,41 @@ def data_free_loss(c, W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     return np.sum(Gamma**2, axis=1) + lambda1 * Theta**2 + lambda2 * c**2   # Eq. (22)
 
 
+def quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
+    """Eq. (22) expanded per channel: ``L_j(c_j) = den_j c_j^2 - 2 num_j c_j + const_j`` (Eq. (25)-(26)).
+
+    ``num_j = <Xhat_j, X_j> + lambda1 yhat_j y_j``, ``den_j = ||Xhat_j||^2 + lambda1 yhat_j^2 + lambda2``,
+    ``const_j = ||X_j||^2 + lambda1 y_j^2`` (derivation 06). Evaluating ``L_j`` this way costs one pass
+    over the weights for any number of c vectors; :func:`data_free_loss` is the literal form.
+
+    Parameters
+    ----------
+    W, W_hat : array_like, shape (O, I, kh, kw) or (O, I)
+    bn, bn_hat : BatchNorm with O channels
+    lambda1, lambda2 : float >= 0
+
+    Returns
+    -------
+    den, num, const : ndarray, shape (O,), float64
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> W, W_hat = rng.normal(size=(3, 2, 3, 3)), rng.normal(size=(3, 2, 3, 3))
+    >>> bn = BatchNorm(gamma=[1.0, 0.5, 2.0], beta=[0.1, 0.0, -0.3], mean=[0.0, 1.0, 0.2], var=[1.0, 2.0, 0.5])
+    >>> den, num, const = quadratic_coefficients(W, W_hat, bn, bn)
+    >>> c = np.array([0.3, 1.0, 2.5])
+    >>> bool(np.allclose(den * c**2 - 2 * num * c + const, data_free_loss(c, W, W_hat, bn, bn)))
+    True
+    """
+    X_hat, X, y_hat, y = _per_channel_terms(W, W_hat, bn, bn_hat)
+    lambda1, lambda2 = _lambdas(lambda1, lambda2)
+    num = np.einsum("jn,jn->j", X_hat, X) + lambda1 * y_hat * y              # Eq. (27), numerator
+    den = np.einsum("jn,jn->j", X_hat, X_hat) + lambda1 * y_hat**2 + lambda2  # Eq. (27), denominator; (25)
+    const = np.einsum("jn,jn->j", X, X) + lambda1 * y**2
+    return den, num, const
+
+
 def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     """Closed-form minimiser of Eq. (22) over ``c_j >= 0``: ``c_j = max(0, num_j / den_j)``.
 
@@ -289,10 +324,7 @@ def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     >>> bool(np.all(L(c) <= L(c * 1.01)) and np.all(L(c) <= L(c * 0.99)))   # stationary
     True
     """
-    X_hat, X, y_hat, y = _per_channel_terms(W, W_hat, bn, bn_hat)
-    lambda1, lambda2 = _lambdas(lambda1, lambda2)
-    num = np.einsum("jn,jn->j", X_hat, X) + lambda1 * y_hat * y        # Eq. (27), numerator
-    den = np.einsum("jn,jn->j", X_hat, X_hat) + lambda1 * y_hat**2 + lambda2  # Eq. (27), denominator
+    den, num, _ = quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1, lambda2)   # Eq. (26)
     flat = den == 0.0                                                    # L_j constant in c_j
     c = np.where(flat, 1.0, num / np.where(flat, 1.0, den))
     return np.maximum(c, 0.0)                                            # projection onto c >= 0
