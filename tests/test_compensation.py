@@ -294,3 +294,15 @@ def test_quadratic_expansion_equals_objective_eq25(problem, data):
     scale = 1.0 + np.abs(den) * c**2 + np.abs(const)
     assert np.all(np.abs(den * c**2 - 2 * num * c + const - L) <= 1e-9 * scale)
     assert np.all(den >= 0)
+
+
+def test_closed_form_from_coefficients_checks_its_input():
+    """closed_form (the second step of Eq. (27)) refuses NaN, mismatched shapes and negative curvature."""
+    from dfmpc.compensation import closed_form
+    np.testing.assert_array_equal(closed_form([4.0, 0.0], [2.0, -1.0]), [0.5, 1.0])
+    with pytest.raises(ValueError, match="den"):
+        closed_form([np.nan], [1.0])
+    with pytest.raises(ValueError, match="num: expected the shape"):
+        closed_form([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="den: expected non-negative"):
+        closed_form([-1.0], [1.0])

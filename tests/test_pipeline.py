@@ -192,3 +192,19 @@ def test_report_keeps_c_as_folded_into_bn():
         assert r.low == p.low and c.shape == (g.node(p.bn).params["gamma"].size,)
         assert np.allclose(q.node(p.bn).params["gamma"], c * g.node(p.bn).params["gamma"], rtol=1e-5, atol=1e-7)
         assert c.min() == r.c_min and np.isclose(c.mean(), r.c_mean)
+
+
+def test_pipeline_c_and_report_losses_are_eq27_and_eq22(net):
+    """The pipeline's c is Eq. (27) (compensation_coefficients on the same W, W_q, BN), and its reported losses
+    are sum_j L_j of Eq. (22) (data_free_loss) at c = 1 and at c, to 1e-9 relative."""
+    from dfmpc.recalibration import bn_of
+    _, rep = quantize_network(net, recalibration="absorb", compensation="dfmpc")
+    for p in rep.pairs:
+        W = net.node(p.low).params["W"]
+        W_q = quantize_weights(W, 2)
+        bn = bn_of(net.node(p.low.replace("conv", "bn")))
+        c = dfmpc.compensation_coefficients(W, W_q, bn, bn)
+        np.testing.assert_allclose(p.c, c, rtol=1e-12)
+        for value, cc in ((p.loss_before, np.ones_like(c)), (p.loss_after, c)):
+            L = float(np.sum(dfmpc.data_free_loss(cc, W, W_q, bn, bn)))
+            assert abs(value - L) <= 1e-9 * max(L, 1.0)

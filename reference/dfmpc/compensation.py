@@ -325,6 +325,40 @@ def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     True
     """
     den, num, _ = quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1, lambda2)   # Eq. (26)
+    return closed_form(den, num)                                                    # Eq. (27), c >= 0
+
+
+def closed_form(den, num):
+    """Minimiser of ``den_j c_j^2 - 2 num_j c_j`` over ``c_j >= 0``: ``c_j = max(0, num_j / den_j)`` (Eq. (27)).
+
+    The second step of :func:`compensation_coefficients`, for callers that already hold the
+    coefficients of :func:`quadratic_coefficients`. ``den_j = 0`` (L_j flat in c_j) gives ``c_j = 1``.
+
+    Parameters
+    ----------
+    den, num : array_like, shape (O,)
+        Curvature (>= 0) and linear coefficient of each channel's quadratic.
+
+    Returns
+    -------
+    c : ndarray, shape (O,), float64, all >= 0
+
+    Raises
+    ------
+    ValueError
+        NaN/Inf, shapes that differ, a negative ``den``.
+
+    Examples
+    --------
+    >>> closed_form(np.array([2.0, 1.0, 0.0]), np.array([1.0, -3.0, 5.0]))
+    array([0.5, 0. , 1. ])
+    """
+    den = as_float_array(den, "den", ndim=1).astype(np.float64)
+    num = as_float_array(num, "num", ndim=1).astype(np.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"num: expected the shape of den {den.shape}, got {num.shape}")
+    if np.any(den < 0):
+        raise ValueError("den: expected non-negative curvatures (Eq. (25)), found a negative entry")
     flat = den == 0.0                                                    # L_j constant in c_j
     c = np.where(flat, 1.0, num / np.where(flat, 1.0, den))
     return np.maximum(c, 0.0)                                            # projection onto c >= 0

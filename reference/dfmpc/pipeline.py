@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._checks import check_bits, check_scalar
-from .compensation import compensation_coefficients, fold_into_bn, quadratic_coefficients
+from .compensation import closed_form, fold_into_bn, quadratic_coefficients
 from .engine.graph import Graph
 from .engine.ops import OPS
 from .pairing import Pairing, find_pairs
@@ -233,14 +233,14 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         pair = pairing.pair_of_low(node.name)
         if pair is not None:
             ones = np.ones(bn.channels)
+            den, num, const = quadratic_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)   # Eq. (22) as (25)-(26)
             if compensation == "dfmpc":
-                c = compensation_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)   # Eq. (27), c >= 0
+                c = closed_form(den, num)               # Eq. (27), c >= 0: compensation_coefficients(W, W_q, ...)
             elif compensation == "none":
                 c = ones
             else:
                 c = _oracle(fp, pair, W_q, bn_hat, fp_acts[node.inputs[0]], high_bits, quantize)
-            den, num, const = quadratic_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)
-            L = lambda c: float(np.sum(den * c**2 - 2 * num * c + const))    # Eq. (22), expanded (25)
+            L = lambda c: float(np.sum(den * c**2 - 2 * num * c + const))    # sum_j L_j(c_j), Eq. (22)
             report.pairs.append(PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
                                            int(np.sum(c == 0)), L(ones), L(c), [float(v) for v in c]))
             bn_hat = fold_into_bn(bn_hat, c)          # = Eq. (7) on conv B, by (F.a)

@@ -27,6 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..pipeline import quantize_network, quantize_weights
+from . import dfq, ocs, rtn, squant      # the modules (importing their functions would shadow them)
+from .common import layer_bits
+
 __all__ = ["Method", "METHODS", "DEFAULT_METHODS", "get_method"]
 
 
@@ -41,90 +45,60 @@ class Method:
     reference: str
 
 
-def _rtn(graph, lo, hi, pairs=None, calibration_data=None):
-    from .rtn import rtn
-    return rtn(graph, lo, hi, pairs=pairs)
-
-
-def _rtn_channel(graph, lo, hi, pairs=None, calibration_data=None):
-    from .rtn import rtn
-    return rtn(graph, lo, hi, per_channel=True, pairs=pairs)
-
-
-def _ocs(graph, lo, hi, pairs=None, calibration_data=None):
-    from .ocs import ocs
-    return ocs(graph, lo, hi, pairs=pairs)
-
-
-def _dfq(graph, lo, hi, pairs=None, calibration_data=None):
-    from .dfq import dfq
-    return dfq(graph, lo, hi, pairs=pairs)
-
-
-def _squant(graph, lo, hi, pairs=None, calibration_data=None):
-    from .squant import squant
-    return squant(graph, lo, hi, pairs=pairs)
-
-
-def _dfmpc(**fixed):
+def _data_free(fn, **fixed):
+    """``fn(graph, low_bits, high_bits, pairs=..., **fixed)`` in the registry's signature (no images reach it)."""
     def run(graph, lo, hi, pairs=None, calibration_data=None):
-        from ..pipeline import quantize_network
+        return fn(graph, lo, hi, pairs=pairs, **fixed)
+    return run
+
+
+def _pipeline(**fixed):
+    """:func:`dfmpc.quantize_network` with some arguments fixed, its report as a dict."""
+    def run(graph, lo, hi, pairs=None, calibration_data=None):
         q, rep = quantize_network(graph, lo, hi, pairs=pairs, calibration_data=calibration_data, **fixed)
         return q, rep.to_dict()
     return run
 
 
 def _cle_dfmpc(graph, lo, hi, pairs=None, calibration_data=None):
-    from ..pipeline import quantize_network
-    from .dfq import cross_layer_equalize
-    eq, info = cross_layer_equalize(graph)
+    eq, info = dfq.cross_layer_equalize(graph)
     q, rep = quantize_network(eq, lo, hi, pairs=pairs)
     return q, {**rep.to_dict(), "equalization": info}
 
 
 def _dfmpc_squant(graph, lo, hi, pairs=None, calibration_data=None):
-    from ..pipeline import quantize_network, quantize_weights
-    from .common import layer_bits
-    from .squant import squant_dorefa
     pairing, _ = layer_bits(graph, lo, hi, pairs)
 
     def quantizer(W, bits, name):
         # the low layers keep TWN / DoReFa; SQuant rounds the DoReFa grid of every other layer
-        return quantize_weights(W, bits) if name in pairing.low else squant_dorefa(W, bits)
-    q, rep = quantize_network(graph, lo, hi, pairs=pairs, weight_quantizer=quantizer)
-    return q, rep.to_dict()
-
-
-def _squant_recal(graph, lo, hi, pairs=None, calibration_data=None):
-    from ..pipeline import quantize_network
-    from .squant import squant_weights
-    q, rep = quantize_network(graph, lo, hi, pairs=pairs, compensation="none", recalibration="analytic",
-                              weight_quantizer=lambda W, bits, name: squant_weights(W, bits))
-    return q, rep.to_dict()
+        return quantize_weights(W, bits) if name in pairing.low else squant.squant_dorefa(W, bits)
+    return _pipeline(weight_quantizer=quantizer)(graph, lo, hi, pairs)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("rtn", "round-to-nearest, per-tensor scale", True, _rtn, "-"),
-    Method("rtn-channel", "round-to-nearest, per-channel scale", True, _rtn_channel, "-"),
-    Method("ocs", "outlier channel splitting (5% more input channels), per-tensor RTN", True, _ocs,
+    Method("rtn", "round-to-nearest, per-tensor scale", True, _data_free(rtn.rtn), "-"),
+    Method("rtn-channel", "round-to-nearest, per-channel scale", True, _data_free(rtn.rtn, per_channel=True), "-"),
+    Method("ocs", "outlier channel splitting (5% more input channels), per-tensor RTN", True, _data_free(ocs.ocs),
            "Zhao et al., ICML 2019"),
-    Method("dfq", "cross-layer equalisation + analytic bias correction, per-tensor RTN", True, _dfq,
+    Method("dfq", "cross-layer equalisation + analytic bias correction, per-tensor RTN", True, _data_free(dfq.dfq),
            "Nagel et al., ICCV 2019"),
-    Method("squant", "SQuant adaptive rounding (element, kernel, channel), per-channel grid", True, _squant,
+    Method("squant", "SQuant adaptive rounding (element, kernel, channel), per-channel grid", True, _data_free(squant.squant),
            "Guo et al., ICLR 2022"),
     Method("none", "TWN / DoReFa, c = 1, scale absorbed in BN (the paper's 'without compensation')", True,
-           _dfmpc(compensation="none", recalibration="absorb"), "Chen et al. 2023"),
+           _pipeline(compensation="none", recalibration="absorb"), "Chen et al. 2023"),
     Method("recal", "TWN / DoReFa, analytic BN re-calibration, c = 1", True,
-           _dfmpc(compensation="none", recalibration="analytic"), "this project (derivation 10)"),
+           _pipeline(compensation="none", recalibration="analytic"), "this project (derivation 10)"),
     Method("dfmpc", "DF-MPC: closed-form c, analytic BN re-calibration", True,
-           _dfmpc(compensation="dfmpc", recalibration="analytic"), "Chen et al. 2023"),
+           _pipeline(compensation="dfmpc", recalibration="analytic"), "Chen et al. 2023"),
     Method("cle+dfmpc", "DFQ's cross-layer equalisation, then DF-MPC", True, _cle_dfmpc, "combination"),
     Method("dfmpc+squant", "DF-MPC with SQuant rounding of the high-bit DoReFa grid", True, _dfmpc_squant,
            "combination"),
-    Method("squant+recal", "SQuant weights, analytic BN re-calibration, c = 1", True, _squant_recal,
+    Method("squant+recal", "SQuant weights, analytic BN re-calibration, c = 1", True,
+           _pipeline(compensation="none", recalibration="analytic",
+                     weight_quantizer=lambda W, bits, name: squant.squant_weights(W, bits)),
            "combination"),
     Method("oracle", "c >= 0 fitted to Eq. (9) on real calibration images (NOT data-free)", False,
-           _dfmpc(compensation="oracle", recalibration="absorb"), "this project"),
+           _pipeline(compensation="oracle", recalibration="absorb"), "this project"),
 ]}
 
 #: What ``dfmpc compare`` runs without ``--methods``.
