@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import dfmpc
+from dfmpc.interop._atomic import write_atomically
 from dfmpc.evaluation import accuracy, load_dataset, load_zoo_model, zoo_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 N_CAL = 500
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
 def split():

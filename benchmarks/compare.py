@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import dfmpc
+from dfmpc.interop._atomic import write_atomically
 from dfmpc.baselines import DEFAULT_METHODS, METHODS
 from dfmpc.compare import compare
 from dfmpc.compensation import compensation_coefficients
@@ -59,10 +58,7 @@ PAPER = {
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
 def _replace_between(text: str, marker: str, body: str) -> str:

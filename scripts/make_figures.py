@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +34,10 @@ N_CAL = 500          # benchmarks/accuracy.py: the last 500 test images are cali
 
 def _save(fig, path: Path) -> None:
     """Write ``fig`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    from dfmpc.interop._atomic import write_atomically
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
-        os.chmod(tmp, 0o644)                             # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight",
+                                                 metadata={"Software": None}), overwrite=True)
 
 
 def lambda_figure(log):

@@ -262,3 +262,18 @@ def test_nothing_written_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_model(g, target, overwrite=True)
     assert isinstance(load_model(target), Graph)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """An atomic write gives what open(path, 'w') would: 0o666 minus the umask for a new file (not the temp
+    file's owner-only 0o600), and the replaced file's own mode on overwrite."""
+    g = resnet_cifar(8, image_size=12)
+    mask = os.umask(0o022)
+    try:
+        save_model(g, tmp_path / "m.npz")
+        assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "m.npz", 0o640)
+        save_model(g, tmp_path / "m.npz", overwrite=True)
+        assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)

@@ -27,7 +27,9 @@ def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool =
         The destination directory does not exist.
 
     Nothing is left behind if ``write`` raises: the temp file is removed and
-    any existing file at ``path`` is untouched.
+    any existing file at ``path`` is untouched. The new file gets the permissions an ordinary
+    ``open(path, "w")`` would give it (those of the file it replaces, else ``0o666`` minus the umask),
+    not the owner-only mode of a temp file.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
@@ -35,8 +37,10 @@ def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool =
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory {directory!r} does not exist")
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -46,3 +50,9 @@ def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool =
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)      # the only portable way to read it is to set it ...
+    os.umask(mask)          # ... and put it back
+    return mask
