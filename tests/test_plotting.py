@@ -194,3 +194,15 @@ def test_make_figures_regenerates_the_readme_figures(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert (root / "docs" / "figures" / name).exists(), f"docs/figures/{name} is not committed"
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_landscape_helpers_refuse_bad_input():
+    """cross_entropy and perturb name the bad argument."""
+    with pytest.raises(ValueError, match="y: expected 2 integer labels"):
+        landscape.cross_entropy(np.zeros((2, 3)), [0, 3])
+    with pytest.raises(ValueError, match="logits"):
+        landscape.cross_entropy(np.zeros(3), [0])
+    with pytest.raises(ValueError, match="alpha"):
+        landscape.perturb(dfmpc.engine.builders.resnet_cifar(8), {}, float("nan"))
+    with pytest.raises(TypeError, match="graph"):
+        landscape.filter_normalized_directions("net")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._checks import as_float_array, check_scalar
+from .engine.graph import Graph
+
 __all__ = ["filter_normalized_directions", "perturb", "cross_entropy"]
 
 def filter_normalized_directions(graph, seed=0):
@@ -32,7 +35,14 @@ def filter_normalized_directions(graph, seed=0):
     Returns
     -------
     dict of node name -> ndarray (the shape of that node's ``W``), float64
+
+    Raises
+    ------
+    TypeError
+        ``graph`` is not a Graph.
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
     rng = np.random.default_rng(seed)
     out = {}
     for node in graph.nodes:
@@ -53,13 +63,22 @@ def perturb(graph, directions, alpha, directions2=None, beta=0.0):
     Parameters
     ----------
     graph : dfmpc.Graph
-    directions, directions2 : dict of node name -> ndarray, from :func:`filter_normalized_directions`
+    directions, directions2 : dict of node name -> ndarray of that node's ``W`` shape
+        From :func:`filter_normalized_directions`; ``directions2`` must have the same keys.
     alpha, beta : float
 
     Returns
     -------
     dfmpc.Graph
+
+    Raises
+    ------
+    KeyError
+        A direction names a node ``graph`` does not have, or ``directions2`` lacks a key.
+    ValueError
+        A direction's shape differs from its weight's; non-finite ``alpha`` / ``beta``.
     """
+    alpha, beta = check_scalar(alpha, "alpha"), check_scalar(beta, "beta")
     upd = {}
     for name, d in directions.items():
         W = graph.node(name).params["W"].astype(np.float64) + alpha * d
@@ -70,8 +89,26 @@ def perturb(graph, directions, alpha, directions2=None, beta=0.0):
 
 
 def cross_entropy(logits, y):
-    """Mean cross-entropy of ``logits`` (N, classes) against integer labels ``y`` (N,)."""
-    z = np.asarray(logits, np.float64)
+    """Mean cross-entropy ``-mean_n log softmax(logits_n)[y_n]``, computed stably.
+
+    Parameters
+    ----------
+    logits : array_like, shape (N, K)
+    y : array_like of int, shape (N,), values in [0, K)
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        Non-finite or mis-shaped logits, labels of another length or outside [0, K).
+    """
+    z = as_float_array(logits, "logits", ndim=2).astype(np.float64)
+    y = np.asarray(y)
+    if y.shape != (len(z),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"y: expected {len(z)} integer labels in [0, {z.shape[1]}), got {y.dtype} {y.shape}")
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return float(-np.mean(logp[np.arange(len(y)), np.asarray(y)]))

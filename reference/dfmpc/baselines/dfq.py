@@ -113,6 +113,13 @@ def channel_ranges(graph: Graph, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     r1, r2 : ndarray, shape (C,), float64
+
+    Raises
+    ------
+    TypeError
+        ``graph`` is not a Graph.
+    KeyError
+        ``pair`` names a node the graph does not have.
     """
     A, B = check_graph(graph).node(pair.low), graph.node(pair.high)
     WA, WB = A.params["W"].astype(np.float64), B.params["W"].astype(np.float64)
@@ -130,6 +137,11 @@ def dfq_objective(r1, r2) -> float:
     Returns
     -------
     float in [0, C]
+
+    Raises
+    ------
+    ValueError
+        Negative, non-finite or mis-shaped ranges.
 
     Example
     -------
