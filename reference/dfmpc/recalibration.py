@@ -17,10 +17,10 @@ and never says how without data (DESIGN.md Sec. 3). Three clearly named readings
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import ndtr  # standard normal CDF
 
 from .compensation import BatchNorm
 from .engine.graph import Graph, Node
+from .moments import clipped_gaussian_moments, propagate_moments  # noqa: F401 (derivation 14)
 
 __all__ = ["RECALIBRATIONS", "clipped_gaussian_moments", "propagate_moments", "analytic_bn", "measured_bn",
            "bn_of", "conv_input_groups"]
@@ -36,120 +36,11 @@ def bn_of(node: Node) -> BatchNorm:
                      eps=float(node.attrs.get("epsilon", 1e-5)))
 
 
-def _phi(z):
-    return np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
-
-
-def clipped_gaussian_moments(m, v, lo=0.0, hi=np.inf):
-    """Mean and variance of ``clip(X, lo, hi)`` for ``X ~ N(m, v)``, elementwise.
-
-    ``lo = 0, hi = inf`` is ReLU (the rectified Gaussian); ``lo = 0, hi = 6`` is ReLU6.
-
-    Parameters
-    ----------
-    m, v : array_like, shape (C,)
-        Mean and variance of X (v >= 0; v = 0 gives the clipped constant).
-    lo, hi : float, lo < hi (may be -inf / inf)
-
-    Returns
-    -------
-    mean, var : ndarray, shape (C,)
-    """
-    m = np.asarray(m, dtype=np.float64)
-    v = np.maximum(np.asarray(v, dtype=np.float64), 0.0)
-    s = np.sqrt(v)
-    safe = np.where(s > 0, s, 1.0)
-    a = np.where(s > 0, (lo - m) / safe, np.where(m < lo, np.inf, -np.inf))
-    b = np.where(s > 0, (hi - m) / safe, np.where(m > hi, -np.inf, np.inf))
-    Pa, Pb = ndtr(a), ndtr(b)
-    pa = np.where(np.isfinite(a), _phi(np.where(np.isfinite(a), a, 0.0)), 0.0)
-    pb = np.where(np.isfinite(b), _phi(np.where(np.isfinite(b), b, 0.0)), 0.0)
-    lo_t = 0.0 if not np.isfinite(lo) else lo      # lo * P(X < lo); 0 when lo = -inf
-    hi_t = 0.0 if not np.isfinite(hi) else hi
-    mid = Pb - Pa                                   # P(lo <= X <= hi)
-    # E[X 1{lo<=X<=hi}] = m mid + s (phi(a) - phi(b));  E[X^2 1{..}] = (m^2 + v) mid + s((lo + m) phi(a) - (hi + m) phi(b))
-    e1_mid = m * mid + s * (pa - pb)
-    e2_mid = (m * m + v) * mid + s * ((np.where(np.isfinite(a), lo_t, 0.0) + m) * pa
-                                      - (np.where(np.isfinite(b), hi_t, 0.0) + m) * pb)
-    mean = lo_t * Pa + e1_mid + hi_t * (1 - Pb)                       # R.2
-    second = lo_t**2 * Pa + e2_mid + hi_t**2 * (1 - Pb)
-    return mean, np.maximum(second - mean**2, 0.0)
-
-
 def conv_input_groups(W: np.ndarray, group: int) -> np.ndarray:
     """Index array (O, C/group): input channel of the graph tensor read by weight W[o, i]."""
     O, Cg = W.shape[:2]
     Og = O // group
     return (np.arange(O)[:, None] // Og) * Cg + np.arange(Cg)[None, :]
-
-
-def _conv_moments(W, B, group, m, v):
-    idx = conv_input_groups(W, group)
-    S, Q = W.sum(axis=(2, 3)), (W**2).sum(axis=(2, 3))
-    mean = np.sum(S * m[idx], axis=1) + (0.0 if B is None else B)
-    return mean, np.sum(Q * v[idx], axis=1)
-
-
-def propagate_moments(graph: Graph, input_mean=0.0, input_var=1.0) -> dict:
-    """Per-channel (mean, var) of every tensor, from the network's own BN statistics (no data).
-
-    Assumptions (documented in derivation 10): inputs independent across channels and positions;
-    a BN output is Gaussian; zero padding ignored. A conv followed by BN takes the BN's running
-    statistics (measured in training) as its output moments; other ops propagate: ReLU / Clip by
-    the clipped Gaussian, Add by summing means and variances, pooling passes through.
-
-    Parameters
-    ----------
-    graph : Graph
-    input_mean, input_var : float or array_like (C,)
-        Moments of the (normalised) network input; 0 and 1 for standardised images.
-
-    Returns
-    -------
-    dict of tensor name -> (mean (C,), var (C,)), float64
-    """
-    moments = {}
-    for name in graph.inputs:
-        shape = graph.input_shapes.get(name)
-        C = shape[0] if shape and shape[0] else next(
-            n.params["W"].shape[1] * n.attrs.get("group", 1) for n in graph.nodes_of("Conv") if name in n.inputs)
-        moments[name] = (np.broadcast_to(np.asarray(input_mean, float), (C,)).copy(),
-                         np.broadcast_to(np.asarray(input_var, float), (C,)).copy())
-    for node in graph.nodes:
-        if not all(t in moments for t in node.inputs):
-            continue
-        ins = [moments[t] for t in node.inputs]
-        out = None
-        if node.op == "Conv":
-            cons = graph.consumers(node.outputs[0])
-            if len(cons) == 1 and cons[0].op == "BatchNormalization":
-                p = cons[0].params
-                out = (p["mean"].astype(float), p["var"].astype(float))   # R.1
-            else:
-                W = node.params["W"].astype(float)
-                B = node.params.get("B")
-                out = _conv_moments(W, None if B is None else B.astype(float), node.attrs.get("group", 1), *ins[0])
-        elif node.op == "BatchNormalization":
-            bn = bn_of(node)
-            a = bn.gamma / bn.sigma
-            out = (a * (ins[0][0] - bn.mean) + bn.beta, a**2 * ins[0][1])
-        elif node.op == "Relu":
-            out = clipped_gaussian_moments(*ins[0], 0.0, np.inf)
-        elif node.op == "Clip":
-            lo, hi = node.attrs.get("min"), node.attrs.get("max")
-            out = clipped_gaussian_moments(*ins[0], -np.inf if lo is None else lo, np.inf if hi is None else hi)
-        elif node.op == "Add" and len(ins) == 2 and ins[0][0].shape == ins[1][0].shape:
-            out = (ins[0][0] + ins[1][0], ins[0][1] + ins[1][1])
-        elif node.op == "Concat" and node.attrs.get("axis", 1) == 1:
-            out = (np.concatenate([i[0] for i in ins]), np.concatenate([i[1] for i in ins]))
-        elif node.op in ("MaxPool", "AveragePool", "GlobalAveragePool", "Identity", "Dropout", "Flatten"):
-            out = ins[0]
-        elif node.op == "Gemm":
-            W = node.params["W"].astype(float)
-            out = (W @ ins[0][0] + node.params.get("B", 0.0), (W**2) @ ins[0][1])
-        if out is not None:
-            moments[node.outputs[0]] = out
-    return moments
 
 
 def analytic_bn(bn: BatchNorm, W, W_q, group: int, in_mean, in_var) -> BatchNorm:
