@@ -1,0 +1,802 @@
+"""Input gradients through an engine graph: a NumPy reverse pass, one vector-Jacobian product per op.
+
+Used by :mod:`dfmpc.probes` to distil probe images (gradient of a loss on BN inputs with respect to
+the network input). Only gradients with respect to *activations* are formed, never with respect to
+weights: the network is fixed, the input is optimised.
+
+Each supported op type has a rule ``(forward, vjp)`` in :data:`RULES`:
+
+- ``forward(node, *xs) -> (y, ctx)``: the op's output, as the engine computes it, plus what its VJP
+  needs (shapes, a ReLU mask, max-pool winners); works in the dtype of ``xs`` (float32 for the
+  engine, float64 for the finite-difference tests).
+- ``vjp(node, ctx, gy) -> tuple``: for an upstream gradient ``gy = dL/dy`` (shape of ``y``), the
+  gradients ``dL/dx_i = J_i^T gy`` for each input ``x_i`` (shape of ``x_i``).
+
+:func:`record` runs the part of a graph that a set of target tensors depends on and keeps each
+node's ``ctx`` (a *tape*); :func:`input_gradient` sweeps it backwards from gradients given at the
+target tensors. An op without a rule raises ``ValueError`` naming the op and the node, before any
+work is done. The formulas are derived in ``data_free_derivations/16_probe_inputs.md`` (rules
+V.1-V.12) and checked against central finite differences and PyTorch autograd in
+``tests/test_backward.py``.
+
+Layout. Arguments and results are NCHW, as everywhere in the engine. The dense convolution works
+on NHWC memory (im2col rows over ``(i, j, c)``, one BLAS matmul) and returns an NCHW *view* of NHWC
+memory, as :func:`dfmpc.engine.conv2d` does; elementwise NumPy ops keep that memory order, so a
+chain of convs never transposes. The vectorised kernels (:func:`conv_forward`, :func:`conv_vjp`,
+:func:`max_pool_vjp`, :func:`avg_pool_vjp`) each have a plain-loop twin at the end of this module
+(``*_loops``), used only by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .engine.conv import conv2d as _engine_conv2d
+from .engine.conv import conv_output_size
+from .engine.graph import Graph, Node
+from .engine.ops import _geometry
+
+__all__ = ["RULES", "Tape", "record", "input_gradient", "conv_forward", "conv_vjp", "max_pool_forward",
+           "max_pool_vjp", "avg_pool_forward", "avg_pool_vjp", "unbroadcast"]
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def _pad_nhwc(xn: np.ndarray, pads) -> np.ndarray:
+    """Zero-pad an NHWC array by ``pads = (top, left, bottom, right)`` (no copy when all zero)."""
+    pt, pl, pb, pr = pads
+    if not any(pads):
+        return xn
+    n, h, w, c = xn.shape
+    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), xn.dtype)
+    xp[:, pt:pt + h, pl:pl + w, :] = xn
+    return xp
+
+
+def _grouped_weight(W: np.ndarray, groups: int) -> np.ndarray:
+    """W (O, Cg, kh, kw) as (G, O/G, kh*kw, Cg): the weight matrix of each group, im2col order (i, j, c)."""
+    o, cg, kh, kw = W.shape
+    return W.reshape(groups, o // groups, cg, kh * kw).transpose(0, 1, 3, 2)
+
+
+def conv_forward(x: np.ndarray, W: np.ndarray, B: np.ndarray | None = None, strides=(1, 1),
+                 pads=(0, 0, 0, 0), dilations=(1, 1), groups: int = 1, method: str = "auto") -> np.ndarray:
+    """Convolution (cross-correlation, ONNX geometry): im2col + one matmul per group (BLAS), or the engine's.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    W : ndarray, shape (O, C / groups, kh, kw)
+    B : ndarray, shape (O,), optional
+    strides, dilations : (int, int)
+    pads : (int, int, int, int)
+        ``(top, left, bottom, right)``.
+    groups : int
+        ``C`` and ``O`` divisible by it; ``groups = C`` is a depthwise conv.
+    method : {"auto", "im2col", "engine"}
+        ``im2col``: this module's im2col + matmul, any float dtype. ``engine``: float32 only,
+        :func:`dfmpc.engine.conv2d` (Numba kernels, tested against their own loop twin).
+        ``auto``: ``engine`` for float32 input, else ``im2col``.
+
+    Returns
+    -------
+    ndarray, shape (N, O, oh, ow), dtype of x
+        An NCHW view of NHWC memory for dense convs (``y.transpose(0, 2, 3, 1)`` is contiguous).
+
+    Raises
+    ------
+    ValueError
+        Channel counts inconsistent with ``groups``, an empty output, or an unknown ``method``.
+    """
+    if method not in ("auto", "im2col", "engine"):
+        raise ValueError(f"method: expected 'auto', 'im2col' or 'engine', got {method!r}")
+    if method == "engine" or (method == "auto" and x.dtype == np.float32):
+        return _engine_conv2d(x.astype(np.float32, copy=False), np.ascontiguousarray(W, dtype=np.float32),
+                              None if B is None else np.asarray(B, np.float32), tuple(strides), tuple(pads),
+                              tuple(dilations), groups)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = W.shape
+    if c != cg * groups or o % groups:
+        raise ValueError(f"input has {c} channels and weight {W.shape} with groups={groups}: "
+                         f"expected C = {cg}*{groups} and O divisible by groups")
+    (sh, sw), (dh, dw) = strides, dilations
+    pt, pl, pb, pr = pads
+    oh = conv_output_size(h, kh, sh, pt, pb, dh)
+    ow = conv_output_size(wd, kw, sw, pl, pr, dw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {h}x{wd} is too small for kernel {kh}x{kw} (pads {pads}, dilations {dilations})")
+    W = W.astype(x.dtype, copy=False)
+    xp = _pad_nhwc(x.transpose(0, 2, 3, 1), pads)
+    P = n * oh * ow
+    if kh == kw == 1:
+        cols = np.ascontiguousarray(xp[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, :]).reshape(P, c)
+    else:
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+        win = win[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, :, ::dh, ::dw]      # (N, oh, ow, C, kh, kw)
+        cols = np.empty((n, oh, ow, kh, kw, c), x.dtype)
+        cols[...] = win.transpose(0, 1, 2, 4, 5, 3)
+        cols = cols.reshape(P, kh * kw * c)                                           # rows (i, j, c)
+    if groups == 1:
+        y = cols @ W.transpose(0, 2, 3, 1).reshape(o, -1).T                           # (P, O)
+    else:
+        Wg = _grouped_weight(W, groups)                                               # (G, Og, k, Cg)
+        y = np.einsum("pkgc,gokc->pgo", cols.reshape(P, kh * kw, groups, cg), Wg, optimize=True)
+        y = y.reshape(P, o)
+    if B is not None:
+        y += B.astype(x.dtype, copy=False)
+    return y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+
+
+def _transposed_geometry(x_shape, W_shape, gy_shape, strides, pads, dilations):
+    """Pads of the stride-1 conv that computes V.1 on the zero-upsampled ``gy`` (V.1'), or None if negative."""
+    _, _, h, wd = x_shape
+    _, _, kh, kw = W_shape
+    _, _, oh, ow = gy_shape
+    (sh, sw), (dh, dw) = strides, dilations
+    pt, pl, _, _ = pads
+    q = (dh * (kh - 1) - pt, dw * (kw - 1) - pl,
+         h + pt - 1 - (oh - 1) * sh, wd + pl - 1 - (ow - 1) * sw)
+    return q if min(q) >= 0 else None
+
+
+def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0, 0, 0),
+             dilations=(1, 1), groups: int = 1, method: str = "auto") -> np.ndarray:
+    """Gradient of a convolution with respect to its input (V.1): the transposed convolution of ``gy``.
+
+    ``gx[n, g*Cg + c, u, v] = sum_{o in group g, i, j, y, x : y*sh - pt + i*dh = u, x*sw - pl + j*dw = v}
+    W[o, c, i, j] gy[n, o, y, x]``, computed either as ``gcols = gy W`` (one matmul per group)
+    followed by col2im (one strided add per kernel offset), or (V.1') as a stride-1 convolution of
+    ``gy`` upsampled with ``s - 1`` zeros between samples, with the kernel flipped in space and its
+    in/out channels swapped per group, run by the engine's float32 kernels.
+
+    Parameters
+    ----------
+    gy : ndarray, shape (N, O, oh, ow)
+        Gradient with respect to the conv output.
+    W : ndarray, shape (O, C / groups, kh, kw)
+    x_shape : tuple (N, C, H, W)
+        Shape of the conv input.
+    strides, dilations : (int, int)
+    pads : (int, int, int, int)
+    groups : int
+    method : {"auto", "col2im", "transposed"}
+        ``col2im``: any float dtype. ``transposed``: float32 only, needs the pads of V.1' to be
+        >= 0 (pads no larger than the kernel extent). ``auto``: ``transposed`` for float32 ``gy``
+        and kernels larger than 1x1 when possible, else ``col2im``.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), dtype of gy
+        An NCHW view of NHWC memory for dense convs. The bias has no effect on it.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, or ``transposed`` asked for where it does not apply.
+    """
+    if method not in ("auto", "col2im", "transposed"):
+        raise ValueError(f"method: expected 'auto', 'col2im' or 'transposed', got {method!r}")
+    q = _transposed_geometry(x_shape, W.shape, gy.shape, strides, pads, dilations)
+    if method == "transposed" and q is None:
+        raise ValueError(f"method: 'transposed' needs pads {pads} no larger than the kernel extent")
+    if method == "transposed" or (method == "auto" and gy.dtype == np.float32 and q is not None
+                                  and W.shape[2] * W.shape[3] > 1):
+        return _conv_vjp_transposed(gy, W, x_shape, strides, dilations, groups, q)
+    n, c, h, wd = x_shape
+    o, cg, kh, kw = W.shape
+    _, _, oh, ow = gy.shape
+    (sh, sw), (dh, dw) = strides, dilations
+    pt, pl, pb, pr = pads
+    W = W.astype(gy.dtype, copy=False)
+    P = n * oh * ow
+    g2 = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(P, o)
+    if groups == 1:
+        gcols = g2 @ W.transpose(0, 2, 3, 1).reshape(o, -1)                          # (P, kh*kw*C)
+    else:
+        gcols = np.einsum("pgo,gokc->pkgc", g2.reshape(P, groups, o // groups), _grouped_weight(W, groups),
+                          optimize=True)
+    gcols = gcols.reshape(n, oh, ow, kh, kw, c)
+    gxp = np.zeros((n, h + pt + pb, wd + pl + pr, c), gy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gxp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += gcols[:, :, :, i, j, :]
+    gx = gxp[:, pt:pt + h, pl:pl + wd, :] if any(pads) else gxp
+    return np.ascontiguousarray(gx).transpose(0, 3, 1, 2)
+
+
+def _conv_vjp_transposed(gy, W, x_shape, strides, dilations, groups, q):
+    """V.1': gx = conv(upsample_s(gy), flip(W) with in/out swapped per group), stride 1, pads q."""
+    n, o, oh, ow = gy.shape
+    _, cg, kh, kw = W.shape
+    sh, sw = strides
+    if sh > 1 or sw > 1:
+        up = np.zeros((n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1), np.float32)
+        up[:, :, ::sh, ::sw] = gy
+        gy = up
+    og = o // groups
+    Wt = W.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4).reshape(groups * cg, og, kh, kw)
+    Wt = np.ascontiguousarray(Wt[:, :, ::-1, ::-1], dtype=np.float32)
+    gx = _engine_conv2d(gy.astype(np.float32, copy=False), Wt, None, (1, 1), q, tuple(dilations), groups)
+    if gx.shape != tuple(x_shape):
+        raise AssertionError(f"transposed conv gave {gx.shape}, expected {tuple(x_shape)}")  # pragma: no cover
+    return gx
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def _pool_geometry(x_shape, kernel, strides, pads, dilations, ceil_mode):
+    """Output size and padded extent of a pooling window grid (as :mod:`dfmpc.engine.pooling`)."""
+    n, c, h, w = x_shape
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = kernel, strides, pads, dilations
+    oh = conv_output_size(h, kh, sh, pt, pb, dh, ceil_mode)
+    ow = conv_output_size(w, kw, sw, pl, pr, dw, ceil_mode)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {h}x{w} is too small for pooling kernel {kh}x{kw} with pads {pads}")
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    hp = max(h + pt + pb, (oh - 1) * sh + eh)
+    wp = max(w + pl + pr, (ow - 1) * sw + ew)
+    return oh, ow, hp, wp
+
+
+def _pool_windows(x, kernel, strides, pads, dilations, ceil_mode, fill):
+    """(windows (N, C, oh, ow, kh, kw), (oh, ow, hp, wp)) over ``x`` padded with ``fill``."""
+    n, c, h, w = x.shape
+    oh, ow, hp, wp = _pool_geometry(x.shape, kernel, strides, pads, dilations, ceil_mode)
+    (kh, kw), (sh, sw), (pt, pl, _, _), (dh, dw) = kernel, strides, pads, dilations
+    xp = np.full((n, c, hp, wp), fill, dtype=x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    win = sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+    return win[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, ::dh, ::dw], (oh, ow, hp, wp)
+
+
+def max_pool_forward(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=False):
+    """Max pooling and the winner of each window.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel, strides, dilations : (int, int)
+    pads : (int, int, int, int)
+        Padding never wins.
+    ceil_mode : bool
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, oh, ow)
+    arg : ndarray, shape (N, C, oh, ow), int
+        Flat index ``i*kw + j`` of the first maximum in each window (row-major, as PyTorch).
+    """
+    win, _ = _pool_windows(x, kernel, strides, pads, dilations, ceil_mode, -np.inf)
+    n, c, oh, ow, kh, kw = win.shape
+    flat = win.reshape(n, c, oh, ow, kh * kw)
+    arg = flat.argmax(axis=-1)
+    y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    return y, arg
+
+
+def max_pool_vjp(gy, arg, x_shape, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                 ceil_mode=False):
+    """Gradient of max pooling (V.5): each window's ``gy`` goes to its winner; overlapping windows add.
+
+    Parameters
+    ----------
+    gy : ndarray, shape (N, C, oh, ow)
+    arg : ndarray, shape (N, C, oh, ow), int
+        From :func:`max_pool_forward`.
+    x_shape : tuple (N, C, H, W)
+    kernel, strides, pads, dilations, ceil_mode
+        As in the forward.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), dtype of gy
+    """
+    n, c, h, w = x_shape
+    oh, ow, hp, wp = _pool_geometry(x_shape, kernel, strides, pads, dilations, ceil_mode)
+    (kh, kw), (sh, sw), (pt, pl, _, _), (dh, dw) = kernel, strides, pads, dilations
+    gxp = np.zeros((n, c, hp, wp), gy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gxp[:, :, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw] += \
+                np.where(arg == i * kw + j, gy, 0)
+    return gxp[:, :, pt:pt + h, pl:pl + w]
+
+
+def _avg_pool_count(x_shape, kernel, strides, pads, ceil_mode, count_include_pad):
+    """Divisor of each average-pool window, shape (1, 1, oh, ow) (as :func:`dfmpc.engine.avg_pool2d`)."""
+    n, c, h, w = x_shape
+    oh, ow, hp, wp = _pool_geometry(x_shape, kernel, strides, pads, (1, 1), ceil_mode)
+    pt, pl, pb, pr = pads
+    mask = np.zeros((1, 1, hp, wp))
+    if count_include_pad:
+        mask[:, :, :h + pt + pb, :w + pl + pr] = 1.0
+    else:
+        mask[:, :, pt:pt + h, pl:pl + w] = 1.0
+    win = sliding_window_view(mask, tuple(kernel), axis=(2, 3))[:, :, :(oh - 1) * strides[0] + 1:strides[0],
+                                                                :(ow - 1) * strides[1] + 1:strides[1]]
+    return win.sum(axis=(4, 5))
+
+
+def avg_pool_forward(x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=False, count_include_pad=False):
+    """Average pooling, ONNX semantics (:func:`dfmpc.engine.avg_pool2d`), in the dtype of ``x``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel, strides : (int, int)
+    pads : (int, int, int, int)
+    ceil_mode, count_include_pad : bool
+
+    Returns
+    -------
+    ndarray, shape (N, C, oh, ow)
+    """
+    win, _ = _pool_windows(x, kernel, strides, pads, (1, 1), ceil_mode, 0.0)
+    count = _avg_pool_count(x.shape, kernel, strides, pads, ceil_mode, count_include_pad)
+    return (win.sum(axis=(4, 5)) / count).astype(x.dtype, copy=False)
+
+
+def avg_pool_vjp(gy, x_shape, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=False,
+                 count_include_pad=False):
+    """Gradient of average pooling (V.6): ``gy / count`` spread over each window; padding dropped.
+
+    Parameters
+    ----------
+    gy : ndarray, shape (N, C, oh, ow)
+    x_shape : tuple (N, C, H, W)
+    kernel, strides, pads, ceil_mode, count_include_pad
+        As in the forward.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), dtype of gy
+    """
+    n, c, h, w = x_shape
+    oh, ow, hp, wp = _pool_geometry(x_shape, kernel, strides, pads, (1, 1), ceil_mode)
+    (kh, kw), (sh, sw), (pt, pl, _, _) = kernel, strides, pads
+    g = (gy / _avg_pool_count(x_shape, kernel, strides, pads, ceil_mode, count_include_pad)).astype(gy.dtype)
+    gxp = np.zeros((n, c, hp, wp), gy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gxp[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw] += g
+    return gxp[:, :, pt:pt + h, pl:pl + w]
+
+
+def unbroadcast(g: np.ndarray, shape) -> np.ndarray:
+    """Sum ``g`` over the axes NumPy broadcasting added or stretched, back to ``shape`` (V.8).
+
+    Parameters
+    ----------
+    g : ndarray
+        A gradient of the broadcast result.
+    shape : tuple
+        Shape of the operand before broadcasting.
+
+    Returns
+    -------
+    ndarray, shape ``shape``
+    """
+    shape = tuple(shape)
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead > 0 else g
+    axes = tuple(a for a, s in enumerate(shape) if s == 1 and g.shape[a] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+# ----------------------------------------------------------------------------- the rules
+
+def _conv_rule_forward(node, x):
+    if x.ndim != 4:
+        raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
+    W = node.params["W"]
+    strides, pads, dilations = _geometry(node, x, W.shape[2:])
+    groups = node.attrs.get("group", 1)
+    y = conv_forward(x, W, node.params.get("B"), strides, pads, dilations, groups)
+    return y, (x.shape, strides, pads, dilations, groups)
+
+
+def _conv_rule_vjp(node, ctx, gy):
+    x_shape, strides, pads, dilations, groups = ctx
+    return (conv_vjp(gy, node.params["W"], x_shape, strides, pads, dilations, groups),)
+
+
+def _bn_scale_shift(node, dtype):
+    p = node.params
+    scale = p["gamma"].astype(np.float64) / np.sqrt(p["var"].astype(np.float64) + float(node.attrs.get("epsilon", 1e-5)))
+    shift = p["beta"].astype(np.float64) - p["mean"].astype(np.float64) * scale
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def _bn_forward(node, x):
+    if x.ndim < 2 or x.shape[1] != node.params["gamma"].shape[0]:
+        raise ValueError(f"input shape {x.shape} does not have {node.params['gamma'].shape[0]} channels on axis 1")
+    scale, shift = _bn_scale_shift(node, x.dtype)
+    b = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.reshape(b) + shift.reshape(b), x.ndim
+
+
+def _bn_vjp(node, ndim, gy):                                  # V.2: eval-mode BN is affine per channel
+    scale, _ = _bn_scale_shift(node, gy.dtype)
+    return (gy * scale.reshape((1, -1) + (1,) * (ndim - 2)),)
+
+
+def _relu_forward(node, x):
+    return np.maximum(x, x.dtype.type(0)), x > 0
+
+
+def _mask_vjp(node, mask, gy):                                # V.3 / V.4: gy where the op is the identity
+    return (np.where(mask, gy, gy.dtype.type(0)),)
+
+
+def _clip_forward(node, x):
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    y = np.clip(x, None if lo is None else x.dtype.type(lo), None if hi is None else x.dtype.type(hi))
+    mask = np.ones(x.shape, bool)
+    if lo is not None:
+        mask &= x >= lo
+    if hi is not None:
+        mask &= x <= hi
+    return y, mask
+
+
+def _max_pool_forward(node, x):
+    if x.ndim != 4:
+        raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
+    kernel = tuple(node.attrs["kernel_shape"])
+    strides, pads, dilations = _geometry(node, x, kernel)
+    ceil = bool(node.attrs.get("ceil_mode", 0))
+    y, arg = max_pool_forward(x, kernel, strides, pads, dilations, ceil)
+    return y, (arg, x.shape, kernel, strides, pads, dilations, ceil)
+
+
+def _max_pool_vjp(node, ctx, gy):
+    arg, *geom = ctx
+    return (max_pool_vjp(gy, arg, *geom),)
+
+
+def _avg_pool_forward(node, x):
+    if x.ndim != 4:
+        raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
+    kernel = tuple(node.attrs["kernel_shape"])
+    strides, pads, _ = _geometry(node, x, kernel)
+    geom = (kernel, strides, pads, bool(node.attrs.get("ceil_mode", 0)),
+            bool(node.attrs.get("count_include_pad", 0)))
+    return avg_pool_forward(x, *geom), (x.shape,) + geom
+
+
+def _avg_pool_vjp(node, ctx, gy):
+    return (avg_pool_vjp(gy, *ctx),)
+
+
+def _gap_forward(node, x):
+    if x.ndim != 4:
+        raise ValueError(f"expects a rank-4 input, got shape {x.shape}")
+    return x.mean(axis=(2, 3), keepdims=True), x.shape
+
+
+def _gap_vjp(node, x_shape, gy):                              # V.7
+    return (np.broadcast_to(gy / (x_shape[2] * x_shape[3]), x_shape),)
+
+
+def _add_forward(node, *xs):
+    y = xs[0]
+    for z in xs[1:]:
+        y = y + z
+    if "constant" in node.params:
+        y = y + node.params["constant"].astype(y.dtype)
+    return y, [x.shape for x in xs]
+
+
+def _add_vjp(node, shapes, gy):                               # V.8
+    return tuple(unbroadcast(gy, s) for s in shapes)
+
+
+def _mul_forward(node, *xs):
+    y = xs[0]
+    for z in xs[1:]:
+        y = y * z
+    const = node.params.get("constant")
+    if const is not None:
+        y = y * const.astype(y.dtype)
+    return y, xs
+
+
+def _mul_vjp(node, xs, gy):                                   # product rule
+    const = node.params.get("constant")
+    out = []
+    for i, x in enumerate(xs):
+        g = gy if const is None else gy * const.astype(gy.dtype)
+        for k, z in enumerate(xs):
+            if k != i:
+                g = g * z
+        out.append(unbroadcast(g, x.shape))
+    return tuple(out)
+
+
+def _concat_forward(node, *xs):
+    axis = node.attrs["axis"]
+    return np.concatenate(xs, axis=axis), (axis, [x.shape[axis] for x in xs])
+
+
+def _concat_vjp(node, ctx, gy):                               # V.9
+    axis, sizes = ctx
+    return tuple(np.split(gy, np.cumsum(sizes)[:-1], axis=axis))
+
+
+def _flatten_forward(node, x):
+    axis = node.attrs.get("axis", 1) % max(x.ndim, 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1), x.shape
+
+
+def _reshape_vjp(node, x_shape, gy):                          # V.10
+    return (gy.reshape(x_shape),)
+
+
+def _gemm_forward(node, x):
+    W = node.params["W"]
+    if x.ndim != 2 or x.shape[1] != W.shape[1]:
+        raise ValueError(f"input shape {x.shape} does not match weight {W.shape} (expected (N, {W.shape[1]}))")
+    y = x @ W.T.astype(x.dtype, copy=False)
+    if "B" in node.params:
+        y = y + node.params["B"].astype(x.dtype)
+    return y, None
+
+
+def _gemm_vjp(node, ctx, gy):                                 # V.11
+    return (gy @ node.params["W"].astype(gy.dtype, copy=False),)
+
+
+def _identity_forward(node, x):
+    return x, None
+
+
+def _identity_vjp(node, ctx, gy):                             # V.12
+    return (gy,)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The forward (with saved context) and the vector-Jacobian product of one op type."""
+
+    forward: Callable
+    vjp: Callable
+
+
+#: op type -> Rule; the op set that :func:`record` and :func:`input_gradient` can differentiate.
+RULES: dict[str, Rule] = {
+    "Conv": Rule(_conv_rule_forward, _conv_rule_vjp),
+    "BatchNormalization": Rule(_bn_forward, _bn_vjp),
+    "Relu": Rule(_relu_forward, _mask_vjp),
+    "Clip": Rule(_clip_forward, _mask_vjp),
+    "MaxPool": Rule(_max_pool_forward, _max_pool_vjp),
+    "AveragePool": Rule(_avg_pool_forward, _avg_pool_vjp),
+    "GlobalAveragePool": Rule(_gap_forward, _gap_vjp),
+    "Add": Rule(_add_forward, _add_vjp),
+    "Mul": Rule(_mul_forward, _mul_vjp),
+    "Concat": Rule(_concat_forward, _concat_vjp),
+    "Flatten": Rule(_flatten_forward, _reshape_vjp),
+    "Gemm": Rule(_gemm_forward, _gemm_vjp),
+    "Identity": Rule(_identity_forward, _identity_vjp),
+    "Dropout": Rule(_identity_forward, _identity_vjp),
+}
+
+
+# ----------------------------------------------------------------------------- tape
+
+@dataclass
+class Tape:
+    """What :func:`record` kept: the nodes run (topological order), each node's context, the targets.
+
+    Attributes
+    ----------
+    graph : Graph
+    input_name : str
+    input_shape : tuple (N, C, H, W)
+    nodes : list of Node
+        The nodes the targets depend on, in topological order.
+    ctx : dict of str to object
+        Node name -> the context its rule's forward saved.
+    values : dict of str to ndarray
+        Target tensor name -> its value.
+    """
+
+    graph: Graph
+    input_name: str
+    input_shape: tuple
+    nodes: list[Node]
+    ctx: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+
+
+def _needed_nodes(graph: Graph, targets) -> list[Node]:
+    """Nodes whose outputs the targets depend on, in topological order."""
+    need = set(targets)
+    chosen = []
+    for node in reversed(graph.nodes):
+        if any(t in need for t in node.outputs):
+            chosen.append(node)
+            need.update(node.inputs)
+    return chosen[::-1]
+
+
+def record(graph: Graph, x: np.ndarray, targets) -> Tape:
+    """Run the part of ``graph`` that ``targets`` depend on, keeping what the backward pass needs.
+
+    Parameters
+    ----------
+    graph : Graph
+        A single-input graph. Not modified.
+    x : ndarray, shape (N, C, H, W), float32 or float64
+        The input batch (one chunk: everything is kept in memory).
+    targets : list of str
+        Tensor names to compute and keep (any tensors of the graph, not the input).
+
+    Returns
+    -------
+    Tape
+        ``tape.values[t]`` is the value of target ``t`` (shape as the engine gives it).
+
+    Raises
+    ------
+    ValueError
+        A graph with several inputs, an unknown target, an op on the way without a rule in
+        :data:`RULES` (the message names the op and the node), or a node failing on its input.
+    TypeError
+        ``x`` is not a float32 / float64 ndarray.
+    """
+    if len(graph.inputs) != 1:
+        raise ValueError(f"graph: expected one input, got {graph.inputs}")
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x: expected a float32 or float64 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+    targets = list(targets)
+    produced = {t for n in graph.nodes for t in n.outputs}
+    unknown = [t for t in targets if t not in produced]
+    if unknown:
+        raise ValueError(f"targets: unknown tensors {unknown}")
+    nodes = _needed_nodes(graph, targets)
+    missing = [n for n in nodes if n.op not in RULES]
+    if missing:
+        raise ValueError("no vector-Jacobian product for " + ", ".join(f"op {n.op} (node {n.name!r})" for n in missing)
+                         + f"; differentiable ops: {sorted(RULES)}")
+    name = graph.inputs[0]
+    tape = Tape(graph, name, x.shape, nodes)
+    last_use = {}
+    for i, n in enumerate(nodes):
+        for t in n.inputs:
+            last_use[t] = i
+    env = {name: x}
+    keep = set(targets)
+    for i, node in enumerate(nodes):
+        try:
+            y, ctx = RULES[node.op].forward(node, *[env[t] for t in node.inputs])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"node {node.name!r} ({node.op}) on input shapes "
+                             f"{[env[t].shape for t in node.inputs]}: {err}") from err
+        tape.ctx[node.name] = ctx
+        env[node.outputs[0]] = y
+        for t in node.inputs:
+            if last_use[t] == i and t not in keep:
+                env.pop(t, None)
+    tape.values = {t: env[t] for t in targets}
+    return tape
+
+
+def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
+    """Reverse sweep: the gradient at the graph input given gradients at some recorded tensors.
+
+    For a scalar ``L`` that depends on the input only through the seeded tensors ``t``, with
+    ``seeds[t] = dL/dt`` (the partial derivative of L's *direct* dependence on t), returns ``dL/dx``:
+    each node, last to first, adds ``J^T gy`` of its inputs into their accumulated gradients (chain
+    rule; a tensor read by several nodes sums their contributions).
+
+    Parameters
+    ----------
+    tape : Tape
+        From :func:`record`.
+    seeds : dict of str to ndarray
+        Tensor name (one of the tape's targets or any tensor its nodes produce) -> gradient of that
+        tensor's shape.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W)
+        ``dL/dx``, zeros if no seed depends on the input.
+
+    Raises
+    ------
+    ValueError
+        A seed for a tensor the tape did not compute, or of the wrong shape.
+    """
+    produced = {n.outputs[0] for n in tape.nodes}
+    grads = {}
+    for t, g in seeds.items():
+        if t not in produced:
+            raise ValueError(f"seeds: tensor {t!r} was not computed by the tape")
+        if t in tape.values and np.shape(g) != tape.values[t].shape:
+            raise ValueError(f"seeds: gradient for {t!r} has shape {np.shape(g)}, expected {tape.values[t].shape}")
+        grads[t] = g
+    for node in reversed(tape.nodes):
+        gy = grads.pop(node.outputs[0], None)
+        if gy is None:
+            continue
+        gxs = RULES[node.op].vjp(node, tape.ctx[node.name], gy)
+        for t, gx in zip(node.inputs, gxs):
+            grads[t] = gx if t not in grads else grads[t] + gx
+    g = grads.get(tape.input_name)
+    if g is None:
+        return np.zeros(tape.input_shape, dtype=next(iter(seeds.values())).dtype if seeds else np.float32)
+    return np.ascontiguousarray(g)
+
+
+# ----------------------------------------------------------------------------- plain-loop twins (tests)
+
+def conv_vjp_loops(gy, W, x_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
+    """Twin of :func:`conv_vjp` by explicit loops over every output and kernel tap (float64)."""
+    n_img, c_in, h, wd = x_shape
+    c_out, cg, kh, kw = W.shape
+    og = c_out // groups
+    _, _, oh, ow = gy.shape
+    gx = np.zeros(x_shape)
+    for n in range(n_img):
+        for o in range(c_out):
+            g = o // og
+            for y in range(oh):
+                for xo in range(ow):
+                    for c in range(cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                u = y * strides[0] - pads[0] + i * dilations[0]
+                                v = xo * strides[1] - pads[1] + j * dilations[1]
+                                if 0 <= u < h and 0 <= v < wd:
+                                    gx[n, g * cg + c, u, v] += float(W[o, c, i, j]) * float(gy[n, o, y, xo])
+    return gx
+
+
+def max_pool_vjp_loops(gy, x, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=False):
+    """Twin of :func:`max_pool_vjp` by explicit loops: each window's first maximum takes its gradient."""
+    n_img, c_in, h, wd = x.shape
+    _, _, oh, ow = gy.shape
+    gx = np.zeros(x.shape)
+    for n in range(n_img):
+        for c in range(c_in):
+            for y in range(oh):
+                for xo in range(ow):
+                    best, where = -np.inf, None
+                    for i in range(kernel[0]):
+                        for j in range(kernel[1]):
+                            u = y * strides[0] - pads[0] + i * dilations[0]
+                            v = xo * strides[1] - pads[1] + j * dilations[1]
+                            if 0 <= u < h and 0 <= v < wd and x[n, c, u, v] > best:
+                                best, where = x[n, c, u, v], (u, v)
+                    if where is not None:
+                        gx[n, c, where[0], where[1]] += gy[n, c, y, xo]
+    return gx
+
+
+def avg_pool_vjp_loops(gy, x_shape, kernel, strides=(1, 1), pads=(0, 0, 0, 0), ceil_mode=False,
+                       count_include_pad=False):
+    """Twin of :func:`avg_pool_vjp` by explicit loops: count each window's divisor, spread gy over it."""
+    n_img, c_in, h, wd = x_shape
+    _, _, oh, ow = gy.shape
+    gx = np.zeros(x_shape)
+    for y in range(oh):
+        for xo in range(ow):
+            taps, count = [], 0
+            for i in range(kernel[0]):
+                for j in range(kernel[1]):
+                    u = y * strides[0] - pads[0] + i
+                    v = xo * strides[1] - pads[1] + j
+                    inside = 0 <= u < h and 0 <= v < wd
+                    in_pad = -pads[0] <= u < h + pads[2] and -pads[1] <= v < wd + pads[3]
+                    count += inside or (count_include_pad and in_pad)
+                    if inside:
+                        taps.append((u, v))
+            for u, v in taps:
+                gx[:, :, u, v] += gy[:, :, y, xo] / count
+    return gx

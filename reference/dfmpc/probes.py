@@ -1,0 +1,338 @@
+"""Probe inputs without data: white noise, or images distilled from the network's own BN statistics.
+
+The sequential re-calibration measures how the quantized network's statistics drift from the
+full-precision network's on *probe* inputs. Real images are not allowed (data-free), so the probes
+are made from the network alone:
+
+- ``kind="noise"``: standard-normal white noise of the input's shape (the baseline).
+- ``kind="distilled"``: ZeroQ's distilled data (Cai et al., CVPR 2020). Start from the same noise
+  and move the images, by Adam on the input, until every BatchNormalization node of the FP32
+  network sees, on its *input*, the per-channel batch mean and standard deviation it was trained
+  with (its running mean and ``sqrt(var + eps)``), and the images themselves have per-channel mean
+  0 and standard deviation 1 (the zoo's inputs are standardised):
+
+  ``L(x) = sum_BN ||mu_b - mu||^2 + ||s_b - sigma||^2  +  ||mean(x)||^2 + ||s(x) - 1||^2``  (D.1)
+
+  The input gradient is one reverse sweep through the graph (:mod:`dfmpc.autodiff`); the forward
+  stops at the last BN. Derivation and tests: ``data_free_derivations/16_probe_inputs.md``.
+
+Example
+-------
+>>> x = probe_inputs(g, n=64, kind="distilled", seed=0, progress=False)     # doctest: +SKIP
+>>> x.shape, x.dtype                                                          # doctest: +SKIP
+((64, 1, 28, 28), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .autodiff import input_gradient, record
+from .engine.graph import Graph
+
+__all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
+           "distill", "bn_targets", "bn_matching_loss", "DistillationResult"]
+
+#: kinds of probe inputs :func:`probe_inputs` makes
+PROBE_KINDS = ("distilled", "noise")
+DEFAULT_KIND = "distilled"
+#: default budget (tuned for quality per second on ResNet-20; see 16_probe_inputs.md)
+DEFAULT_N = 64
+DEFAULT_ITERATIONS = 30
+DEFAULT_LR = 0.25
+#: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
+INPUT_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class BNTarget:
+    """One BN to match: the tensor it reads, its running mean ``mu`` (C,) and ``sigma = sqrt(var + eps)`` (C,)."""
+
+    node: str
+    tensor: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    eps: float
+
+
+@dataclass
+class DistillationResult:
+    """What :func:`distill` did: the images, ``loss[k]`` = L (D.1) before step k (last: after the last step)."""
+
+    x: np.ndarray
+    loss: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def bn_targets(graph: Graph) -> list[BNTarget]:
+    """The BatchNormalization nodes of ``graph`` with what their inputs should look like.
+
+    Parameters
+    ----------
+    graph : Graph
+
+    Returns
+    -------
+    list of BNTarget
+        In topological order; ``mu`` and ``sigma`` float64 of shape (C,).
+    """
+    out = []
+    for node in graph.nodes_of("BatchNormalization"):
+        p, eps = node.params, float(node.attrs.get("epsilon", 1e-5))
+        out.append(BNTarget(node.name, node.inputs[0], p["mean"].astype(np.float64),
+                            np.sqrt(p["var"].astype(np.float64) + eps), eps))
+    return out
+
+
+def _rows(z: np.ndarray) -> np.ndarray:
+    """An (N, C, ...) tensor as (N*..., C) rows, channel last (a free view for NHWC memory)."""
+    return np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+
+
+def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, grad: bool):
+    """(D.2)-(D.3) for one tensor z (N, C, ...): ``||mu_b - mu||^2 + ||s_b - sigma||^2`` and dL/dz (or None)."""
+    r = _rows(z)
+    M = r.shape[0]
+    mu_b = r.mean(axis=0, dtype=np.float64)
+    d = r - mu_b.astype(r.dtype)
+    var_b = np.einsum("mc,mc->c", d, d, dtype=np.float64) / M
+    s_b = np.sqrt(var_b + eps)
+    loss = float(np.sum((mu_b - mu) ** 2) + np.sum((s_b - sigma) ** 2))
+    if not grad:
+        return loss, None
+    a = (2.0 * (mu_b - mu) / M).astype(r.dtype)                       # dL/dmu_b / M
+    b = (2.0 * (s_b - sigma) / (s_b * M)).astype(r.dtype)             # dL/ds_b * ds_b/dvar_b * 2 / M
+    g = d * b + a                                                      # (D.3), rows (M, C)
+    shape = (z.shape[0],) + z.shape[2:] + (z.shape[1],)
+    return loss, np.moveaxis(g.reshape(shape), -1, 1)
+
+
+def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: bool = True):
+    """L (D.1) on the batch x (N, C, H, W) and, if ``grad``, dL/dx of x's shape and dtype."""
+    name = graph.inputs[0]
+    inner = [t for t in targets if t.tensor != name]
+    tape = record(graph, x, [t.tensor for t in inner])
+    loss, seeds, gx = 0.0, {}, np.zeros_like(x) if grad else None
+    for t in targets:
+        z = x if t.tensor == name else tape.values[t.tensor]
+        l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad)
+        loss += l
+        if g is None:
+            continue
+        if t.tensor == name:
+            gx += g
+        else:
+            seeds[t.tensor] = g if t.tensor not in seeds else seeds[t.tensor] + g
+    C = x.shape[1]
+    l, g = _stat_loss(x, np.zeros(C), np.full(C, math.sqrt(1.0 + INPUT_EPS)), INPUT_EPS, grad)   # input term
+    loss += l
+    if grad:
+        gx += g
+        if seeds:
+            gx += input_gradient(tape, seeds)
+    return loss, gx
+
+
+def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None) -> float:
+    """ZeroQ's BN-statistics loss (D.1) of a batch of images, batch statistics over all of ``x``.
+
+    Parameters
+    ----------
+    graph : Graph
+        Full-precision network with BatchNormalization nodes; one input.
+    x : ndarray, shape (N, C, H, W), float32
+    batch_size : int, optional
+        Not used for the statistics (always over all N images); reserved.
+
+    Returns
+    -------
+    float
+        ``sum_BN ||mu_b - mu||^2 + ||s_b - sigma||^2 + ||mean(x)||^2 + ||s(x) - 1||^2``, >= 0.
+
+    Raises
+    ------
+    ValueError
+        ``x`` not a non-empty float32 (N, C, H, W) array, or the graph has no BN node or an op
+        without a forward rule before its last BN.
+    """
+    _check_graph(graph)
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    targets = bn_targets(graph)
+    if not targets:
+        raise ValueError("graph: has no BatchNormalization node, nothing to match")
+    return _loss_and_grad(graph, targets, x, grad=False)[0]
+
+
+def _check_graph(graph):
+    if not isinstance(graph, Graph):
+        raise ValueError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
+    if len(graph.inputs) != 1:
+        raise ValueError(f"graph: expected a single input, got {graph.inputs}")
+
+
+def _check_int(v, name, lo):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _input_shape(graph, input_shape):
+    shape = graph.input_shapes.get(graph.inputs[0]) if input_shape is None else input_shape
+    if shape is None or len(tuple(shape)) != 3 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool)
+                                                      or s < 1 for s in shape):
+        raise ValueError(f"input_shape: expected (C, H, W) of positive ints (the graph's input shape is "
+                         f"{graph.input_shapes.get(graph.inputs[0])}), got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+class _ProgressLine:
+    """One self-overwriting line on stderr: iteration, loss, seconds (nothing when disabled)."""
+
+    def __init__(self, total, enabled, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = (self.stream.isatty() if enabled is None else bool(enabled))
+        self.total, self.t0, self.first = total, time.perf_counter(), None
+
+    def update(self, k, loss):
+        if not self.enabled:
+            return
+        self.first = loss if self.first is None else self.first
+        width, done = 20, int(20 * k / max(self.total, 1))
+        self.stream.write(f"\rdistilling probe inputs [{'#' * done}{'.' * (width - done)}] {k}/{self.total} "
+                          f"BN loss {loss:.3g} (start {self.first:.3g}) {time.perf_counter() - self.t0:.1f} s")
+        if k >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR,
+            batch_size: int | None = None, progress: bool | None = False) -> DistillationResult:
+    """Adam on the images to minimise (D.1), each batch against the FP32 graph's BN statistics.
+
+    Adam (beta1 0.9, beta2 0.999, eps 1e-8) with the step size following a half cosine from ``lr``
+    down to ``lr / 100`` over the iterations. Deterministic: no randomness after ``x0``.
+
+    Parameters
+    ----------
+    graph : Graph
+        Full-precision network with BatchNormalization nodes; one input. Not modified.
+    x0 : ndarray, shape (N, C, H, W), float32
+        Starting images (not modified).
+    iterations : int >= 0
+        Adam steps per batch.
+    lr : float > 0
+        Initial Adam step size (in units of the standardised input).
+    batch_size : int >= 1, optional
+        Images whose BN statistics are matched together (default: all N). Batches are optimised
+        one after the other, each for ``iterations`` steps.
+    progress : bool or None
+        A progress line on stderr (None: only when stderr is a terminal).
+
+    Returns
+    -------
+    DistillationResult
+        ``x`` (N, C, H, W) float32; ``loss`` has ``iterations + 1`` entries, each the mean over
+        batches of L before that step (the last: after the last step); ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        A bad argument (named), a graph without BN, or an op before the last BN that has no
+        vector-Jacobian product in :data:`dfmpc.autodiff.RULES` (the message names op and node).
+    """
+    t0 = time.perf_counter()
+    _check_graph(graph)
+    if not isinstance(x0, np.ndarray) or x0.dtype != np.float32 or x0.ndim != 4 or len(x0) == 0:
+        raise ValueError(f"x0: expected a non-empty float32 array (N, C, H, W), got "
+                         f"{getattr(x0, 'dtype', type(x0).__name__)} {getattr(x0, 'shape', '')}")
+    if not np.all(np.isfinite(x0)):
+        raise ValueError("x0: expected finite values")
+    iterations = _check_int(iterations, "iterations", 0)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    N = len(x0)
+    batch_size = N if batch_size is None else _check_int(batch_size, "batch_size", 1)
+    targets = bn_targets(graph)
+    if not targets:
+        raise ValueError("graph: has no BatchNormalization node to distil against (use kind='noise')")
+    x = x0.copy()
+    starts = list(range(0, N, batch_size))
+    losses = np.zeros((len(starts), iterations + 1))
+    bar = _ProgressLine(iterations * len(starts), progress)
+    b1, b2, adam_eps = 0.9, 0.999, 1e-8
+    for bi, s in enumerate(starts):
+        xb = x[s:s + batch_size]                                  # a view: updated in place
+        m, v = np.zeros_like(xb), np.zeros_like(xb)
+        for k in range(iterations):
+            loss, g = _loss_and_grad(graph, targets, xb)
+            losses[bi, k] = loss
+            step = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / max(iterations, 1))))
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            mhat = m / (1 - b1 ** (k + 1))
+            vhat = v / (1 - b2 ** (k + 1))
+            xb -= (step * mhat / (np.sqrt(vhat) + adam_eps)).astype(np.float32)
+            bar.update(bi * iterations + k + 1, loss)
+        losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False)[0]
+    return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
+
+
+def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
+                 iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, batch_size: int | None = None,
+                 input_shape=None, progress: bool | None = None) -> np.ndarray:
+    """Probe images for the sequential re-calibration, made from the network alone (no data).
+
+    Parameters
+    ----------
+    graph : Graph
+        Full-precision network; one input whose shape (C, H, W) is known (or give ``input_shape``).
+        Not modified.
+    n : int >= 1
+        Number of images.
+    kind : {"distilled", "noise"}
+        ``noise``: x ~ N(0, 1) i.i.d. ``distilled``: that same noise, optimised by :func:`distill`
+        until the FP32 graph's BN layers see their running statistics (D.1).
+    seed : int >= 0
+        Seed of the starting noise (``numpy.random.default_rng(seed)``); equal arguments give
+        bit-identical images on one machine.
+    iterations : int >= 0
+        Adam steps (``distilled`` only; 0 returns the noise).
+    lr : float > 0
+        Initial Adam step size (``distilled`` only).
+    batch_size : int >= 1, optional
+        Images whose statistics are matched together (``distilled`` only; default all n).
+    input_shape : tuple (C, H, W), optional
+        Overrides the graph's recorded input shape.
+    progress : bool or None
+        Progress line on stderr while distilling (None: only when stderr is a terminal).
+
+    Returns
+    -------
+    ndarray, shape (n, C, H, W), float32
+
+    Raises
+    ------
+    ValueError
+        A bad argument (named), an unknown input shape, a graph without BN (``distilled``), or an
+        op before the last BN without a vector-Jacobian product (the message names op and node).
+    """
+    _check_graph(graph)
+    n = _check_int(n, "n", 1)
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"kind: expected one of {PROBE_KINDS}, got {kind!r}")
+    seed = _check_int(seed, "seed", 0)
+    shape = _input_shape(graph, input_shape)
+    x0 = np.random.default_rng(seed).standard_normal((n,) + shape, dtype=np.float32)
+    if kind == "noise":
+        return x0
+    return distill(graph, x0, iterations=iterations, lr=lr, batch_size=batch_size, progress=progress).x
