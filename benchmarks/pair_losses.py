@@ -52,7 +52,7 @@ def main(argv=None):
     x = x[-a.images:]
     pairing = dfmpc.find_pairs(g)
     moments = propagate_moments(g)
-    acts = g.run(x, outputs=[g.node(q.low).inputs[0] for q in pairing.pairs])
+    acts = g.run_many(x, outputs=[g.node(q.low).inputs[0] for q in pairing.pairs])
     rows = []
     for q in pairing.pairs:
         lo, hi = g.node(q.low), g.node(q.high)

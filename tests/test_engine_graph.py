@@ -63,7 +63,7 @@ def test_run_chunking_and_intermediates():
     full = g.run(x, batch_size=64)
     # chunked runs differ only by BLAS summation order: ~1e-6 relative on O(10) logits
     np.testing.assert_allclose(g.run(x, batch_size=3), full, rtol=1e-5, atol=1e-4)
-    out = g.run(x, outputs=["stem.1", "logits"])
+    out = g.run_many(x, outputs=["stem.1", "logits"])
     assert out["stem.1"].shape == (7, 16, 12, 12) and out["logits"].shape == (7, 10)
 
 
@@ -98,12 +98,12 @@ def test_fused_execution_equals_unfused():
     x = np.random.default_rng(2).normal(size=(4, 1, 12, 12)).astype(np.float32)
     fused = g.run(x)
     bn_outs = [n.outputs[0] for n in g.nodes_of("BatchNormalization")]
-    unfused = g.run(x, outputs=bn_outs + ["logits"])
+    unfused = g.run_many(x, outputs=bn_outs + ["logits"])
     # folding BN into the conv reorders a handful of float32 products: ~1e-6 relative
     np.testing.assert_allclose(fused, unfused["logits"], rtol=1e-4, atol=1e-4 * np.abs(fused).max())
     # the BN outputs really were computed by the BN op: they equal BN applied by hand
     bn = g.nodes_of("BatchNormalization")[0]
-    conv_out = g.run(x, outputs=[bn.inputs[0], bn.outputs[0]])
+    conv_out = g.run_many(x, outputs=[bn.inputs[0], bn.outputs[0]])
     p = bn.params
     want = ((conv_out[bn.inputs[0]] - p["mean"][:, None, None]) / np.sqrt(p["var"][:, None, None] + 1e-5)
             * p["gamma"][:, None, None] + p["beta"][:, None, None])
@@ -138,7 +138,7 @@ def test_inplace_add_and_relu_keep_shared_tensors():
     ]
     g = Graph(nodes, ["x"], ["y"], {"x": (2, 5, 5)})
     x = rng.normal(size=(4, 2, 5, 5)).astype(np.float32)
-    inter = g.run(x, outputs=["a", "b", "s", "a2", "y"])
+    inter = g.run_many(x, outputs=["a", "b", "s", "a2", "y"])
     np.testing.assert_array_equal(inter["a"], inter["b"])            # same conv twice
     np.testing.assert_allclose(inter["s"], 2 * inter["a"], rtol=1e-6)
     np.testing.assert_allclose(inter["y"], np.maximum(inter["s"], 0) + inter["a2"], rtol=1e-6, atol=1e-6)
@@ -169,6 +169,6 @@ def test_conv_bn_add_relu_fusion_matches_unfused():
         g = Graph(nodes, ["x"], ["y"], {"x": (3, 6, 6)})
         x = rng.normal(size=(5, 3, 6, 6)).astype(np.float32)
         fused = g.run(x, batch_size=2)
-        unfused = g.run(x, outputs=["ab", "y"])
+        unfused = g.run_many(x, outputs=["ab", "y"])
         np.testing.assert_allclose(fused, unfused["y"], rtol=1e-5, atol=1e-5)
         assert (fused >= 0).all() and (fused == 0).any()

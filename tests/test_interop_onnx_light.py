@@ -44,7 +44,7 @@ def _rel_err(got, ref):
 def test_light_model_matches_onnxruntime(name):
     graph, x, logits, ref = _case(name)
     assert graph.nodes_of("Conv"), "imported graph has convolutions"
-    got = graph.run(x, outputs=[logits])
+    got = graph.run(x, output=logits)
     assert got.shape == ref.shape
     assert _rel_err(got, ref) < REL_TOL
     assert np.abs(ref).max() > 1.0   # logits are not degenerate (the check is not vacuous)
@@ -63,8 +63,8 @@ def test_light_negative_control():
     w = conv.params["W"]
     noise = np.random.default_rng(7).normal(0.0, 0.01, w.shape).astype(np.float32)
     bad = graph.with_params({conv.name: {"W": w * (1 + noise)}})
-    assert _rel_err(bad.run(x, outputs=[logits]), ref) > 10 * REL_TOL
-    assert _rel_err(graph.run(x, outputs=[logits]), ref) < REL_TOL
+    assert _rel_err(bad.run(x, output=logits), ref) > 10 * REL_TOL
+    assert _rel_err(graph.run(x, output=logits), ref) < REL_TOL
 
 
 def test_light_file_loads_directly_with_folding():

@@ -79,7 +79,7 @@ def test_report_losses_follow_eq22(net):
 def test_data_recalibration_matches_measured_statistics(net, images):
     """R.5, recalibration='data': each BN after a quantized conv holds the mean/var measured on the quantized network."""
     q, rep = quantize_network(net, recalibration="data", compensation="none", calibration_data=images)
-    X = q.run(images, outputs=["layers.4.conv2"])
+    X = q.run(images, output="layers.4.conv2")
     np.testing.assert_allclose(q.node("layers.4.bn2").params["mean"], X.mean(axis=(0, 2, 3)), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(q.node("layers.4.bn2").params["var"], X.var(axis=(0, 2, 3)), rtol=1e-3, atol=1e-4)
 
@@ -159,7 +159,7 @@ def test_propagated_moments_match_measured_on_a_consistent_network():
              Node("conv2", "Conv", ["relu1"], ["conv2"], {}, {"W": rng.normal(size=(4, 8, 1, 1)).astype(np.float32)})]
     g = Graph(nodes, ["x"], ["conv2"], {"x": (3, 4, 4)})
     m, v = propagate_moments(g)["relu1"]
-    A = g.run(x, outputs=["relu1"])
+    A = g.run(x, output="relu1")
     np.testing.assert_allclose(m, A.mean(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
     np.testing.assert_allclose(v, A.var(axis=(0, 2, 3)), rtol=0.05, atol=0.02)
 

@@ -1,16 +1,19 @@
 """Whole-network DF-MPC on an engine graph (paper Algorithm 1), with the baselines the paper's table uses.
 
 ``quantize_network(graph, low_bits=2, high_bits=6, ...)`` returns a **new** graph (the input is
-never mutated) and a :class:`QuantizationReport`:
+never mutated) and a :class:`QuantizationReport`. The driver runs these stages, each a function here:
 
-1. pair the layers (:mod:`dfmpc.pairing`): in each pair the low conv is quantized at
-   ``low_bits`` (2 = TWN ternary, else DoReFa) and the high conv at ``high_bits`` (DoReFa);
-   every other Conv / Gemm is quantized at ``high_bits``;
-2. walk the convs in topological order; for each conv followed by BN, re-calibrate that BN
-   (``recalibration``: ``absorb`` | ``analytic`` | ``data``, see :mod:`dfmpc.recalibration`);
-3. for the low conv of a pair, compute c (Eq. (27), or c = 1 for ``compensation="none"``, or
-   the data-aware oracle c) and fold it into that BN (exact, because c >= 0 and ReLU is
-   positively homogeneous), so the high conv stays on its grid.
+0. :func:`prepare`: copy the network, move conv biases into their BN's mean;
+1. pair the layers (:func:`dfmpc.pairing.find_pairs`);
+2. :func:`quantize_layers`: the low conv of each pair at ``low_bits`` (2 = TWN ternary, else
+   DoReFa), every other Conv / Gemm at ``high_bits`` (DoReFa);
+3. for each conv followed by BN (:func:`recalibration_sites`, topological order) re-calibrate that
+   BN with the named mode (``dfmpc.recalibration.RECALIBRATION_MODES``: ``sequential``,
+   ``analytic``, ``absorb``, ``data``), which sees the network as quantized so far;
+4. :func:`compensate`: for the low conv of a pair, c (Eq. (27), c = 1, or the data-aware oracle);
+5. fold c into that BN (exact, because c >= 0 and ReLU is positively homogeneous), so the high
+   conv stays on its grid, and :func:`write_bn`;
+6. the :class:`QuantizationReport` (one :class:`PairReport` per pair).
 
 Weights are stored dequantized (``scale * grid``, the fake-quant form): with ``absorb`` this is
 exactly the integer-grid network with absorbed BN (tested), and it runs on any engine.
@@ -27,15 +30,19 @@ import numpy as np
 from ._checks import check_bits, check_scalar
 from .compensation import closed_form, fold_into_bn, quadratic_coefficients
 from .engine.graph import Graph
-from .engine.ops import OPS
 from .pairing import Pairing, find_pairs
 from .quantizers import dorefa, ternary
-from .recalibration import RECALIBRATIONS, analytic_bn, bn_of, measured_bn, propagate_moments
+from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
-__all__ = ["quantize_network", "quantize_weights", "QuantizationReport", "PairReport", "COMPENSATIONS"]
+__all__ = ["quantize_network", "quantize_weights", "QuantizationReport", "PairReport", "COMPENSATIONS",
+           "prepare", "quantize_layers", "recalibration_sites", "compensate", "write_bn"]
 
 COMPENSATIONS = ("dfmpc", "none", "oracle")
+#: The defaults of quantize_network and ``dfmpc quantize`` (measured in benchmarks/accuracy.py).
+DEFAULT_RECALIBRATION = "analytic"   # switched once the probe kinds are measured
+DEFAULT_PROBES = "noise"
+DEFAULT_PROBE_IMAGES = 256
 
 
 def quantize_weights(W, bits):
@@ -91,6 +98,7 @@ class QuantizationReport:
     pairs: list[PairReport] = field(default_factory=list)
     unpaired: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    probes: str | None = None      # sequential re-calibration: the probe inputs used, e.g. "noise (256 images)"
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -98,35 +106,135 @@ class QuantizationReport:
 
     def summary(self) -> str:
         head = (f"MP{self.low_bits}/{self.high_bits}, compensation={self.compensation}, "
-                f"recalibration={self.recalibration}, lambda1={self.lambda1}, lambda2={self.lambda2}: "
+                f"recalibration={self.recalibration}{'' if self.probes is None else ' on ' + self.probes}, lambda1={self.lambda1}, lambda2={self.lambda2}: "
                 f"{len(self.pairs)} pairs, {len(self.unpaired)} unpaired, {self.seconds:.2f} s")
         rows = [f"  {p.low} -> {p.high}: c in [{p.c_min:.3f}, {p.c_max:.3f}] mean {p.c_mean:.3f}"
                 f" ({p.c_zero} zero), data-free loss {p.loss_before:.4g} -> {p.loss_after:.4g}" for p in self.pairs]
         return "\n".join([head] + rows)
 
 
-def _fold_conv_bias_into_bn(g: Graph) -> None:
-    """A conv bias before BN is a shift of BN's mean: BN(Wx + b) with mu == BN(Wx) with mu - b (exact)."""
-    for conv in g.nodes_of("Conv"):
+# ------------------------------------------------------------------------------------ stages
+
+def prepare(graph: Graph) -> Graph:
+    """Stage 0: a copy of ``graph`` with every conv bias before a BN moved into that BN's mean.
+
+    BN(Wx + b) with mu equals BN(Wx) with mu - b (exact), so every quantized conv's BN sees the
+    conv output alone. The input graph is never modified.
+    """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
+    fp = graph.copy()
+    for conv in fp.nodes_of("Conv"):
         if "B" not in conv.params:
             continue
-        cons = g.consumers(conv.outputs[0])
-        if len(cons) == 1 and cons[0].op == "BatchNormalization" and conv.outputs[0] not in g.outputs:
+        cons = fp.consumers(conv.outputs[0])
+        if len(cons) == 1 and cons[0].op == "BatchNormalization" and conv.outputs[0] not in fp.outputs:
             cons[0].params["mean"] = (cons[0].params["mean"] - conv.params.pop("B")).astype(np.float32)
+    return fp
 
 
-def _check_calibration(x):
+def quantize_layers(fp: Graph, pairing: Pairing, low_bits: int, high_bits: int, quantize) -> Graph:
+    """Stage 2: a copy of ``fp`` with every Conv / Gemm weight replaced by its dequantized grid.
+
+    The low conv of each pair gets ``low_bits``, every other Conv / Gemm ``high_bits``;
+    ``quantize(W, bits, name)`` returns the dequantized weights (default :func:`quantize_weights`).
+
+    Raises
+    ------
+    ValueError
+        ``quantize`` returned an array of another shape.
+    """
+    g = fp.copy()
+    for node in g.nodes:
+        if node.op in ("Conv", "Gemm"):
+            bits = low_bits if node.name in pairing.low else high_bits
+            W_q = np.asarray(quantize(node.params["W"], bits, node.name), dtype=np.float32)
+            if W_q.shape != node.params["W"].shape:
+                raise ValueError(f"weight_quantizer: returned shape {W_q.shape} for {node.name!r}, "
+                                 f"expected {node.params['W'].shape}")
+            node.params["W"] = W_q
+    return g
+
+
+def recalibration_sites(fp: Graph, g: Graph) -> list[Site]:
+    """Stage 3's worklist: every conv whose only reader is a BN, in topological order.
+
+    Returns
+    -------
+    list of Site (conv and BN names, trained BN, ``W`` and ``W_q`` (O, C/group, kh, kw), group)
+    """
+    sites = []
+    for node in g.nodes_of("Conv"):
+        cons = g.consumers(node.outputs[0])
+        if len(cons) == 1 and cons[0].op == "BatchNormalization":
+            sites.append(Site(node.name, cons[0].name, bn_of(fp.node(cons[0].name)),
+                              fp.node(node.name).params["W"], node.params["W"], node.attrs.get("group", 1)))
+    return sites
+
+
+def compensate(site: Site, bn_hat, pair, compensation: str, lambda1: float, lambda2: float, oracle=None):
+    """Stage 4: c for the low conv of a pair, and the pair's line of the report.
+
+    Parameters
+    ----------
+    site : Site of the pair's low conv
+    bn_hat : BatchNorm, its re-calibrated statistics (before c)
+    pair : Pair
+    compensation : {"dfmpc", "none", "oracle"}
+        Eq. (27) (c >= 0), c = 1, or ``oracle()`` (a callable returning the data-aware c).
+
+    Returns
+    -------
+    c : ndarray, shape (O,), float64
+    PairReport
+    """
+    den, num, const = quadratic_coefficients(site.W, site.W_q, site.bn, bn_hat, lambda1, lambda2)   # Eq. (22) as (25)-(26)
+    ones = np.ones(site.bn.channels)
+    if compensation == "dfmpc":
+        c = closed_form(den, num)                 # Eq. (27), c >= 0
+    elif compensation == "none":
+        c = ones
+    else:
+        c = oracle()
+    L = lambda c: float(np.sum(den * c**2 - 2 * num * c + const))        # sum_j L_j(c_j), Eq. (22)
+    return c, PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
+                         int(np.sum(c == 0)), L(ones), L(c), [float(v) for v in c])
+
+
+def write_bn(g: Graph, name: str, bn) -> None:
+    """Stage 5's last step: store a BatchNorm record into node ``name`` of ``g`` (float32)."""
+    g.node(name).params.update({k: getattr(bn, k).astype(np.float32) for k in ("gamma", "beta", "mean", "var")})
+
+
+def _check_calibration(x, why):
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
-        raise ValueError("calibration_data: expected a non-empty float32 array (N, C, H, W) of images "
-                         f"(needed by recalibration='data' and compensation='oracle'), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        raise ValueError(f"calibration_data: expected a non-empty float32 array (N, C, H, W) of images "
+                         f"(needed by {why}), got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     return x
 
 
+def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
+    """The sequential mode's inputs: ``probes`` is a kind of :func:`dfmpc.probes.probe_inputs` or an array."""
+    if isinstance(probes, np.ndarray):
+        if probes.dtype != np.float32 or probes.ndim != 4 or len(probes) == 0:
+            raise ValueError(f"probes: expected a kind name or a non-empty float32 array (N, C, H, W), "
+                             f"got {probes.dtype} {probes.shape}")
+        return probes
+    from . import probes as _probes
+    kinds = getattr(_probes, "PROBE_KINDS", ("noise", "distilled"))
+    if probes not in kinds:
+        raise ValueError(f"probes: expected one of {kinds} or an image array, got {probes!r}")
+    return _probes.probe_inputs(fp, n=probe_images, kind=probes, seed=seed, progress=progress)
+
+
+# ------------------------------------------------------------------------------------ driver
+
 def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lambda1: float = 0.5,
-                     lambda2: float = 0.0, recalibration: str = "analytic", compensation: str = "dfmpc",
+                     lambda2: float = 0.0, recalibration: str = DEFAULT_RECALIBRATION, compensation: str = "dfmpc",
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
-                     input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None):
+                     input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
+                     probes=DEFAULT_PROBES, probe_images: int = DEFAULT_PROBE_IMAGES, seed: int = 0,
+                     progress=None):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
@@ -137,8 +245,12 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         Bit-widths; ``low_bits = 2`` means TWN ternary, otherwise DoReFa kQ.
     lambda1, lambda2 : float >= 0
         Weights of Eq. (22) (paper defaults 0.5, 0).
-    recalibration : {"absorb", "analytic", "data"}
-        How muhat / sigmahat of every BN after a quantized conv are set (module docstring).
+    recalibration : {"sequential", "analytic", "absorb", "data"}
+        How muhat / sigmahat of every BN after a quantized conv are set (:mod:`dfmpc.recalibration`):
+        ``sequential`` (default, data-free) from probe inputs carried through the network quantized
+        so far (derivation 15); ``analytic`` (data-free) from moments propagated through the
+        full-precision network (derivation 10); ``absorb`` the trained statistics; ``data`` re-measured
+        on ``calibration_data`` (not data-free).
     compensation : {"dfmpc", "none", "oracle"}
         Closed-form c (Eq. (27)), c = 1 (the paper's "without compensation"), or the data-aware
         oracle c (non-negative least squares of Eq. (9) on ``calibration_data``).
@@ -151,12 +263,16 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     input_mean, input_var : float
         Moments of the network input assumed by ``analytic`` (0, 1 for standardised images).
     oracle_images : int
-        How many of the calibration images the oracle c is fitted on (it solves a C-variable least
-        squares over every output value of layer l+1, so a few dozen images are plenty; cost grows
-        linearly).
+        How many of the calibration images the oracle c is fitted on.
     weight_quantizer : callable (W, bits, name) -> ndarray, optional
-        Replaces :func:`quantize_weights` for every layer (e.g. SQuant rounding on the DoReFa grid
-        for the high-bit layers, :mod:`dfmpc.baselines`); must return dequantized weights of W's shape.
+        Replaces :func:`quantize_weights` for every layer; must return dequantized weights of W's shape.
+    probes : str or ndarray (N, C, H, W) float32
+        ``sequential`` only: a kind of :func:`dfmpc.probes.probe_inputs` (made from the network
+        alone, no data) or the probe images themselves.
+    probe_images, seed : int
+        How many probe images to make, and the seed they are made from.
+    progress : bool or None
+        Progress bar on stderr while probes are made (None: only on a terminal).
 
     Returns
     -------
@@ -164,96 +280,60 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
 
     Raises
     ------
+    TypeError
+        ``graph`` is not a Graph, ``weight_quantizer`` not callable (programming errors).
     ValueError
-        Bits out of range, unknown mode, negative lambdas, missing or malformed calibration data,
-        an invalid explicit pairing.
+        Bits out of range, unknown mode, negative lambdas, missing or malformed
+        calibration data or probes, an invalid explicit pairing.
     """
     t0 = time.perf_counter()
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
     low_bits, high_bits = check_bits(low_bits, "low_bits", lo=2), check_bits(high_bits, "high_bits", lo=2)
     lambda1 = check_scalar(lambda1, "lambda1", min_value=0.0)
     lambda2 = check_scalar(lambda2, "lambda2", min_value=0.0)
-    if recalibration not in RECALIBRATIONS:
+    if recalibration not in RECALIBRATION_MODES:
         raise ValueError(f"recalibration: expected one of {RECALIBRATIONS}, got {recalibration!r}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation: expected one of {COMPENSATIONS}, got {compensation!r}")
     if recalibration == "data" or compensation == "oracle":
-        calibration_data = _check_calibration(calibration_data)
-
+        calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
         raise TypeError(f"weight_quantizer: expected a callable (W, bits, name) -> W_q, got {type(weight_quantizer).__name__}")
     quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(W, bits))
 
-    fp = graph.copy()
-    _fold_conv_bias_into_bn(fp)
-    pairing: Pairing = find_pairs(fp, pairs=pairs, keep_first_high=keep_first_high)
-    g = fp.copy()
-    moments = propagate_moments(fp, input_mean, input_var) if recalibration == "analytic" else None
-    fp_acts = {}
-    if compensation == "oracle":
-        names = [fp.node(p.low).inputs[0] for p in pairing.pairs]
-        fp_acts = fp.run(calibration_data[:oracle_images], outputs=names) if names else {}
-        if len(names) == 1:
-            fp_acts = {names[0]: fp_acts}
+    fp = prepare(graph)                                                                  # 0
+    pairing: Pairing = find_pairs(fp, pairs=pairs, keep_first_high=keep_first_high)     # 1. pair
+    g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
+    probe_x = _probe_images(fp, probes, probe_images, seed, progress) if recalibration == "sequential" else None
+    ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
+    oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
-                                unpaired=list(pairing.unpaired), rejected=list(pairing.rejected))
-
-    # One pass in topological order. With recalibration="data" the calibration images are carried
-    # along node by node through the network being built, so each BN is re-measured on the output
-    # of the already-quantized (and compensated) layers before it: one forward pass in total.
-    env = {g.inputs[0]: calibration_data} if recalibration == "data" else None
-    readers = {t: len(g.consumers(t)) for n in g.nodes for t in n.inputs}
-    for node in g.nodes:
-        if node.op in ("Conv", "Gemm"):
-            bits = low_bits if node.name in pairing.low else high_bits
-            W_fp = fp.node(node.name).params["W"]
-            node.params["W"] = np.asarray(quantize(W_fp, bits, node.name), dtype=np.float32)
-            if node.params["W"].shape != W_fp.shape:
-                raise ValueError(f"weight_quantizer: returned shape {node.params['W'].shape} for {node.name!r}, "
-                                 f"expected {W_fp.shape}")
-        if env is not None:
-            env[node.outputs[0]] = _run_node(node, env)
-            for t in node.inputs:
-                readers[t] -= 1
-                if readers[t] == 0 and t not in g.outputs:
-                    env.pop(t, None)
-        cons = g.consumers(node.outputs[0])
-        if node.op != "Conv" or len(cons) != 1 or cons[0].op != "BatchNormalization":
-            continue
-        W, W_q = fp.node(node.name).params["W"], node.params["W"]
-        bn_node = cons[0]
-        bn = bn_of(fp.node(bn_node.name))
-        if recalibration == "absorb":
-            bn_hat = bn
-        elif recalibration == "analytic":
-            bn_hat = analytic_bn(bn, W, W_q, node.attrs.get("group", 1), *moments[node.inputs[0]])   # R.3, R.4
-        else:
-            bn_hat = measured_bn(bn, env[node.outputs[0]])                # R.5
-        pair = pairing.pair_of_low(node.name)
+                                unpaired=list(pairing.unpaired), rejected=list(pairing.rejected),
+                                probes=_probes_label(recalibration, probes, probe_x))
+    for site in recalibration_sites(fp, g):               # topological order: each site sees the ones before it
+        bn_hat = RECALIBRATION_MODES[recalibration](ctx, site)                            # 3. re-calibrate
+        pair = pairing.pair_of_low(site.conv)
         if pair is not None:
-            ones = np.ones(bn.channels)
-            den, num, const = quadratic_coefficients(W, W_q, bn, bn_hat, lambda1, lambda2)   # Eq. (22) as (25)-(26)
-            if compensation == "dfmpc":
-                c = closed_form(den, num)               # Eq. (27), c >= 0: compensation_coefficients(W, W_q, ...)
-            elif compensation == "none":
-                c = ones
-            else:
-                c = _oracle(fp, pair, W_q, bn_hat, fp_acts[node.inputs[0]], high_bits, quantize)
-            L = lambda c: float(np.sum(den * c**2 - 2 * num * c + const))    # sum_j L_j(c_j), Eq. (22)
-            report.pairs.append(PairReport(pair.low, pair.high, float(c.min()), float(c.mean()), float(c.max()),
-                                           int(np.sum(c == 0)), L(ones), L(c), [float(v) for v in c]))
-            bn_hat = fold_into_bn(bn_hat, c)          # = Eq. (7) on conv B, by (F.a)
-        bn_node.params.update({k: getattr(bn_hat, k).astype(np.float32) for k in ("gamma", "beta", "mean", "var")})
+            oracle = lambda: _oracle(fp, pair, site.W_q, bn_hat, oracle_acts[fp.node(site.conv).inputs[0]],
+                                     high_bits, quantize)
+            c, line = compensate(site, bn_hat, pair, compensation, lambda1, lambda2, oracle)   # 4. compensate
+            bn_hat = fold_into_bn(bn_hat, c)              # 5. fold: = Eq. (7) on conv B, by (F.a)
+            report.pairs.append(line)                     # 6. report
+        write_bn(g, site.bn_node, bn_hat)
     report.seconds = time.perf_counter() - t0
     return g, report
 
 
-def _run_node(node, env, chunk=128):
-    """Output of one node on the whole calibration set, ``chunk`` images at a time (bounded memory)."""
-    ins = [env[t] for t in node.inputs]
-    N = len(ins[0])
-    return np.concatenate([OPS[node.op](node, *[x[i:i + chunk] for x in ins]) for i in range(0, N, chunk)])
+def _probes_label(recalibration, probes, probe_x):
+    if recalibration != "sequential":
+        return None
+    kind = "given" if isinstance(probes, np.ndarray) else probes
+    return f"{kind} ({len(probe_x)} images)"
+
+
+def _oracle_inputs(fp: Graph, pairing: Pairing, x) -> dict:
+    """Full-precision activations entering each pair's low conv, on the oracle's images."""
+    names = sorted({fp.node(p.low).inputs[0] for p in pairing.pairs})
+    return fp.run_many(x, outputs=names) if names else {}
 
 
 def _sym_pads(node):

@@ -22,10 +22,10 @@ from .compensation import BatchNorm
 from .engine.graph import Graph, Node
 from .moments import clipped_gaussian_moments, propagate_moments  # noqa: F401 (derivation 14)
 
-__all__ = ["RECALIBRATIONS", "clipped_gaussian_moments", "propagate_moments", "analytic_bn", "measured_bn",
-           "bn_of", "conv_input_groups"]
+__all__ = ["RECALIBRATIONS", "RECALIBRATION_MODES", "clipped_gaussian_moments", "propagate_moments", "analytic_bn",
+           "measured_bn", "ratio_bn", "channel_moments", "bn_of", "conv_input_groups", "Site", "RecalibrationContext"]
 
-RECALIBRATIONS = ("absorb", "analytic", "data")
+RECALIBRATIONS = ("absorb", "analytic", "sequential", "data")
 
 
 def bn_of(node: Node) -> BatchNorm:
@@ -74,3 +74,151 @@ def measured_bn(bn: BatchNorm, X_q) -> BatchNorm:
     X_q = np.asarray(X_q, dtype=np.float64)
     axes = (0,) + tuple(range(2, X_q.ndim))
     return bn.replace(mean=X_q.mean(axis=axes), var=X_q.var(axis=axes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential re-calibration (derivation 15) and the mode registry used by quantize_network.
+
+def ratio_bn(bn: BatchNorm, m_q, v_q, m_fp, v_fp) -> BatchNorm:
+    """BN of a quantized conv from probe statistics, as a correction of the trained statistics.
+
+    The probe inputs go through the full-precision network (conv output moments ``m_fp, v_fp``)
+    and through the network quantized so far (``m_q, v_q``). The trained BN statistics are moved
+    by the probes' difference in mean and scaled by their ratio of variances:
+
+    ``muhat = mu + (m_q - m_fp)``  (S.1),
+    ``sigmahat^2 = sigma^2 * v_q / v_fp``  (S.2), ratio 1 where ``v_fp`` is 0
+    (``data_free_derivations/15_sequential_recalibration.md``).
+
+    Parameters
+    ----------
+    bn : BatchNorm with C channels
+        The trained BN after the full-precision conv.
+    m_q, v_q, m_fp, v_fp : array_like, shape (C,)
+        Per-channel mean and variance of the conv's output on the probe inputs, in the quantized
+        network built so far and in the full-precision network.
+
+    Returns
+    -------
+    BatchNorm
+        ``mean = muhat``, ``var = max(sigmahat^2 - eps, 0)``; gamma, beta unchanged.
+
+    Raises
+    ------
+    ValueError
+        An argument's shape is not (C,), or a variance is negative or not finite.
+    """
+    m_q, v_q, m_fp, v_fp = (np.asarray(a, dtype=np.float64) for a in (m_q, v_q, m_fp, v_fp))
+    for name, a in (("m_q", m_q), ("v_q", v_q), ("m_fp", m_fp), ("v_fp", v_fp)):
+        if a.shape != (bn.channels,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"{name}: expected {bn.channels} finite values, got shape {a.shape}")
+    if np.any(v_q < 0) or np.any(v_fp < 0):
+        raise ValueError("v_q, v_fp: variances must be >= 0")
+    tiny = np.finfo(np.float64).tiny
+    ratio = np.where(v_fp > tiny, v_q / np.maximum(v_fp, tiny), 1.0)
+    sigma2_hat = (bn.var + bn.eps) * ratio                               # S.2
+    return bn.replace(mean=bn.mean + (m_q - m_fp), var=np.maximum(sigma2_hat - bn.eps, 0.0))   # S.1
+
+
+def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (biased) variance of a batch ``X`` (N, C, ...), in float64: two (C,) arrays."""
+    X = np.asarray(X)
+    axes = (0,) + tuple(range(2, X.ndim))
+    mean = X.mean(axis=axes, dtype=np.float64)
+    shape = (1, -1) + (1,) * (X.ndim - 2)
+    var = np.square(X - mean.reshape(shape).astype(X.dtype), dtype=np.float64).mean(axis=axes)
+    return mean, var
+
+
+class Site:
+    """One quantized conv followed by BN, as a re-calibration mode sees it (read-only record).
+
+    Attributes
+    ----------
+    conv : str
+        Name of the conv node (same in the full-precision and the quantized graph).
+    bn_node : str
+        Name of its BatchNormalization node.
+    bn : BatchNorm
+        The trained (full-precision) statistics, float64.
+    W, W_q : ndarray, shape (O, C/group, kh, kw)
+        Full-precision and dequantized weights.
+    group : int
+    """
+
+    def __init__(self, conv, bn_node, bn, W, W_q, group):
+        self.conv, self.bn_node, self.bn, self.W, self.W_q, self.group = conv, bn_node, bn, W, W_q, group
+
+
+class RecalibrationContext:
+    """What the modes share while :func:`dfmpc.quantize_network` walks the network (state accumulates).
+
+    Parameters
+    ----------
+    fp : Graph
+        The full-precision network (never changed).
+    g : Graph
+        The network being quantized; its BN nodes are updated site by site, in topological order.
+    input_mean, input_var : float or (C,)
+        Moments of the network input (``analytic``).
+    calibration_data : ndarray (N, C, H, W) float32 or None
+        Real images (``data`` only).
+    probes : ndarray (N, C, H, W) float32 or None
+        Data-free probe inputs (``sequential``; :mod:`dfmpc.probes`).
+    """
+
+    def __init__(self, fp, g, input_mean=0.0, input_var=1.0, calibration_data=None, probes=None):
+        self.fp, self.g = fp, g
+        self.input_mean, self.input_var = input_mean, input_var
+        self.calibration_data, self.probes = calibration_data, probes
+        self._moments = None
+        self._streams = {}
+
+    @property
+    def moments(self):
+        """Per-tensor input moments of the full-precision network (:func:`propagate_moments`), computed once."""
+        if self._moments is None:
+            self._moments = propagate_moments(self.fp, self.input_mean, self.input_var)
+        return self._moments
+
+    def stream(self, which: str):
+        """A :class:`~dfmpc.engine.executor.NodeStream`: ``"data_q"``, ``"probe_q"`` or ``"probe_fp"``."""
+        from .engine.executor import NodeStream
+        if which not in self._streams:
+            x = self.calibration_data if which == "data_q" else self.probes
+            if x is None:
+                raise ValueError(f"re-calibration needs {'calibration_data' if which == 'data_q' else 'probes'}")
+            self._streams[which] = NodeStream(self.g if which.endswith("_q") else self.fp, x)
+        return self._streams[which]
+
+
+def recalibrate_absorb(ctx: RecalibrationContext, site: Site) -> BatchNorm:
+    """``absorb``: the trained statistics, with the quantizer's scale absorbed (derivation 01, Q.1)."""
+    return site.bn
+
+
+def recalibrate_analytic(ctx: RecalibrationContext, site: Site) -> BatchNorm:
+    """``analytic``: moments propagated through the full-precision network (derivation 10, R.3-R.4)."""
+    in_mean, in_var = ctx.moments[ctx.fp.node(site.conv).inputs[0]]
+    return analytic_bn(site.bn, site.W, site.W_q, site.group, in_mean, in_var)
+
+
+def recalibrate_data(ctx: RecalibrationContext, site: Site) -> BatchNorm:
+    """``data`` (not data-free): statistics re-measured on real images in the network quantized so far (R.5)."""
+    return measured_bn(site.bn, ctx.stream("data_q").advance(site.conv))
+
+
+def recalibrate_sequential(ctx: RecalibrationContext, site: Site) -> BatchNorm:
+    """``sequential`` (data-free): the probe ratio (S.1)-(S.2) through the network quantized so far."""
+    m_q, v_q = channel_moments(ctx.stream("probe_q").advance(site.conv))
+    m_fp, v_fp = channel_moments(ctx.stream("probe_fp").advance(site.conv))
+    return ratio_bn(site.bn, m_q, v_q, m_fp, v_fp)
+
+
+#: name -> mode(ctx, site) -> BatchNorm; ``data`` is the only one that reads real images.
+RECALIBRATION_MODES = {
+    "absorb": recalibrate_absorb,
+    "analytic": recalibrate_analytic,
+    "sequential": recalibrate_sequential,
+    "data": recalibrate_data,
+}

@@ -128,7 +128,7 @@ def conv_flops(graph: Graph, input_shape) -> int:
     x = np.zeros((1,) + tuple(input_shape), np.float32)
     shapes = {}
     names = [t for n in graph.nodes for t in n.outputs]
-    out = graph.run(x, outputs=names) if len(names) > 1 else {names[0]: graph.run(x)}
+    out = graph.run_many(x, outputs=names)
     for n in graph.nodes:
         shapes[n.outputs[0]] = out[n.outputs[0]].shape
     flops = 0

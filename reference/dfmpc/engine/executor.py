@@ -155,7 +155,10 @@ def _run_step(kind, nodes, env, folded):
 
 
 def run_graph(graph, x, outputs=None, batch_size=16):
-    """Run ``graph``; see :meth:`Graph.run` for parameters, returns and errors."""
+    """Run ``graph``; returns ``{tensor name: array}`` for ``outputs`` (default: the graph outputs).
+
+    See :meth:`Graph.run_many` for parameters and errors.
+    """
     feeds = x if isinstance(x, dict) else ({graph.inputs[0]: x} if len(graph.inputs) == 1 else None)
     if feeds is None:
         raise ValueError(f"the graph has inputs {graph.inputs}: pass a dict {{name: array}}")
@@ -201,7 +204,87 @@ def run_graph(graph, x, outputs=None, batch_size=16):
                     env.pop(t, None)
         for t in wanted:
             chunks[t].append(np.ascontiguousarray(env[t]))
-    result = {t: (np.concatenate(c) if len(c) > 1 else c[0]) for t, c in chunks.items()}
-    if len(wanted) == 1:
-        return result[wanted[0]]
-    return result
+    return {t: (np.concatenate(c) if len(c) > 1 else c[0]) for t, c in chunks.items()}
+
+
+def run_node(node, inputs, batch_size=128):
+    """One node on a whole batch, ``batch_size`` images at a time (unfused, exactly the op's kernel).
+
+    Parameters
+    ----------
+    node : Node
+    inputs : list of ndarray, each (N, ...) float32
+        The node's input tensors, in ``node.inputs`` order.
+    batch_size : int >= 1
+
+    Returns
+    -------
+    ndarray, shape (N, ...), float32
+
+    Raises
+    ------
+    ValueError
+        The op fails (the message names the node).
+    """
+    N = len(inputs[0])
+    try:
+        parts = [OPS[node.op](node, *[x[i:i + batch_size] for x in inputs]) for i in range(0, max(N, 1), batch_size)]
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {[x.shape for x in inputs]}: {err}") from err
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class NodeStream:
+    """A batch carried node by node through a graph whose later nodes may still change.
+
+    ``advance(name)`` runs every node up to and including ``name`` (in the graph's topological
+    order) with the parameters the nodes hold *at that moment*, and returns that node's output.
+    This is what a sequential pass needs: re-calibrate a layer, write its new parameters into the
+    graph, then carry the batch on through it. Tensors are dropped after their last reader, so
+    memory is bounded by the live activations of the whole batch (not of one chunk).
+
+    Parameters
+    ----------
+    graph : Graph
+        Read node by node as the stream advances (never copied, never modified).
+    x : ndarray, shape (N, C, H, W), float32
+        The batch fed to the graph's (single) input.
+    batch_size : int
+        Chunk size of each node's kernel call (bounds the kernels' scratch memory).
+    """
+
+    def __init__(self, graph, x, batch_size=128):
+        if len(graph.inputs) != 1:
+            raise ValueError(f"NodeStream: expected a graph with one input, got {graph.inputs}")
+        _check_input(graph, graph.inputs[0], x)
+        self.graph, self.batch_size = graph, int(batch_size)
+        self.env = {graph.inputs[0]: x}
+        self._next = 0                                  # index of the next node to run
+        self._readers = {}
+        for n in graph.nodes:
+            for t in n.inputs:
+                self._readers[t] = self._readers.get(t, 0) + 1
+        self._index = {n.name: i for i, n in enumerate(graph.nodes)}
+
+    def advance(self, name):
+        """Run the nodes up to and including ``name``; return its output (N, ...) float32.
+
+        Raises
+        ------
+        ValueError
+            ``name`` is not a node of the graph, or it has already been passed.
+        """
+        if name not in self._index:
+            raise ValueError(f"NodeStream.advance: no node named {name!r}")
+        stop = self._index[name]
+        if stop < self._next - 1:
+            raise ValueError(f"NodeStream.advance: node {name!r} has already been passed")
+        while self._next <= stop:
+            node = self.graph.nodes[self._next]
+            self.env[node.outputs[0]] = run_node(node, [self.env[t] for t in node.inputs], self.batch_size)
+            for t in node.inputs:
+                self._readers[t] -= 1
+                if self._readers[t] == 0 and t not in self.graph.outputs:
+                    self.env.pop(t, None)
+            self._next += 1
+        return self.env[self.graph.nodes[stop].outputs[0]]

@@ -184,34 +184,68 @@ class Graph:
         return new
 
     # -------------------------------------------------------------- running
-    def run(self, x: np.ndarray | dict[str, np.ndarray], outputs: list[str] | None = None,
-            batch_size: int = 16) -> np.ndarray | dict[str, np.ndarray]:
-        """Run the graph on an NCHW float32 batch, ``batch_size`` images at a time.
+    def run(self, x: np.ndarray | dict[str, np.ndarray], output: str | None = None,
+            batch_size: int = 16) -> np.ndarray:
+        """Run the graph on an NCHW float32 batch and return one tensor, ``batch_size`` images at a time.
 
         Parameters
         ----------
         x : ndarray, shape (N, C, H, W), float32, or dict of str to ndarray
             The input batch (or ``{input name: batch}`` for several inputs).
-        outputs : list of str, optional
-            Tensor names to return (any intermediate tensor is allowed);
-            default: the graph outputs.
+        output : str, optional
+            The tensor to return (any intermediate tensor is allowed); default: the graph's
+            output (a graph with several outputs needs :meth:`run_many`).
         batch_size : int
             Images per chunk; memory use is bounded by one chunk's activations.
 
         Returns
         -------
-        ndarray, shape (N, ...), float32, or dict of str to ndarray
-            The single requested output, or ``{name: array}`` when several
-            outputs are requested or the graph has several.
+        ndarray, shape (N, ...), float32
+            Always one array (several tensors at once: :meth:`run_many`).
 
         Raises
         ------
         TypeError
             ``x`` is not a float32 ndarray.
         ValueError
-            Wrong rank or shape, or a node fails (the message names the node).
+            Wrong rank or shape, unknown tensor, several graph outputs and no ``output``, or a
+            node fails (the message names the node).
         """
         from .executor import run_graph
+        if output is None:
+            if len(self.outputs) != 1:
+                raise ValueError(f"the graph has outputs {self.outputs}: name one with output=, "
+                                 "or use run_many() for several")
+            output = self.outputs[0]
+        if not isinstance(output, str):
+            raise ValueError(f"output: expected one tensor name (str), got {type(output).__name__}; "
+                             "use run_many() for several tensors")
+        return run_graph(self, x, outputs=[output], batch_size=batch_size)[output]
+
+    def run_many(self, x: np.ndarray | dict[str, np.ndarray], outputs: list[str] | None = None,
+                 batch_size: int = 16) -> dict[str, np.ndarray]:
+        """Run the graph and return several tensors by name: always a dict, however many are asked for.
+
+        Parameters
+        ----------
+        x : ndarray (N, C, H, W) float32, or dict of str to ndarray
+            As in :meth:`run`.
+        outputs : list of str, optional
+            Tensor names (default: the graph outputs).
+        batch_size : int
+
+        Returns
+        -------
+        dict of str to ndarray, each (N, ...) float32
+
+        Raises
+        ------
+        TypeError, ValueError
+            As in :meth:`run`.
+        """
+        from .executor import run_graph
+        if isinstance(outputs, str):
+            raise ValueError(f"outputs: expected a list of tensor names, got the string {outputs!r}")
         return run_graph(self, x, outputs=outputs, batch_size=batch_size)
 
 

@@ -1,0 +1,145 @@
+"""The staged pipeline: Graph.run / run_many return types, the engine's NodeStream, the
+re-calibration registry, and the sequential re-calibration's ratio rule (derivation 15, S.1-S.2)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import dfmpc
+from dfmpc.engine import Graph, Node
+from dfmpc.engine.builders import resnet_cifar
+from dfmpc.engine.executor import NodeStream
+from dfmpc.pipeline import quantize_network, recalibration_sites, prepare
+from dfmpc.recalibration import (RECALIBRATION_MODES, RECALIBRATIONS, channel_moments, measured_bn, ratio_bn)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return resnet_cifar(20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(24, 1, 28, 28)).astype(np.float32)
+
+
+def _two_outputs():
+    return Graph([Node("r", "Relu", ["x"], ["a"]), Node("n", "Mul", ["x"], ["b"], params={"constant": np.float32(-1)})],
+                 inputs=["x"], outputs=["a", "b"])
+
+
+def test_run_returns_one_array_and_run_many_a_dict():
+    """Graph.run has one return type (ndarray), Graph.run_many another (dict), however many outputs."""
+    g = _two_outputs()
+    x = np.random.default_rng(1).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    a = g.run(x, output="a")
+    assert isinstance(a, np.ndarray) and np.array_equal(a, np.maximum(x, 0))
+    one = g.run_many(x, outputs=["b"])
+    assert isinstance(one, dict) and list(one) == ["b"] and np.array_equal(one["b"], -x)
+    both = g.run_many(x)
+    assert set(both) == {"a", "b"}
+    with pytest.raises(ValueError, match="output="):
+        g.run(x)                                   # several graph outputs: name one
+    with pytest.raises(ValueError, match="run_many"):
+        g.run(x, output=["a"])
+    with pytest.raises(ValueError, match="list of tensor names"):
+        g.run_many(x, outputs="a")
+
+
+def test_node_stream_equals_run(net, images):
+    """Advancing a NodeStream node by node gives what Graph.run gives for the same tensors."""
+    names = [n.name for n in net.nodes]
+    stream = NodeStream(net, images, batch_size=7)
+    ref = net.run_many(images, outputs=[net.node(names[5]).outputs[0], net.node(names[-1]).outputs[0]])
+    np.testing.assert_allclose(stream.advance(names[5]), ref[net.node(names[5]).outputs[0]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stream.advance(names[-1]), ref[net.node(names[-1]).outputs[0]], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already been passed"):
+        stream.advance(names[2])
+    with pytest.raises(ValueError, match="no node named"):
+        stream.advance("nope")
+
+
+def test_node_stream_reads_parameters_as_they_are_when_it_arrives(net, images):
+    """A change to a later node's parameters before the stream reaches it is seen (what the sequential pass relies on)."""
+    g = net.copy()
+    bn = g.nodes_of("BatchNormalization")[3]
+    conv = g.producer(bn.inputs[0])
+    stream = NodeStream(g, images)
+    stream.advance(conv.name)
+    bn.params["beta"] = bn.params["beta"] + np.float32(5.0)
+    out = stream.advance(bn.name)
+    np.testing.assert_allclose(out, g.run(images, output=bn.outputs[0]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, net.run(images, output=bn.outputs[0]), atol=1.0)   # negative control
+
+
+def test_registry_names_every_mode():
+    assert tuple(RECALIBRATION_MODES) == RECALIBRATIONS and "sequential" in RECALIBRATIONS
+
+
+@given(seed=st.integers(0, 2**32 - 1), C=st.integers(1, 16), zeros=st.booleans())
+def test_ratio_rule_s1_s2(seed, C, zeros):
+    """(S.1)-(S.2): muhat = mu + m_q - m_fp; sigmahat^2 = sigma^2 v_q / v_fp (ratio 1 where v_fp = 0)."""
+    rng = np.random.default_rng(seed)
+    bn = dfmpc.BatchNorm(gamma=rng.normal(size=C), beta=rng.normal(size=C), mean=rng.normal(size=C),
+                         var=rng.uniform(0.01, 3, C), eps=1e-5)
+    m_q, m_fp = rng.normal(size=C), rng.normal(size=C)
+    v_q, v_fp = rng.uniform(0.1, 2, C), rng.uniform(0.1, 2, C)
+    if zeros:
+        v_fp[0] = 0.0
+    hat = ratio_bn(bn, m_q, v_q, m_fp, v_fp)
+    np.testing.assert_allclose(hat.mean, bn.mean + m_q - m_fp, rtol=1e-12, atol=1e-12)
+    r = np.where(v_fp > 0, v_q / np.where(v_fp > 0, v_fp, 1), 1.0)
+    np.testing.assert_allclose(hat.var + bn.eps, np.maximum((bn.var + bn.eps) * r, bn.eps), rtol=1e-12)
+    same = ratio_bn(bn, m_q, v_q, m_q, v_q)          # no drift: the trained statistics come back
+    np.testing.assert_allclose(same.mean, bn.mean, atol=1e-12)
+    np.testing.assert_allclose(same.var, bn.var, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(hat.gamma, bn.gamma)
+
+
+def test_ratio_rule_refuses_bad_statistics():
+    bn = dfmpc.BatchNorm(gamma=np.ones(3), beta=np.zeros(3), mean=np.zeros(3), var=np.ones(3))
+    with pytest.raises(ValueError, match="v_q"):
+        ratio_bn(bn, np.zeros(3), -np.ones(3), np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="m_fp"):
+        ratio_bn(bn, np.zeros(3), np.ones(3), np.zeros(2), np.ones(3))
+
+
+def test_channel_moments_match_numpy():
+    X = np.random.default_rng(3).normal(2.0, 3.0, size=(5, 4, 6, 6)).astype(np.float32)
+    m, v = channel_moments(X)
+    np.testing.assert_allclose(m, X.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(v, X.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_sequential_on_real_images_equals_data_mode(net, images):
+    """With the probes being the calibration images themselves, the sequential ratio rule moves each BN to the
+    statistics measured in the quantized network, exactly as the data mode does, up to the FP network's own
+    mismatch between its trained statistics and those of the probes (S.3 in derivation 15): checked here on a
+    network whose trained BN statistics are replaced by those measured on the same images."""
+    fp = prepare(net)
+    # make the trained statistics exact for these images (a consistent network)
+    for site in recalibration_sites(fp, fp):
+        X = fp.run(images, output=fp.node(site.conv).outputs[0])
+        bn = measured_bn(site.bn, X)
+        fp.node(site.bn_node).params.update(mean=bn.mean.astype(np.float32), var=bn.var.astype(np.float32))
+    q_seq, _ = quantize_network(fp, recalibration="sequential", compensation="none", probes=images)
+    q_dat, _ = quantize_network(fp, recalibration="data", compensation="none", calibration_data=images)
+    for bn in q_seq.nodes_of("BatchNormalization"):
+        ref = q_dat.node(bn.name).params
+        np.testing.assert_allclose(bn.params["mean"], ref["mean"], rtol=1e-3, atol=1e-3 * (1 + np.abs(ref["mean"]).max()))
+        np.testing.assert_allclose(bn.params["var"], ref["var"], rtol=2e-3, atol=1e-4)
+    # negative control: the analytic mode does not land on the measured statistics
+    q_ana, _ = quantize_network(fp, recalibration="analytic", compensation="none")
+    worst = max(np.max(np.abs(np.log((q_ana.node(b.name).params["var"] + 1e-5) / (q_dat.node(b.name).params["var"] + 1e-5))))
+                for b in q_seq.nodes_of("BatchNormalization"))
+    assert worst > 0.05
+
+
+def test_sequential_report_names_its_probes(net, images):
+    q, rep = quantize_network(net, recalibration="sequential", probes=images)
+    assert rep.recalibration == "sequential" and rep.probes == "given (24 images)"
+    assert "sequential on given (24 images)" in rep.summary()
+    with pytest.raises(ValueError, match="probes"):
+        quantize_network(net, recalibration="sequential", probes=images.astype(np.float64))
+    with pytest.raises(ValueError, match="probes"):
+        quantize_network(net, recalibration="sequential", probes="daydreams")
