@@ -3,6 +3,14 @@
 Every public function checks its array arguments here, so that bad input fails
 early with a ``ValueError`` (or ``TypeError``) naming the argument and saying what
 was expected, instead of surfacing later as a NaN or a broadcasting error.
+
+Dtype rule (the README's "Dtypes" paragraph): the math functions compute in float64.
+:func:`as_float_array` converts integer, boolean and float16 input to float64 explicitly;
+float32 and float64 arrays are returned as they are, and each math function says in its
+docstring in which dtype it computes and returns. The engine (``dfmpc.engine``) computes in float32.
+
+:func:`check_graph_params` is the network-level check: every parameter of every node finite and
+every BatchNorm variance non-negative, with the offending node named.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import numpy as np
 def as_float_array(x, name: str, *, ndim=None, min_ndim=None, allow_empty=False) -> np.ndarray:
     """Return ``x`` as a finite floating-point ndarray, or raise naming ``name``.
 
-    Integer and boolean input is converted to float64; float16/32/64 keep their dtype.
+    Integer, boolean and float16 input is converted to float64 (float16 has too few digits for the
+    math); float32 and float64 keep their dtype.
     """
     try:
         a = np.asarray(x)
@@ -25,7 +34,7 @@ def as_float_array(x, name: str, *, ndim=None, min_ndim=None, allow_empty=False)
         raise TypeError(f"{name}: expected an array of real numbers, got dtype {a.dtype}")
     if np.issubdtype(a.dtype, np.complexfloating):
         raise TypeError(f"{name}: expected real numbers, got complex dtype {a.dtype}")
-    if not np.issubdtype(a.dtype, np.floating):
+    if not np.issubdtype(a.dtype, np.floating) or a.dtype == np.float16:
         a = a.astype(np.float64)
     if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name}: expected an array with ndim {ndim}, got shape {a.shape}")
@@ -59,3 +68,45 @@ def check_scalar(x, name: str, *, min_value=None, allow_equal=True) -> float:
         op = ">=" if allow_equal else ">"
         raise ValueError(f"{name}: expected a number {op} {min_value}, got {v}")
     return v
+
+
+def check_graph_params(graph, what: str = "model") -> None:
+    """Raise a ValueError naming the node unless every parameter is finite and every BN variance >= 0.
+
+    Parameters
+    ----------
+    graph : dfmpc.Graph
+    what : str
+        How the graph is named in the message (e.g. ``"model"``).
+
+    Raises
+    ------
+    ValueError
+        ``"model: node 'conv1' (Conv): parameter 'W' has 3 NaN/Inf entries; expected finite weights"``, or
+        a BatchNormalization node with a negative running variance (``var`` must be >= 0).
+    """
+    for node in graph.nodes:
+        for pname, arr in node.params.items():
+            a = np.asarray(arr)
+            if a.dtype.kind not in "fiub":
+                raise ValueError(f"{what}: node {node.name!r} ({node.op}): parameter {pname!r} has dtype {a.dtype}; "
+                                 "expected real numbers")
+            if a.dtype.kind == "f":
+                bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+                if bad:
+                    raise ValueError(f"{what}: node {node.name!r} ({node.op}): parameter {pname!r} has {bad} NaN/Inf "
+                                     f"entr{'y' if bad == 1 else 'ies'}; expected finite values")
+        if node.op == "BatchNormalization" and "var" in node.params:
+            var = np.asarray(node.params["var"])
+            if var.size and np.min(var) < 0:
+                n_neg = int(np.count_nonzero(var < 0))
+                raise ValueError(f"{what}: node {node.name!r} (BatchNormalization): running variance 'var' has "
+                                 f"{n_neg} negative entr{'y' if n_neg == 1 else 'ies'} (min {float(np.min(var)):.3g}); "
+                                 "expected var >= 0")
+            eps = node.attrs.get("epsilon", 1e-5)
+            if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+                raise ValueError(f"{what}: node {node.name!r} (BatchNormalization): epsilon is {eps!r}; "
+                                 "expected a finite number >= 0")
+            if var.size and np.min(var + eps) <= 0:
+                raise ValueError(f"{what}: node {node.name!r} (BatchNormalization): var + epsilon is 0 for some "
+                                 "channel; expected var + epsilon > 0")

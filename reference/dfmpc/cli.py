@@ -18,10 +18,6 @@ import numpy as np
 __all__ = ["main"]
 
 
-class CliError(Exception):
-    """An error reported to the user as one line, exit status 2."""
-
-
 def _load_model(spec: str):
     from .evaluation import load_zoo_model, zoo_manifest
     from .interop import load_model
@@ -34,17 +30,29 @@ def _load_model(spec: str):
     raise ValueError(f"model: {spec!r} is neither a file nor a zoo model (zoo: {sorted(zoo_manifest()) or 'empty'})")
 
 
-def _data(spec: str, raw: bool, limit: int | None):
+def _data(spec: str, raw: bool, limit: int | None, limit_option: str = "--limit"):
     from .evaluation import load_dataset
+    if limit is not None and limit < 1:
+        raise ValueError(f"{limit_option}: expected a positive number of images, got {limit}")
     x, y = load_dataset(spec, normalize=not raw)
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit: expected a positive number of images, got {limit}")
         x, y = x[:limit], y[:limit]
     return x, y
 
 
+def _check_bits_order(a):
+    if a.low > a.high:
+        raise ValueError(f"--low/--high: expected --low <= --high (the low layer of a pair is the lower-precision "
+                         f"one), got --low {a.low} --high {a.high}")
+
+
+def _check_model_params(g, spec):
+    from ._checks import check_graph_params
+    check_graph_params(g, what=f"model {spec!r}")
+
+
 def _quant_kwargs(a):
+    _check_bits_order(a)
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 recalibration=a.recalibration)
 
@@ -55,15 +63,17 @@ def _calibration(a):
     if not a.calibration_data:
         raise ValueError("--calibration-data: required by --recalibration data / --compensation oracle "
                          "(these modes are not data-free)")
-    x, _ = _data(a.calibration_data, raw=False, limit=a.calibration_images)
+    x, _ = _data(a.calibration_data, raw=False, limit=a.calibration_images, limit_option="--calibration-images")
     return x
 
 
 def cmd_demo(a) -> dict:
     from .evaluation import accuracy
     from .pipeline import quantize_network
+    _check_bits_order(a)
     x, y = _data("fashion-mnist", raw=False, limit=a.limit)
     g = _load_model(a.model)
+    _check_model_params(g, a.model)
     show = not a.json
     out = {"model": a.model, "data": "fashion-mnist", "n_images": int(len(x)),
            "low_bits": a.low, "high_bits": a.high, "lambda1": a.lambda1, "lambda2": a.lambda2,
@@ -105,7 +115,12 @@ def cmd_quantize(a) -> dict:
         raise ValueError(f"-o/--output: expected a .onnx or .npz path, got {a.output!r}")
     if os.path.exists(a.output) and not a.overwrite:
         raise ValueError(f"-o/--output: {a.output!r} exists; pass --overwrite to replace it")
+    out_dir = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"-o/--output: the directory of {a.output!r} does not exist")
+    _check_bits_order(a)
     g = _load_model(a.model)
+    _check_model_params(g, a.model)
     pairs = [tuple(p) for p in a.pair] if a.pair else None
     q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), pairs=pairs,
                               **_quant_kwargs(a))
@@ -120,7 +135,10 @@ def cmd_quantize(a) -> dict:
 
 def cmd_evaluate(a) -> dict:
     from .evaluation import accuracy
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive number of images per batch, got {a.batch_size}")
     g = _load_model(a.model)
+    _check_model_params(g, a.model)
     x, y = _data(a.data, raw=a.raw, limit=a.limit)
     t0 = time.perf_counter()
     acc = accuracy(g, x, y, batch_size=a.batch_size, progress=None if not a.json else False, label="evaluate")
@@ -139,7 +157,9 @@ def cmd_compare(a) -> dict:
     if unknown or not methods:
         raise ValueError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
                          f"known: {','.join(METHODS)}")
+    _check_bits_order(a)
     g = _load_model(a.model)
+    _check_model_params(g, a.model)
     x, y = _data(a.data, raw=a.raw, limit=a.limit)
     n_cal = a.calibration_images
     if n_cal < 0 or n_cal >= len(x):
@@ -147,6 +167,9 @@ def cmd_compare(a) -> dict:
     cal = x[len(x) - n_cal:] if n_cal else None
     xe, ye = x[:len(x) - n_cal], y[:len(x) - n_cal]
     pairs = [tuple(p) for p in a.pair] if a.pair else None
+    if pairs:
+        from .pairing import find_pairs
+        find_pairs(g, pairs=pairs)         # an impossible --pair is the user's error, not every method's refusal
     show = not a.json
     if show:
         print(f"{a.model} on {a.data}: {len(xe)} evaluation images"
@@ -189,15 +212,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-images", type=int, default=500, help="how many calibration images (default 500)")
     q.add_argument("-o", "--output", required=True, help="output model (.onnx or .npz); never the input")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print one JSON object (the per-pair report) instead of text")
 
     e = sub.add_parser("evaluate", help="top-1 accuracy of a model")
     e.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
     e.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (shipped) or an .npz with x and y")
     e.add_argument("--raw", action="store_true", help="shipped data without the zoo's normalisation")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=500)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate on the first N images only (default: all)")
+    e.add_argument("--batch-size", type=int, default=500, metavar="B",
+                   help="images per call of the engine; changes memory use, not the result (default 500)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object (model, data, n_images, accuracy as a fraction, seconds) "
+                        "instead of text")
 
     c = sub.add_parser("compare", help="data-free baselines and DF-MPC on the same weights: accuracy and time")
     c.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
@@ -214,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the last N images are held out of the evaluation and given only to data-aware "
                         "methods (oracle); 0 = none (default 500)")
     c.add_argument("--limit", type=int, default=None, help="use the first N images only")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print one JSON object (one row per method) instead of text")
     return p
 
 
@@ -223,7 +250,7 @@ def main(argv=None) -> int:
     try:
         out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate,
                "compare": cmd_compare}[args.command](args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as exc:
+    except (ValueError, OSError) as exc:     # user errors; anything else is a bug and shows its traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ._checks import check_bits
+from ._checks import check_bits, check_graph_params
 from .baselines import DEFAULT_METHODS, get_method
 from .engine.graph import Graph
 from .evaluation import accuracy
@@ -64,7 +64,8 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
     Raises
     ------
     ValueError
-        Unknown method name, empty method list, bits outside [2, 16]. A method that refuses the
+        Unknown method name, empty method list, bits outside [2, 16], ``low_bits > high_bits``, a
+        NaN/Inf parameter or a negative BN variance (naming the node). A method that refuses the
         network (e.g. an op it cannot handle) does not raise: its row carries the message.
     """
     methods = list(methods)
@@ -72,6 +73,12 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
         raise ValueError("methods: expected at least one method name")
     chosen = [get_method(m) for m in methods]          # unknown names fail before any work
     low_bits, high_bits = check_bits(low_bits, "low_bits", lo=2), check_bits(high_bits, "high_bits", lo=2)
+    if low_bits > high_bits:
+        raise ValueError(f"low_bits: expected low_bits <= high_bits (the low layer of a pair is the lower-precision "
+                         f"one), got low_bits={low_bits}, high_bits={high_bits}")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
+    check_graph_params(graph)      # NaN/Inf weights or a negative BN variance: refused up front, naming the node
     rows = [{"method": "fp32", "summary": "full precision", "data_free": True,
              "accuracy": accuracy(graph, x, y, progress=False), "seconds": 0.0, "error": None, "info": {}}]
     if log:

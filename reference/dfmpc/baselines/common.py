@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .._checks import check_bits
+from .._checks import check_bits, check_graph_params
 from ..engine.graph import Graph
 from ..pairing import Pairing, find_pairs
 from ..quantizers import dequantize, uniform
@@ -35,10 +35,12 @@ def layer_bits(graph: Graph, low_bits: int, high_bits: int, pairs=None,
     Raises
     ------
     ValueError
-        Bits outside [2, 16]; an invalid explicit pairing.
+        Bits outside [2, 16]; an invalid explicit pairing; a NaN/Inf parameter or a negative BN
+        variance (the message names the node).
     """
     low_bits, high_bits = check_bits(low_bits, "low_bits", lo=2), check_bits(high_bits, "high_bits", lo=2)
-    pairing = find_pairs(check_graph(graph), pairs=pairs, keep_first_high=keep_first_high)
+    check_graph_params(check_graph(graph), "graph")      # NaN/Inf weights or a negative BN variance: refused, naming the node
+    pairing = find_pairs(graph, pairs=pairs, keep_first_high=keep_first_high)
     bits = {n.name: (low_bits if n.name in pairing.low else high_bits)
             for n in graph.nodes if n.op in ("Conv", "Gemm")}
     return pairing, bits

@@ -28,7 +28,7 @@ import numbers
 
 import numpy as np
 
-from .._checks import as_float_array, check_scalar
+from .._checks import as_float_array, check_graph_params, check_scalar
 from ..engine.graph import Graph
 from ..pairing import Pair, candidate_pairs
 from ..recalibration import conv_input_groups, propagate_moments
@@ -237,7 +237,8 @@ def cross_layer_equalize(graph: Graph, iterations: int = 100, tol: float = 1e-6)
     >>> bool(np.allclose(r1, r2, rtol=1e-5))                               # equal ranges
     True
     """
-    g = check_graph(graph).copy()
+    check_graph_params(check_graph(graph), "graph")            # NaN/Inf or a negative variance: refused, naming the node
+    g = graph.copy()
     iterations = _check_int(iterations, "iterations", 1)
     tol = check_scalar(tol, "tol", min_value=0.0)
     chains, skipped = _chains(g)
@@ -342,7 +343,8 @@ def absorb_high_bias(graph: Graph, n_sigma: float = 3.0) -> Graph:
     >>> bool(np.allclose(g2.node("layers.0.bn1").params["beta"], 5.0 - c, atol=1e-6))
     True
     """
-    g = check_graph(graph).copy()
+    check_graph_params(check_graph(graph), "graph")
+    g = graph.copy()
     n_sigma = check_scalar(n_sigma, "n_sigma", min_value=0.0)
     chains, _ = _chains(g)
     for p in chains:
@@ -518,7 +520,7 @@ def dfq(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, pairs=None, keep
     >>> info["method"], info["equalized_chains"], info["bits"]["layers.0.conv1"]
     ('dfq', 3, 2)
     """
-    check_graph(graph)
+    check_graph_params(check_graph(graph), "graph")
     for name, flag in (("equalize", equalize), ("absorb_bias", absorb_bias), ("correct_bias", correct_bias),
                        ("keep_first_high", keep_first_high)):
         if not isinstance(flag, (bool, np.bool_)):

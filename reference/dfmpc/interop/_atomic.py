@@ -25,6 +25,9 @@ def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool =
         ``path`` exists and ``overwrite`` is False (nothing is written).
     FileNotFoundError
         The destination directory does not exist.
+    OSError
+        The file cannot be created or moved into place (e.g. ``/proc``, no permission, disk full);
+        the message names ``path``, never the temp file.
 
     Nothing is left behind if ``write`` raises: the temp file is removed and
     any existing file at ``path`` is untouched. The new file gets the permissions an ordinary
@@ -38,18 +41,37 @@ def write_atomically(path: str | os.PathLike, write: Callable, overwrite: bool =
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory {directory!r} does not exist")
     mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+    try:
+        try:
+            os.chmod(tmp, mode)
+            f = os.fdopen(fd, "wb")
+        except OSError as exc:
+            os.close(fd)
+            raise _naming(exc, path) from exc
+        with f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise _naming(exc, path) from exc
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """The same kind of OSError, naming the user's ``path`` instead of the temp file."""
+    return type(exc)(f"cannot write {path!r}: {exc.strerror or exc}")
 
 
 def _umask() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 import numpy as np
 
@@ -77,27 +76,64 @@ def load_npz(path: str | os.PathLike) -> Graph:
     ------
     FileNotFoundError
         No such file.
+    OSError
+        The file cannot be opened (permissions, ...).
     ValueError
-        Not a dfmpc graph archive, or a malformed one.
+        Anything else: not a zip archive, a damaged archive or array, pickled (object) data, no or a
+        malformed ``__graph__`` description, or a graph the engine rejects. The message names the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "__graph__" not in z.files:
-                raise ValueError("no '__graph__' entry")
-            desc = json.loads(str(z["__graph__"][()]))
-            if desc.get("format") != FORMAT or desc.get("version") != VERSION:
-                raise ValueError(f"format {desc.get('format')!r} version {desc.get('version')!r} "
-                                 f"is not {FORMAT!r} version {VERSION}")
-            nodes = [Node(d["name"], d["op"], list(d["inputs"]), list(d["outputs"]),
-                          {a: _from_json(v) for a, v in d["attrs"].items()},
-                          {p: np.asarray(z[key], dtype=np.float32) for p, key in d["params"].items()})
-                     for d in desc["nodes"]]
-    except (zipfile.BadZipFile, OSError, KeyError, json.JSONDecodeError, EOFError) as err:
-        raise ValueError(f"{path!r} is not a readable dfmpc .npz graph: {err}") from err
-    except ValueError as err:
-        raise ValueError(f"{path!r} is not a readable dfmpc .npz graph: {err}") from err
+    what = f"{path!r} is not a readable dfmpc .npz graph"
+    with open(path, "rb") as f:                # OSError (e.g. permission denied) names the path itself
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError(f"{what}: not a zip archive (an .npz file starts with the bytes 'PK')")
+        f.seek(0)
+        try:
+            return _graph_from_archive(f)
+        except _Malformed as err:
+            raise ValueError(f"{what}: {err}") from None
+        except Exception as err:   # zipfile / npy header / zlib / JSON / Graph errors on a damaged file
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if "allow_pickle" in msg or "pickle" in msg.lower():
+                msg = "it holds pickled (object) data, which dfmpc never loads"
+            raise ValueError(f"{what}: {type(err).__name__}: {msg}" if msg else f"{what}: {type(err).__name__}") from err
+
+
+class _Malformed(Exception):
+    """A structural problem of the archive found by the checks below (reported as a ValueError)."""
+
+
+def _expect(cond, what: str):
+    if not cond:
+        raise _Malformed(what)
+
+
+def _graph_from_archive(f) -> Graph:
+    with np.load(f, allow_pickle=False) as z:
+        _expect("__graph__" in z.files, "no '__graph__' entry")
+        desc = json.loads(str(z["__graph__"][()]))
+        _expect(isinstance(desc, dict), "'__graph__' is not a JSON object")
+        _expect(desc.get("format") == FORMAT and desc.get("version") == VERSION,
+                f"format {desc.get('format')!r} version {desc.get('version')!r} is not {FORMAT!r} version {VERSION}")
+        for key, kind in (("nodes", list), ("inputs", list), ("outputs", list), ("input_shapes", dict),
+                          ("name", str)):
+            _expect(isinstance(desc.get(key), kind), f"'__graph__' field {key!r} is not a {kind.__name__}")
+        nodes = []
+        for k, d in enumerate(desc["nodes"]):
+            _expect(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("op"), str)
+                    and isinstance(d.get("inputs"), list) and isinstance(d.get("outputs"), list)
+                    and isinstance(d.get("attrs"), dict) and isinstance(d.get("params"), dict),
+                    f"node number {k} of '__graph__' is malformed")
+            params = {}
+            for p, key in d["params"].items():
+                _expect(isinstance(key, str) and key in z.files,
+                        f"node {d['name']!r}: parameter {p!r} names no array of the archive")
+                arr = z[key]
+                _expect(arr.dtype.kind in "fiub", f"node {d['name']!r}: parameter {p!r} has dtype {arr.dtype}")
+                params[p] = np.asarray(arr, dtype=np.float32)
+            nodes.append(Node(d["name"], d["op"], list(d["inputs"]), list(d["outputs"]),
+                              {a: _from_json(v) for a, v in d["attrs"].items()}, params))
     return Graph(nodes, desc["inputs"], desc["outputs"],
                  {k: _from_json(v) for k, v in desc["input_shapes"].items()}, name=desc["name"])

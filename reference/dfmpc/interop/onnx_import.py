@@ -62,7 +62,9 @@ def load_onnx(path: str | os.PathLike) -> Graph:
         raise FileNotFoundError(f"no such ONNX file: {path!r}")
     try:
         model = onnx.load(path)
-    except Exception as err:  # protobuf DecodeError and friends
+    except OSError:           # permission denied, a directory, ...: the OS's own message names the path
+        raise
+    except Exception as err:  # protobuf DecodeError and friends: the file is not an ONNX model
         raise ValueError(f"{path!r} is not a readable ONNX model: {err}") from err
     return from_onnx(model, source=path)
 
@@ -83,7 +85,8 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
     Raises
     ------
     ValueError
-        Invalid model, unsupported ops, or unconvertible nodes.
+        Invalid model, an initializer of unknown data type (naming it), unsupported ops, or
+        unconvertible nodes; the message starts with ``source``.
     """
     skeleton = _skeleton(model)
     try:
@@ -94,7 +97,10 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
         raise ValueError(f"{source!r} has an empty graph")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     shapes = _static_shapes(skeleton)
-    consts, nodes = fold_constants(model, shapes)
+    try:
+        consts, nodes = fold_constants(model, shapes)
+    except ValueError as err:
+        raise ValueError(f"{source!r}: {err}") from err
 
     batch_dependent = _batch_dependent(model, shapes, nodes)
     for n in nodes:
@@ -196,12 +202,17 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
         Constant tensors still read by the remaining nodes or graph outputs.
     nodes : list of onnx.NodeProto
         The non-constant nodes, in the file's (topological) order.
+
+    Raises
+    ------
+    ValueError
+        An initializer of unknown data type (named), or a constant subgraph that cannot be evaluated.
     """
     from onnx.reference import ReferenceEvaluator
 
     shapes = shapes if shapes is not None else _static_shapes(model)
     g = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consts = {t.name: tensor_to_array(t) for t in g.initializer}
     const_names = set(consts)
     fold, keep = [], []
     for n in g.node:
@@ -230,10 +241,39 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
         sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
         sub_model.ir_version = model.ir_version
         outs = [o for n in fold for o in n.output if o]
-        values = ReferenceEvaluator(sub_model).run(None, {i: consts[i] for i in needed})
+        try:
+            values = ReferenceEvaluator(sub_model).run(None, {i: consts[i] for i in needed})
+        except Exception as err:   # onnx.reference raises whatever its kernels raise on malformed constants
+            names = ", ".join(repr(_node_name(n)) for n in fold[:5]) + (", ..." if len(fold) > 5 else "")
+            raise ValueError(f"constant folding failed in node(s) {names}: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
         consts.update(zip(outs, (np.asarray(v) for v in values)))
     read = {i for n in keep for i in n.input} | {o.name for o in g.output}
     return {k: v for k, v in consts.items() if k in read}, keep
+
+
+def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` with a ValueError naming the tensor for an unknown or unreadable data type.
+
+    Raises
+    ------
+    ValueError
+        ``"initializer 'conv.W': data_type 30 is not a known ONNX tensor type"``, or data that does not
+        match its declared type and shape.
+    """
+    try:
+        helper.tensor_dtype_to_np_dtype(t.data_type)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"initializer {t.name!r}: data_type {t.data_type} is not a known ONNX tensor type") from err
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as err:       # size / type mismatches inside the protobuf
+        try:
+            type_name = onnx.TensorProto.DataType.Name(t.data_type)
+        except ValueError:
+            type_name = str(t.data_type)
+        raise ValueError(f"initializer {t.name!r} ({type_name}, dims {list(t.dims)}) cannot be read: "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def _batch_dependent(model, shapes, kept) -> set[str]:
