@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 import dfmpc
 from dfmpc.baselines import DEFAULT_METHODS, METHODS, get_method
@@ -15,6 +14,7 @@ from dfmpc.compare import compare, format_table
 from dfmpc.engine.builders import resnet_cifar
 from dfmpc.engine.graph import Graph, Node
 from dfmpc.evaluation import load_zoo_model, zoo_manifest
+from strategies import FLOAT32_TINY, uniform_arrays
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(6, 1, 28, 28)).astype(np.float32)
@@ -49,8 +49,9 @@ def vgg_chain(seed=0):
 
 # ----------------------------------------------------------------------------------------- RTN
 @settings(max_examples=50)
-@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 5), st.just(3), st.just(3)),
-              elements=st.floats(-10, 10)), st.integers(2, 8), st.booleans())
+@given(uniform_arrays(st.tuples(st.integers(1, 6), st.integers(1, 5), st.just(3), st.just(3)), -10.0, 10.0,
+                      tiny=FLOAT32_TINY),   # rtn_weights returns float32
+       st.integers(2, 8), st.booleans())
 def test_rtn_error_within_half_step(W, bits, per_channel):
     """RTN: every weight within half a step s/2 of its value, s = max|W| / (2^(b-1) - 1), and on the grid."""
     W_q = rtn_weights(W, bits, per_channel).astype(np.float64)
@@ -86,8 +87,8 @@ def test_rtn_channel_no_worse_than_per_tensor_per_layer():
 
 # ----------------------------------------------------------------------------------------- OCS
 @settings(max_examples=60)
-@given(arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.integers(1, 3)),
-              elements=st.floats(-5, 5)), st.integers(0, 8))
+@given(uniform_arrays(st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.integers(1, 3)), -5.0, 5.0),
+       st.integers(0, 8))
 def test_ocs_split_is_exact_and_halves_the_outlier(W, n):
     """OCS-split: W[:, j] x_j = (W[:, j]/2) x_j + (W[:, j]/2) x_j, so the split layer's output is unchanged;
     the largest |w| never grows, and it halves when the first split happens."""

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
 
 import dfmpc
-from strategies import batchnorms, compensation_problems, filters, random_bn
+from strategies import compensation_problems, filters, random_bn, uniform_arrays
 
 
 def _naive_loss(c, W, W_hat, bn, bn_hat, lambda1, lambda2):
@@ -26,7 +25,7 @@ def _naive_loss(c, W, W_hat, bn, bn_hat, lambda1, lambda2):
 def test_data_free_loss_matches_naive_twin_eq22(problem, data):
     """Eq. (20)-(22): the vectorised objective equals a per-channel loop over the definition."""
     W, W_hat, bn, bn_hat, l1, l2 = problem
-    c = data.draw(hnp.arrays(np.float64, W.shape[0], elements=st.floats(0, 5)))
+    c = data.draw(uniform_arrays((W.shape[0],), 0.0, 5.0))
     np.testing.assert_allclose(dfmpc.data_free_loss(c, W, W_hat, bn, bn_hat, l1, l2),
                                _naive_loss(c, W, W_hat, bn, bn_hat, l1, l2), rtol=1e-10, atol=1e-10)
 
@@ -288,7 +287,7 @@ def test_quadratic_expansion_equals_objective_eq25(problem, data):
     (relative tolerance 1e-9 of the loss scale); den_j >= 0."""
     W, W_hat, bn, bn_hat, lambda1, lambda2 = problem
     C = W.shape[0]
-    c = data.draw(hnp.arrays(np.float64, C, elements=st.floats(-3, 3)))
+    c = data.draw(uniform_arrays((C,), -3.0, 3.0))
     den, num, const = dfmpc.compensation.quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1, lambda2)
     L = dfmpc.data_free_loss(c, W, W_hat, bn, bn_hat, lambda1, lambda2)
     scale = 1.0 + np.abs(den) * c**2 + np.abs(const)

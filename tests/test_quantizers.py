@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
-from hypothesis.extra import numpy as hnp
 
 import dfmpc
-from strategies import filters, weight_values
+from strategies import filters
 
 bits = st.integers(1, 16)
 # Powers of two: W -> aW is then exact in floating point, so "invariant" can be tested bit for bit.

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 import dfmpc
 import dfmpc.baselines.squant as squant_module
@@ -22,8 +21,11 @@ from dfmpc.baselines.common import layer_bits
 from dfmpc.baselines.squant import (squant, squant_dorefa, squant_round, squant_round_reference,
                                     squant_weights)
 from dfmpc.engine.builders import resnet_cifar
+from strategies import FLOAT32_TINY
 
 TOL = 1e-9
+# squant_weights / squant_dorefa return float32, whose normal range ends at ~1.2e-38: the weights they
+# are tested on are at least FLOAT32_TINY = 1e-30 in magnitude (or exactly 0); smaller would flush to 0.
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -59,21 +61,52 @@ def bound_violations(q, U, *, kernel_bound=None, channel_bound=None, element_bou
     return out
 
 
-# Values in grid units: plain reals, exact halves (round-to-nearest ties) and integers.
-grid_values = st.one_of(
-    st.floats(-6.0, 6.0, allow_nan=False, allow_subnormal=False),
-    st.integers(-12, 11).map(lambda k: k + 0.5),
-    st.integers(-6, 6).map(float),
-    st.integers(-24, 24).map(lambda k: k / 4),     # exact quarters: many equal errors (ties)
-)
+def _grid_values(rng, kind, size, tiny=1e-300):
+    """Values in grid units of one kind (see grids)."""
+    if kind == "reals":
+        return rng.uniform(-6.0, 6.0, size)
+    if kind == "halves":                            # round-to-nearest ties
+        return rng.integers(-12, 12, size) + 0.5
+    if kind == "integers":
+        return rng.integers(-6, 7, size).astype(np.float64)
+    if kind == "quarters":                          # exact quarters: many equal errors (ties)
+        return rng.integers(-24, 25, size) / 4.0
+    if kind == "tiny":                              # |U| in [tiny, 0.1]: q - U rounds to an integer in float64
+        return rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(np.log10(tiny), -1, size)
+    if kind == "near_ties":                         # one ulp off a half or an integer
+        k = rng.integers(-12, 13, size) / 2.0
+        return np.nextafter(k, np.where(rng.uniform(size=size) < 0.5, -np.inf, np.inf))
+    if kind == "zeros":                             # +0.0 and -0.0
+        return rng.choice([-0.0, 0.0], size)
+    raise ValueError(kind)
+
+
+GRID_KINDS = ["reals", "halves", "integers", "quarters", "tiny", "near_ties", "zeros"]
 
 
 @st.composite
-def grids(draw, max_out=5, max_in=6):
-    """U of shape (O, I, k, k) or (O, I), values from grid_values."""
+def grids(draw, max_out=5, max_in=6, tiny=1e-300):
+    """U of shape (O, I, k, k) or (O, I) in grid units, built with NumPy from a drawn seed.
+
+    Drawn: the shape, a seed, and a mix: every element of its own kind ("mixed"), all elements of
+    one kind, or one value repeated everywhere ("constant": every error ties). Kinds: plain reals in
+    [-6, 6], exact halves, integers, exact quarters, tiny magnitudes, one ulp off a half or an
+    integer, and signed zeros. ``tiny`` is the smallest non-zero magnitude drawn.
+    """
     O, I = draw(st.integers(1, max_out)), draw(st.integers(1, max_in))
     shape = draw(st.sampled_from([(O, I), (O, I, 1, 1), (O, I, 2, 2), (O, I, 3, 3)]))
-    return draw(hnp.arrays(np.float64, shape, elements=grid_values))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    mix = draw(st.sampled_from(["mixed", "mixed", "one kind", "constant"]))
+    if mix == "mixed":
+        kinds = rng.integers(0, len(GRID_KINDS), shape)
+        U = np.zeros(shape)
+        for i, kind in enumerate(GRID_KINDS):
+            U[kinds == i] = _grid_values(rng, kind, int(np.sum(kinds == i)), tiny)
+        return U
+    kind = draw(st.sampled_from(GRID_KINDS))
+    if mix == "one kind":
+        return _grid_values(rng, kind, shape, tiny)
+    return np.full(shape, _grid_values(rng, kind, 1, tiny)[0])
 
 
 limits = st.sampled_from([(-np.inf, np.inf), (-2.0, 2.0), (-1.0, 1.0), (0.0, 3.0), (-7.0, 7.0), (0.0, 0.0)])
@@ -198,7 +231,7 @@ def test_ties_resolve_to_the_lowest_index():
 
 # ----------------------------------------------------------------------------- weight quantizers
 @settings(max_examples=60)
-@given(W=grids(max_out=6, max_in=5), bits=st.integers(2, 8), per_channel=st.booleans())
+@given(W=grids(max_out=6, max_in=5, tiny=FLOAT32_TINY), bits=st.integers(2, 8), per_channel=st.booleans())
 def test_squant_weights_within_one_scale_step(W, bits, per_channel):
     """SQuant-C on the symmetric uniform grid: |W_q - W| < one scale step per element, values on the grid."""
     W_q = squant_weights(W, bits, per_channel=per_channel)
@@ -213,7 +246,7 @@ def test_squant_weights_within_one_scale_step(W, bits, per_channel):
 
 
 @settings(max_examples=60)
-@given(W=grids(max_out=6, max_in=5), k=st.integers(1, 6))
+@given(W=grids(max_out=6, max_in=5, tiny=FLOAT32_TINY), k=st.integers(1, 6))
 def test_squant_dorefa_on_the_dorefa_grid_within_one_level(W, k):
     """SQuant-C on DoReFa's kQ grid: every value is a DoReFa level, at most one level from dorefa's rounding."""
     W_grid, scale = dfmpc.dorefa(W, k)
