@@ -707,9 +707,10 @@ def softmax_moments(node: Node, x: RuleInput) -> Moments:
 
     With the inputs Gaussian and independent, ``E[exp x_j] = exp(m_j + v_j / 2) = a_j``; for many
     comparable terms the denominator ``D = sum_k exp x_k`` concentrates at ``sum_k a_k``, giving
-    ``E[s_j] ~ a_j / sum_k a_k`` and ``Var[s_j] ~ (a_j / sum_k a_k)^2 (exp(v_j) - 1)``. Exact for the
-    mean when the features are exchangeable (E[s_j] = 1 / F). An approximation: its error grows
-    when one feature carries a large share of the denominator (stated in derivation 14).
+    ``E[s_j] ~ a_j / sum_k a_k`` and ``Var[s_j] ~ (a_j / sum_k a_k)^2 (exp(v_j) - 1)``, capped at
+    ``mu (1 - mu)`` (the largest variance of a variable in [0, 1]). Exact for the mean when the
+    features are exchangeable (E[s_j] = 1 / F). An approximation: its error grows when one feature
+    carries a large share of the denominator (stated in derivation 14).
 
     Parameters
     ----------
@@ -742,7 +743,8 @@ def softmax_moments(node: Node, x: RuleInput) -> Moments:
         mean = np.full_like(m, 1.0 / float(np.prod(shape[axis - 1:])))
     with np.errstate(divide="ignore"):                   # log(0) = -inf is fine: exp gives 0
         log_var = 2 * np.log(mean) + v + np.log(-np.expm1(-np.maximum(v, 1e-300)))
-    return mean, np.minimum(np.exp(log_var), mean * (1 - mean))     # Var <= mu (1 - mu) on [0, 1]
+        log_cap = np.log(mean * (1 - mean))              # Var <= mu (1 - mu) for a variable in [0, 1]
+    return mean, np.exp(np.minimum(log_var, log_cap))
 
 
 def identity_moments(node: Node, x: RuleInput) -> Moments:
