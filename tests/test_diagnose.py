@@ -1,0 +1,52 @@
+"""dfmpc.diagnose: predicted (re-calibrated BN) vs measured statistics of every quantized conv's output."""
+
+import numpy as np
+import pytest
+
+from dfmpc.diagnose import compare_statistics, diagnose
+from dfmpc.evaluation import load_zoo_model
+from dfmpc.zoo import load_fashion_mnist_test, normalize
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    x, _ = load_fashion_mnist_test()
+    return load_zoo_model("resnet20"), normalize(x[:64]).astype(np.float32)
+
+
+def test_compare_statistics_definition():
+    """ratio = geometric mean of (varhat + eps) / (var + eps); mean error in measured sigmas (median)."""
+    pm, pv = np.array([1.0, 0.0]), np.array([4.0, 1.0])
+    mm, mv = np.array([0.0, 0.0]), np.array([1.0, 1.0])
+    ratio, log_ratio, worst, mean_err = compare_statistics(pm, pv, mm, mv, eps=0.0)
+    assert ratio == pytest.approx(2.0) and log_ratio == pytest.approx(np.log(2.0))
+    assert worst == pytest.approx(np.log(4.0)) and mean_err == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="variances"):
+        compare_statistics(pm, -pv, mm, mv, eps=1e-5)
+    with pytest.raises(ValueError, match="four"):
+        compare_statistics(pm[:1], pv, mm, mv, eps=1e-5)
+
+
+def test_data_mode_on_the_measured_images_predicts_them_exactly(model_and_images):
+    """Re-measured on the very images diagnose measures on, every BN predicts its conv's statistics:
+    |log ratio| < 1e-3 (float32 accumulation), mean error < 1e-3 sigma. Negative control: absorb does not."""
+    g, x = model_and_images
+    d = diagnose(g, x, recalibration="data", compensation="none", calibration_data=x)
+    assert d.summary["layers"] == len(d.layers) > 10
+    assert d.summary["max_abs_log_ratio"] < 1e-3
+    assert max(r.mean_error_sigma for r in d.layers) < 1e-3
+    assert any(r.low for r in d.layers) and any(not r.low for r in d.layers)
+    bad = diagnose(g, x, recalibration="absorb", compensation="none")
+    assert bad.summary["max_abs_log_ratio"] > 0.3
+
+
+def test_diagnosis_json_has_the_documented_fields(model_and_images):
+    g, x = model_and_images
+    d = diagnose(g, x[:16], recalibration="analytic", compensation="none").to_dict()
+    rec = d["layers"][0]
+    for key in ("conv", "predicted_var", "measured_var", "ratio", "log_ratio", "mean_error_sigma"):
+        assert key in rec
+    assert len(rec["predicted_var"]) == len(rec["measured_var"])
+    assert {"median_abs_log_ratio", "max_abs_log_ratio"} <= set(d["summary"])
+    with pytest.raises(ValueError, match="images"):
+        diagnose(g, x.astype(np.float64))
