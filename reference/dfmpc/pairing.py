@@ -22,15 +22,27 @@ Our choices where the paper is silent (documented in the README):
   the fully connected layer stay at the high bit-width.
 * **ReLU6 (Clip) is refused**: ``ReLU6(c x) != c ReLU6(x)`` for ``c != 1``, so neither Lemma 2 nor
   folding holds; such chains are listed in :attr:`Pairing.rejected` with the reason.
+* **Every weight layer outside a pair gets a reason** (:attr:`Pairing.why_unpaired`): reads the graph
+  input, no BN after it (VGG-19, SqueezeNet, a DenseNet transition conv feeding its pooling), an output
+  read by several layers (an Inception branch point), a Concat after the activation (DenseNet's growth
+  convs, Inception's branch ends), a per-channel Mul / Add between BN and ReLU, or a candidate the
+  max-low-weight choice did not take.
+* **BN followed by per-channel Mul and Add constants** (the Caffe2 "scale" layer of the light DenseNet-121
+  and Inception-v2) is one per-channel affine map: :func:`merge_affine_into_bn` folds it into the BN
+  (``gamma' = k gamma``, ``beta' = k beta + a``), after which those chains pair like any other. Without the
+  merge, ``c`` folded into the BN alone would not scale the Add constant, so :func:`find_pairs` reports
+  such chains instead of pairing them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .engine.graph import Graph
+import numpy as np
 
-__all__ = ["Pair", "Pairing", "candidate_pairs", "find_pairs"]
+from .engine.graph import Graph, Node
+
+__all__ = ["Pair", "Pairing", "candidate_pairs", "find_pairs", "merge_affine_into_bn"]
 
 #: Ops between the ReLU and conv B that commute with a per-channel scale c_j >= 0.
 PASS_THROUGH = ("MaxPool", "AveragePool", "Identity", "Dropout")
@@ -57,11 +69,15 @@ class Pairing:
         Conv / Gemm nodes in no pair (quantized at the high bit-width).
     rejected : list of (str, str)
         ``(conv name, reason)`` for chains that look like pairs but cannot be one (e.g. ReLU6).
+    why_unpaired : dict of str to str
+        For every name in ``unpaired``: why it is in no pair (as the low layer; and, for a conv that
+        could have been a high layer, which candidate was not taken).
     """
 
     pairs: list[Pair]
     unpaired: list[str]
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    why_unpaired: dict[str, str] = field(default_factory=dict)
 
     @property
     def low(self) -> set[str]:
@@ -85,7 +101,8 @@ class Pairing:
         for p in self.pairs:
             rows.append(f"  pair  {p.low:<28} {lb:<16} -> {p.high:<28} {hb} (carries c)")
         for name in self.unpaired:
-            rows.append(f"  alone {name:<28} {hb}")
+            why = self.why_unpaired.get(name)
+            rows.append(f"  alone {name:<28} {hb}" + (f"  ({why})" if why else ""))
         for name, why in self.rejected:
             rows.append(f"  note  {name}: not paired: {why}")
         return f"{len(self.pairs)} pair(s), {len(self.unpaired)} unpaired layer(s)\n" + "\n".join(rows)
@@ -98,8 +115,81 @@ def _single_consumer(graph: Graph, tensor: str):
     return cons[0] if len(cons) == 1 else None
 
 
-def candidate_pairs(graph: Graph):
+def _readers(graph: Graph, tensor: str) -> str:
+    cons = graph.consumers(tensor)
+    return ", ".join(f"{n.op} {n.name!r}" for n in cons[:4]) + (", ..." if len(cons) > 4 else "")
+
+
+def _per_channel_constant(node: Node, channels: int) -> bool:
+    """A Mul / Add of one activation and a constant that is the same at every position of a channel."""
+    k = node.params.get("constant")
+    if node.op not in ("Mul", "Add") or k is None or len(node.inputs) != 1:
+        return False
+    shape = (1,) * (4 - k.ndim) + tuple(k.shape) if k.ndim <= 4 else None
+    return shape is not None and shape[0] == 1 and shape[1] in (1, channels) and shape[2:] == (1, 1)
+
+
+def _chain(graph: Graph, A: Node):
+    """Follow conv A -> BN -> act -> [pass-through] -> conv B.
+
+    Returns ``(pair, reason, refused)``: the candidate Pair (reason None), or None with the reason
+    A cannot be the low layer of a pair; ``refused`` marks chains that match except for the activation.
+    """
+    out = A.outputs[0]
+    if out in graph.outputs:
+        return None, "its output is a graph output", False
+    cons = graph.consumers(out)
+    if len(cons) != 1:
+        return None, f"its output is read by {len(cons)} nodes ({_readers(graph, out)})", False
+    bn = cons[0]
+    if bn.op != "BatchNormalization":
+        return None, (f"no BatchNormalization after it (read by {bn.op} {bn.name!r}): DF-MPC folds c into BN^l "
+                      "and needs its statistics"), False
+    nxt, affine = _single_consumer(graph, bn.outputs[0]), []
+    while nxt is not None and _per_channel_constant(nxt, bn.params["gamma"].shape[0]):
+        affine.append(nxt)
+        nxt = _single_consumer(graph, nxt.outputs[0])
+    if affine and nxt is not None and nxt.op in ("Relu", "Clip"):
+        names = ", ".join(repr(n.name) for n in affine)
+        return None, (f"per-channel {'/'.join(n.op for n in affine)} ({names}) between BN {bn.name!r} and the "
+                      "activation: c folded into the BN would not scale them; merge them into the BN first "
+                      "(dfmpc.pairing.merge_affine_into_bn)"), False
+    act = nxt
+    if act is None:
+        last = affine[-1] if affine else bn
+        return None, f"the BN output is read by {len(graph.consumers(last.outputs[0]))} nodes", False
+    if act.op not in ("Relu", "Clip"):
+        kind = " (a residual sum)" if act.op == "Add" and len(act.inputs) > 1 else ""
+        return None, f"BN {bn.name!r} is followed by {act.op} {act.name!r}{kind}, not a ReLU", False
+    t = act.outputs[0]
+    nxt = _single_consumer(graph, t)
+    while nxt is not None and nxt.op in PASS_THROUGH:
+        t = nxt.outputs[0]
+        nxt = _single_consumer(graph, t)
+    if nxt is None:
+        n = len(graph.consumers(t))
+        where = "a graph output" if t in graph.outputs else f"read by {n} nodes ({_readers(graph, t)})"
+        return None, (f"the activation's output is {where}: c would change every reader, and DF-MPC "
+                      "compensates in one next conv"), False
+    if nxt.op != "Conv":
+        kind = {"Concat": " (a concatenation: its channels reach several later layers)",
+                "Gemm": " (a fully connected layer, not a conv)"}.get(nxt.op, "")
+        return None, f"after the activation comes {nxt.op} {nxt.name!r}{kind}, not a conv", False
+    if act.op == "Clip":
+        lo, hi = act.attrs.get("min"), act.attrs.get("max")
+        return None, (f"activation {act.name!r} is Clip(min={lo}, max={hi}) (e.g. ReLU6), "
+                      "not positively homogeneous: c cannot pass through it"), True
+    return Pair(A.name, bn.name, act.name, nxt.name), None, False
+
+
+def candidate_pairs(graph: Graph, reasons: dict | None = None):
     """All chains conv A -> BN -> ReLU -> [MaxPool/AveragePool/Identity/Dropout] -> conv B with single consumers.
+
+    Parameters
+    ----------
+    graph : Graph
+    reasons : dict, optional
+        If given, filled with ``{conv name: why it is not the low conv of a candidate}``.
 
     Returns
     -------
@@ -109,23 +199,14 @@ def candidate_pairs(graph: Graph):
     """
     candidates, rejected = [], []
     for A in graph.nodes_of("Conv"):
-        bn = _single_consumer(graph, A.outputs[0])
-        if bn is None or bn.op != "BatchNormalization":
+        pair, why, refused = _chain(graph, A)
+        if pair is not None:
+            candidates.append(pair)
             continue
-        act = _single_consumer(graph, bn.outputs[0])
-        if act is None or act.op not in ("Relu", "Clip"):
-            continue
-        nxt = _single_consumer(graph, act.outputs[0])
-        while nxt is not None and nxt.op in PASS_THROUGH:
-            nxt = _single_consumer(graph, nxt.outputs[0])
-        if nxt is None or nxt.op != "Conv":
-            continue
-        if act.op == "Clip":
-            lo, hi = act.attrs.get("min"), act.attrs.get("max")
-            rejected.append((A.name, f"activation {act.name!r} is Clip(min={lo}, max={hi}) (e.g. ReLU6), "
-                                     "not positively homogeneous: c cannot pass through it"))
-            continue
-        candidates.append(Pair(A.name, bn.name, act.name, nxt.name))
+        if refused:
+            rejected.append((A.name, why))
+        if reasons is not None:
+            reasons[A.name] = why
     return candidates, rejected
 
 
@@ -154,7 +235,8 @@ def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True) -> Pairin
     ValueError
         An explicit pair that is not a valid chain, or a conv used twice.
     """
-    cands, rejected = candidate_pairs(graph)
+    reasons = {}
+    cands, rejected = candidate_pairs(graph, reasons)
     weight_layers = [n.name for n in graph.nodes if n.op in ("Conv", "Gemm")]
     if pairs is not None:
         by_ends = {(p.low, p.high): p for p in cands}
@@ -180,7 +262,81 @@ def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True) -> Pairin
     in_pair = {p.low for p in chosen} | {p.high for p in chosen}
     order = {name: i for i, name in enumerate(weight_layers)}
     chosen.sort(key=lambda p: order[p.low])
-    return Pairing(chosen, [n for n in weight_layers if n not in in_pair], rejected)
+    unpaired = [n for n in weight_layers if n not in in_pair]
+    return Pairing(chosen, unpaired, rejected, _explain(graph, unpaired, cands, chosen, reasons, pairs is not None,
+                                                        keep_first_high))
+
+
+def _explain(graph, unpaired, cands, chosen, reasons, explicit, keep_first_high):
+    """Why each unpaired weight layer is in no pair (see :attr:`Pairing.why_unpaired`)."""
+    taken = {p.low: p for p in chosen} | {p.high: p for p in chosen}
+    why = {}
+    for name in unpaired:
+        node = graph.node(name)
+        if node.op == "Gemm":
+            why[name] = "fully connected (Gemm): DF-MPC pairs convs; stays at the high bit-width"
+            continue
+        as_low = [p for p in cands if p.low == name]
+        as_high = [p for p in cands if p.high == name]
+        if as_low:
+            p = as_low[0]
+            if explicit:
+                text = f"candidate ({p.low} -> {p.high}) not in the given pairs"
+            elif keep_first_high and any(t in graph.inputs for t in node.inputs):
+                text = "reads the graph input (keep_first_high)"
+            else:
+                other = taken.get(p.high)
+                text = (f"candidate ({p.low} -> {p.high}) not taken: {p.high} is already in pair "
+                        f"({other.low} -> {other.high})" if other else
+                        f"candidate ({p.low} -> {p.high}) not taken by the max-low-weight choice")
+        else:
+            text = f"cannot be low: {reasons.get(name, 'no conv -> BN -> ReLU -> conv chain')}"
+        if as_high and not as_low:
+            text += "; could be high of " + ", ".join(f"({p.low} -> {p.high})" for p in as_high) + ", not taken"
+        why[name] = text
+    return why
+
+
+def merge_affine_into_bn(graph: Graph) -> Graph:
+    """A copy of ``graph`` in which each BN's following per-channel Mul / Add by a constant is folded into it.
+
+    ``BN -> Mul(k) -> Add(a)`` (each the single reader of the one before, constants equal at every
+    position of a channel, shapes () / (C, 1, 1) / (1, C, 1, 1)) computes
+    ``k (gamma (x - mu) / sigma + beta) + a``, which is a BN with ``gamma' = k gamma`` and
+    ``beta' = k beta + a``. The merged BN writes the last merged node's output tensor, so the rest
+    of the graph and its outputs are unchanged. The light DenseNet-121 and Inception-v2 have this
+    shape after every BN.
+
+    Parameters
+    ----------
+    graph : Graph
+
+    Returns
+    -------
+    Graph
+        A new graph (``graph`` is not modified); the same function up to float32 rounding.
+    """
+    g = graph.copy()
+    drop = set()
+    for bn in g.nodes_of("BatchNormalization"):
+        C = bn.params["gamma"].shape[0]
+        gamma, beta = bn.params["gamma"].astype(np.float64), bn.params["beta"].astype(np.float64)
+        nxt, last = _single_consumer(g, bn.outputs[0]), bn
+        while nxt is not None and _per_channel_constant(nxt, C) and nxt.name not in drop:
+            k = np.broadcast_to(nxt.params["constant"].astype(np.float64).reshape(-1), (C,))
+            if nxt.op == "Mul":
+                gamma, beta = gamma * k, beta * k
+            else:
+                beta = beta + k
+            drop.add(nxt.name)
+            last = nxt
+            nxt = _single_consumer(g, nxt.outputs[0])
+        if last is not bn:
+            bn.params["gamma"], bn.params["beta"] = gamma.astype(np.float32), beta.astype(np.float32)
+            bn.outputs = [last.outputs[0]]
+    if not drop:
+        return g
+    return Graph([n for n in g.nodes if n.name not in drop], g.inputs, g.outputs, g.input_shapes, g.name)
 
 
 def _max_weight_pairs(cands, weight):
