@@ -267,7 +267,7 @@ def test_compensation_rejects_bad_input():
         f(W, W_hat, bn, bn_hat, lambda2=np.inf)
     with pytest.raises(TypeError, match=r"bn_hat: expected a dfmpc.BatchNorm"):
         f(W, W_hat, bn, {"gamma": 1})
-    with pytest.raises(ValueError, match=r"W: expected at least 2"):
+    with pytest.raises(ValueError, match=r"W: expected OIHW conv weights \(4-D\)"):
         f(W[0, 0, 0], W_hat[0, 0, 0], bn, bn_hat)
     with pytest.raises(ValueError, match=r"c: expected shape \(4,\)"):
         dfmpc.data_free_loss(np.ones(3), W, W_hat, bn, bn_hat)

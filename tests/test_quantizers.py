@@ -109,16 +109,27 @@ def test_idempotence(W, k):
         np.testing.assert_array_equal(dfmpc.uniform(dfmpc.dequantize(q), k, per_channel=True).grid, q.grid)
 
 
-def test_linear_layout_and_dtype_preserved():
-    """Any layout: (out, in) linear weights work, float32 stays float32, the input is not modified."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.float64])
+def test_linear_layout_and_dtype_rule(dtype):
+    """(out, in) linear weights work; the dtype rule: computed and returned in float64 whatever the input's
+    real dtype (float32, float16, integers), equal to the float64 result; the input is not modified."""
     rng = np.random.default_rng(0)
-    W = rng.normal(size=(10, 7)).astype(np.float32)
-    W0 = W.copy()
-    assert dfmpc.ternary(W)[0].dtype == np.float32
-    assert dfmpc.dorefa(W, 6)[0].dtype == np.float32
-    q = dfmpc.uniform(W, 8, symmetric=False, per_channel=True)
-    assert q.grid.dtype == np.float32 and q.scale.shape == (10, 1)
+    W = (rng.normal(size=(10, 7)) * 8).astype(dtype)
+    W0, W64 = W.copy(), W.astype(np.float64)
+    for got, ref in [(dfmpc.ternary(W)[0], dfmpc.ternary(W64)[0]), (dfmpc.dorefa(W, 6)[0], dfmpc.dorefa(W64, 6)[0]),
+                     (dfmpc.uniform(W, 8, symmetric=False, per_channel=True).grid,
+                      dfmpc.uniform(W64, 8, symmetric=False, per_channel=True).grid)]:
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, ref)
+    assert dfmpc.uniform(W, 8, per_channel=True).scale.shape == (10, 1)
     np.testing.assert_array_equal(W, W0)
+
+
+@pytest.mark.parametrize("shape", [(12,), (2, 3, 4), (2, 2, 3, 3, 1)])
+def test_ternary_refuses_ranks_other_than_conv_and_gemm(shape):
+    """TWN is per layer: OIHW conv (4-D) or (out, in) Gemm (2-D); a flattened or stacked tensor is refused."""
+    with pytest.raises(ValueError, match=r"^W: expected OIHW conv \(4-D\) or \(out, in\) Gemm \(2-D\) weights, got shape"):
+        dfmpc.ternary(np.ones(shape))
 
 
 def test_all_zero_tensor_convention():
@@ -132,11 +143,11 @@ def test_all_zero_tensor_convention():
 
 @pytest.mark.parametrize("fn", [lambda W: dfmpc.ternary(W), lambda W: dfmpc.dorefa(W, 4), lambda W: dfmpc.uniform(W, 4)])
 @pytest.mark.parametrize("bad, match", [
-    (np.array([1.0, np.nan]), "W: expected finite"),
-    (np.array([1.0, np.inf]), "W: expected finite"),
+    (np.array([[1.0, np.nan]]), "W: expected finite"),
+    (np.array([[1.0, np.inf]]), "W: expected finite"),
     (np.zeros((0, 3)), "W: expected a non-empty"),
-    (np.float64(3.0), "W: expected at least 1"),
-    (np.array(["a"]), "W: expected an array of real numbers"),
+    (np.float64(3.0), "W: expected (at least 1|OIHW)"),
+    (np.array([["a"]]), "W: expected an array of real numbers"),
 ])
 def test_bad_weights_rejected(fn, bad, match):
     """NaN/Inf, empty, 0-d or non-numeric weights: error naming W."""

@@ -9,7 +9,9 @@ from .compensation import (
     BatchNorm,
     absorb_scale,
     data_free_loss,
+    quadratic_coefficients,
     compensation_coefficients,
+    closed_form,
     fold_into_bn,
     scale_input_channels,
 )
@@ -19,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ternary", "dorefa", "uniform", "dequantize",
-    "BatchNorm", "absorb_scale", "data_free_loss", "compensation_coefficients",
+    "BatchNorm", "absorb_scale", "data_free_loss", "quadratic_coefficients", "compensation_coefficients",
+    "closed_form",
     "fold_into_bn", "scale_input_channels",
     "conv2d", "pair_forward", "feature_map_loss", "oracle_coefficients",
 ]

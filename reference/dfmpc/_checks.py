@@ -20,11 +20,12 @@ import numbers
 import numpy as np
 
 
-def as_float_array(x, name: str, *, ndim=None, min_ndim=None, allow_empty=False) -> np.ndarray:
+def as_float_array(x, name: str, *, ndim=None, min_ndim=None, allow_empty=False, layout: str | None = None) -> np.ndarray:
     """Return ``x`` as a finite floating-point ndarray, or raise naming ``name``.
 
     Integer, boolean and float16 input is converted to float64 (float16 has too few digits for the
-    math); float32 and float64 keep their dtype.
+    math); float32 and float64 keep their dtype. ``layout``, if given, is what the ndim message says
+    was expected (e.g. ``"OIHW conv weights (4-D)"``).
     """
     try:
         a = np.asarray(x)
@@ -37,6 +38,8 @@ def as_float_array(x, name: str, *, ndim=None, min_ndim=None, allow_empty=False)
     if not np.issubdtype(a.dtype, np.floating) or a.dtype == np.float16:
         a = a.astype(np.float64)
     if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        if layout:
+            raise ValueError(f"{name}: expected {layout}, got shape {a.shape}")
         raise ValueError(f"{name}: expected an array with ndim {ndim}, got shape {a.shape}")
     if min_ndim is not None and a.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimension(s), got shape {a.shape}")

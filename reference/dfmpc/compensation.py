@@ -15,6 +15,10 @@ Notation (paper Sec. 4; W is OIHW, one output channel j of layer l is a filter W
 c_j scales input channel j of layer l+1 (Eq. (7)); because ReLU is positively
 homogeneous it can equally be folded into gamma_j, beta_j of BN^l (Sec. 4.3).
 Derivations: ``data_free_derivations/05_objective.md`` .. ``08_folding.md``.
+
+Dtypes: everything here computes in float64 and returns float64; array input of any real dtype
+(integer, bool, float16, float32) is converted to float64 first. W and W_hat are OIHW conv weights
+(4-D): the pairs DF-MPC compensates are conv -> BN -> ReLU -> conv.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ __all__ = [
     "BatchNorm",
     "absorb_scale",
     "data_free_loss",
+    "quadratic_coefficients",
     "compensation_coefficients",
+    "closed_form",
     "fold_into_bn",
     "scale_input_channels",
 ]
@@ -39,8 +45,8 @@ __all__ = [
 class BatchNorm:
     """Inference-mode BatchNorm: ``BN(x)_j = gamma_j (x_j - mean_j) / sigma_j + beta_j``.
 
-    ``sigma_j = sqrt(var_j + eps)``. The arrays are validated and stored as given
-    (integers become float64); the record is immutable, every operation returns a new one.
+    ``sigma_j = sqrt(var_j + eps)``. The arrays are validated and stored as float64 (whatever
+    their real dtype); the record is immutable, every operation returns a new one.
 
     Parameters
     ----------
@@ -63,7 +69,8 @@ class BatchNorm:
     eps: float = 1e-5
 
     def __post_init__(self):
-        arrays = {name: as_float_array(getattr(self, name), name, ndim=1) for name in ("gamma", "beta", "mean", "var")}
+        arrays = {name: as_float_array(getattr(self, name), name, ndim=1).astype(np.float64, copy=False)
+                  for name in ("gamma", "beta", "mean", "var")}
         C = arrays["gamma"].shape[0]
         for name, a in arrays.items():
             if a.shape != (C,):
@@ -111,7 +118,7 @@ def _check_bn(bn, name):
 
 
 def _check_c(c, C, name="c"):
-    c = as_float_array(c, name, ndim=1)
+    c = as_float_array(c, name, ndim=1).astype(np.float64, copy=False)
     if c.shape != (C,):
         raise ValueError(f"{name}: expected shape ({C},), one coefficient per channel, got {c.shape}")
     if np.any(c < 0):
@@ -158,7 +165,7 @@ def absorb_scale(bn, s):
     True
     """
     bn = _check_bn(bn, "bn")
-    s = as_float_array(s, "s", ndim=(0, 1))
+    s = as_float_array(s, "s", ndim=(0, 1)).astype(np.float64, copy=False)
     if s.ndim == 1 and s.shape != (bn.channels,):
         raise ValueError(f"s: expected a scalar or shape ({bn.channels},), got {s.shape}")
     if np.any(s <= 0):
@@ -172,8 +179,9 @@ def absorb_scale(bn, s):
 
 def _per_channel_terms(W, W_hat, bn, bn_hat):
     """Xhat, X (shape (O, n)) and yhat, y (shape (O,)) in float64."""
-    W = as_float_array(W, "W", min_ndim=2)
-    W_hat = as_float_array(W_hat, "W_hat", min_ndim=2)
+    W = as_float_array(W, "W", ndim=4, layout="OIHW conv weights (4-D) of layer l").astype(np.float64, copy=False)
+    W_hat = as_float_array(W_hat, "W_hat", ndim=4,
+                           layout="OIHW conv weights (4-D), the quantized layer l").astype(np.float64, copy=False)
     bn, bn_hat = _check_bn(bn, "bn"), _check_bn(bn_hat, "bn_hat")
     if W_hat.shape != W.shape:
         raise ValueError(f"W_hat: expected the shape of W {W.shape}, got {W_hat.shape}")
@@ -183,9 +191,9 @@ def _per_channel_terms(W, W_hat, bn, bn_hat):
             raise ValueError(f"{name}: expected {O} channels (W has {O} output channels), got {b.channels}")
     a, y = bn.affine()
     a_hat, y_hat = bn_hat.affine()
-    X = a.astype(np.float64)[:, None] * W.reshape(O, -1).astype(np.float64)
-    X_hat = a_hat.astype(np.float64)[:, None] * W_hat.reshape(O, -1).astype(np.float64)
-    return X_hat, X, y_hat.astype(np.float64), y.astype(np.float64)
+    X = a[:, None] * W.reshape(O, -1)
+    X_hat = a_hat[:, None] * W_hat.reshape(O, -1)
+    return X_hat, X, y_hat, y
 
 
 def _lambdas(lambda1, lambda2):
@@ -201,8 +209,8 @@ def data_free_loss(c, W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     ----------
     c : array_like, shape (O,)
         Compensation coefficients (any real values are evaluated; only c >= 0 is meaningful).
-    W : array_like, shape (O, I, kh, kw) or (O, I)
-        Full-precision weights of layer l.
+    W : array_like, shape (O, I, kh, kw)
+        Full-precision weights of layer l (OIHW; any real dtype, computed in float64).
     W_hat : array_like, same shape as W
         Quantized weights of layer l, in the form that matches ``bn_hat`` (grid weights with
         an ``absorb_scale``d BN, or dequantized weights with the original BN).
@@ -220,7 +228,7 @@ def data_free_loss(c, W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     --------
     With ``W_hat = W`` and the same BN, c = 1 reproduces the layer exactly: zero loss.
 
-    >>> W = np.arange(8.0).reshape(2, 4)
+    >>> W = np.arange(8.0).reshape(2, 4, 1, 1)
     >>> bn = BatchNorm(gamma=[1.0, 2.0], beta=[0.5, 0.0], mean=[0.0, 1.0], var=[1.0, 4.0])
     >>> data_free_loss(np.ones(2), W, W, bn, bn)
     array([0., 0.])
@@ -229,7 +237,7 @@ def data_free_loss(c, W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     """
     X_hat, X, y_hat, y = _per_channel_terms(W, W_hat, bn, bn_hat)
     lambda1, lambda2 = _lambdas(lambda1, lambda2)
-    c = as_float_array(c, "c", ndim=1).astype(np.float64)
+    c = as_float_array(c, "c", ndim=1).astype(np.float64, copy=False)
     if c.shape != (X.shape[0],):
         raise ValueError(f"c: expected shape ({X.shape[0]},), got {c.shape}")
     Gamma = c[:, None] * X_hat - X                          # Eq. (20)
@@ -246,7 +254,8 @@ def quadratic_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
 
     Parameters
     ----------
-    W, W_hat : array_like, shape (O, I, kh, kw) or (O, I)
+    W, W_hat : array_like, shape (O, I, kh, kw)
+        OIHW weights, any real dtype (computed in float64).
     bn, bn_hat : BatchNorm with O channels
     lambda1, lambda2 : float >= 0
 
@@ -290,8 +299,9 @@ def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
 
     Parameters
     ----------
-    W, W_hat : array_like, shape (O, I, kh, kw) or (O, I)
-        Full-precision and quantized weights of layer l (W_hat in the form matching bn_hat).
+    W, W_hat : array_like, shape (O, I, kh, kw)
+        Full-precision and quantized OIHW weights of layer l (W_hat in the form matching bn_hat);
+        any real dtype, computed in float64. A 2-D W is refused (the pairs are conv -> BN -> ReLU -> conv).
     bn, bn_hat : BatchNorm with O channels
     lambda1, lambda2 : float >= 0
 
@@ -303,8 +313,8 @@ def compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.5, lambda2=0.0):
     Raises
     ------
     ValueError
-        NaN/Inf, empty or mismatched shapes, channel count of a BN differing from W's
-        output channels, negative lambdas.
+        W or W_hat not 4-D (OIHW), NaN/Inf, empty or mismatched shapes, channel count of a BN
+        differing from W's output channels, negative lambdas.
 
     References
     ----------
@@ -400,19 +410,20 @@ def scale_input_channels(W_next, c):
     Parameters
     ----------
     W_next : array_like, shape (O', C, kh, kw) or (O', C)
-        Weights of layer l+1 (usually already quantized, ``kQ(W^{l+1})``).
+        Weights of layer l+1 (usually already quantized, ``kQ(W^{l+1})``), any real dtype.
     c : array_like, shape (C,), all >= 0
 
     Returns
     -------
-    ndarray, same shape and float dtype as W_next
+    ndarray, same shape as W_next, float64
 
     Examples
     --------
     >>> scale_input_channels(np.ones((1, 3)), np.array([0.0, 1.0, 2.5]))
     array([[0. , 1. , 2.5]])
     """
-    W_next = as_float_array(W_next, "W_next", min_ndim=2)
+    W_next = as_float_array(W_next, "W_next", ndim=(2, 4),
+                            layout="OIHW conv (4-D) or (out, in) Gemm (2-D) weights").astype(np.float64, copy=False)
     c = _check_c(c, W_next.shape[1])
     shape = (1, -1) + (1,) * (W_next.ndim - 2)
-    return (W_next * c.reshape(shape)).astype(W_next.dtype, copy=False)
+    return W_next * c.reshape(shape)

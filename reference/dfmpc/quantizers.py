@@ -8,8 +8,14 @@ the paper drops ("absorbed into BN"), so that
 and the two forms of a quantized layer can be compared exactly (see
 ``compensation.absorb_scale`` and ``data_free_derivations/01_quantizers.md``).
 
-All functions are pure, accept any weight layout (OIHW conv, (out, in) linear, ...),
-keep the input's floating dtype, and never modify their input.
+All functions are pure and never modify their input. :func:`ternary` takes the weights of one
+layer, OIHW conv (4-D) or (out, in) Gemm (2-D), the two layouts the pipeline and the baselines
+quantize; :func:`dorefa` and :func:`uniform` are element-wise maps onto a grid shared by the tensor
+(or, per channel, by axis 0) and take any layout with at least one axis.
+
+Dtypes: every function computes in float64 and returns float64, whatever the input's real dtype
+(integer, bool, float16 and float32 input is converted to float64 first). Callers that feed the
+engine cast the dequantized weights to float32 themselves (``pipeline.quantize_weights``).
 
 Convention for degenerate input: an all-zero tensor quantizes to all zeros with a
 scale of 0, so that ``scale * W_grid`` reproduces it exactly.
@@ -36,12 +42,14 @@ def ternary(W):
 
     Parameters
     ----------
-    W : array_like, shape (O, ...) e.g. (O, I, kh, kw) or (O, I)
-        Full-precision weights of one layer. Finite, non-empty.
+    W : array_like, shape (O, I, kh, kw) (conv) or (O, I) (Gemm)
+        Full-precision weights of one layer, any real dtype (computed in float64). Finite, non-empty.
+        Other ranks are refused: TWN's threshold is a statistic of one layer, and a 1-D or 5-D array
+        is a flattened or stacked tensor.
 
     Returns
     -------
-    W_hat : ndarray, same shape and float dtype as W
+    W_hat : ndarray, same shape as W, float64
         Values in {-1, 0, +1}: the ternary grid the paper keeps (it drops alpha).
     alpha : float
         ``mean(|W|)`` over the entries with ``|W| > Delta`` (paper Eq. (4)); it is the
@@ -53,7 +61,7 @@ def ternary(W):
     Raises
     ------
     ValueError
-        If W is empty or has NaN/Inf entries.
+        If W is not 2-D or 4-D, is empty or has NaN/Inf entries.
 
     References
     ----------
@@ -69,11 +77,11 @@ def ternary(W):
     >>> bool(np.isclose(delta, 0.7 * np.abs(W).mean())), bool(np.isclose(alpha, 0.75))
     (True, True)
     """
-    W = as_float_array(W, "W", min_ndim=1)
+    W = _float64(as_float_array(W, "W", ndim=(2, 4), layout="OIHW conv (4-D) or (out, in) Gemm (2-D) weights"))
     absW = np.abs(W)
     delta = TWN_DELTA_FACTOR * float(absW.mean())            # Eq. (3)
     keep = absW > delta
-    W_hat = np.where(keep, np.sign(W), 0).astype(W.dtype)    # Eq. (3)
+    W_hat = np.where(keep, np.sign(W), 0.0)                  # Eq. (3)
     alpha = float(absW[keep].mean()) if keep.any() else 0.0  # Eq. (4)
     return W_hat, alpha, delta
 
@@ -88,13 +96,13 @@ def dorefa(W, k):
     Parameters
     ----------
     W : array_like, shape (O, ...)
-        Full-precision weights of one layer. Finite, non-empty.
+        Full-precision weights of one layer, any real dtype (computed in float64). Finite, non-empty.
     k : int in [1, 16]
         Bit-width.
 
     Returns
     -------
-    W_grid : ndarray, same shape and float dtype as W
+    W_grid : ndarray, same shape as W, float64
         ``kQ(W)``, values on the 2^k-level grid in [-1, 1].
     scale : float
         ``max|W|``, the factor the paper drops: ``W_q = scale * W_grid``. An all-zero W
@@ -118,14 +126,19 @@ def dorefa(W, k):
     >>> scale
     2.0
     """
-    W = as_float_array(W, "W", min_ndim=1)
+    W = _float64(as_float_array(W, "W", min_ndim=1))
     k = check_bits(k, "k")
     scale = float(np.abs(W).max())
     if scale == 0.0:
         return np.zeros_like(W), 0.0
     n = 2.0**k - 1.0
     W_grid = 2.0 / n * np.round(n * (W / (2.0 * scale) + 0.5)) - 1.0  # Eq. (6)
-    return W_grid.astype(W.dtype, copy=False), scale
+    return W_grid, scale
+
+
+def _float64(a: np.ndarray) -> np.ndarray:
+    """The dtype rule of the math modules: compute in float64."""
+    return a.astype(np.float64, copy=False)
 
 
 class UniformQuant(NamedTuple):
@@ -154,7 +167,7 @@ def uniform(W, bits, symmetric=True, per_channel=False):
     Parameters
     ----------
     W : array_like, shape (O, ...)
-        Weights. Finite, non-empty.
+        Weights, any real dtype (computed in float64). Finite, non-empty.
     bits : int in [1, 16]
         Bit-width (``>= 2`` when symmetric).
     symmetric : bool
@@ -165,7 +178,7 @@ def uniform(W, bits, symmetric=True, per_channel=False):
     Returns
     -------
     UniformQuant
-        ``(grid, scale, zero_point)``; grid has W's shape and float dtype, integer values.
+        ``(grid, scale, zero_point)``, float64; grid has W's shape and integer values.
         Inside the clipping range the error ``|W - scale (grid - zero_point)|`` is at
         most ``scale / 2``. A channel (or tensor) that is all zero gets scale 0.
 
@@ -182,7 +195,7 @@ def uniform(W, bits, symmetric=True, per_channel=False):
     >>> bool(np.all(np.abs(dequantize(q) - [[-1.0, 0.25, 0.5]]) <= q.scale / 2))
     True
     """
-    W = as_float_array(W, "W", min_ndim=1)
+    W = _float64(as_float_array(W, "W", min_ndim=1))
     bits = check_bits(bits, "bits")
     if symmetric and bits < 2:
         raise ValueError("bits: symmetric uniform quantization needs bits >= 2 (1 bit leaves only the level 0); "
@@ -202,8 +215,7 @@ def uniform(W, bits, symmetric=True, per_channel=False):
     safe = np.where(scale > 0, scale, 1.0)
     grid = np.clip(np.round(W / safe) + zero_point, qmin, qmax)
     grid = np.where(scale > 0, grid, zero_point)  # all-zero channel: grid at the zero point
-    return UniformQuant(grid.astype(W.dtype, copy=False),
-                        np.asarray(scale, dtype=W.dtype), np.asarray(zero_point, dtype=W.dtype))
+    return UniformQuant(grid, np.asarray(scale, dtype=np.float64), np.asarray(zero_point, dtype=np.float64))
 
 
 def dequantize(q, scale=None, zero_point=0.0):
@@ -218,7 +230,7 @@ def dequantize(q, scale=None, zero_point=0.0):
 
     Returns
     -------
-    ndarray, same shape as the grid
+    ndarray, same shape as the grid, float64
     """
     if isinstance(q, UniformQuant):
         if scale is not None:
@@ -228,9 +240,9 @@ def dequantize(q, scale=None, zero_point=0.0):
         if scale is None:
             raise ValueError("scale: required when q is an array of grid values")
         grid = q
-    grid = as_float_array(grid, "grid", min_ndim=1)
-    scale = as_float_array(scale, "scale", allow_empty=False)
-    zero_point = as_float_array(zero_point, "zero_point")
+    grid = _float64(as_float_array(grid, "grid", min_ndim=1))
+    scale = _float64(as_float_array(scale, "scale", allow_empty=False))
+    zero_point = _float64(as_float_array(zero_point, "zero_point"))
     try:
         return scale * (grid - zero_point)
     except ValueError as exc:
