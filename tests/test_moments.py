@@ -97,12 +97,13 @@ def block_equicorrelated(rng, N, C, H, W, k, rho, m, v):
 # ----------------------------------------------------------------------------- coverage and errors
 
 def test_a_rule_for_every_engine_op():
-    """Item 1 of issue 10: MOMENT_RULES covers the engine's whole op set, and nothing else."""
+    """M.0, item 1 of issue 10: MOMENT_RULES covers the engine's whole op set, and nothing else."""
     assert set(MOMENT_RULES) == set(SUPPORTED_OPS)
 
 
 def test_op_without_rule_is_a_value_error_naming_op_and_node(monkeypatch):
-    """Item 2: an op with no rule raises ValueError (never KeyError) naming the op type and the node."""
+    """M.0, item 2 of issue 10: an op with no rule raises ValueError (never KeyError) naming the op type
+    and the node (the rule is removed from the registry to make one)."""
     g = Graph([Node("r", "Relu", ["x"], ["r"]), Node("m", "Mul", ["r"], ["m"], {}, {"constant": np.float32(2)})],
               ["x"], ["m"], {"x": (2, 3, 3)})
     monkeypatch.delitem(MOMENT_RULES, "Mul")
@@ -111,7 +112,7 @@ def test_op_without_rule_is_a_value_error_naming_op_and_node(monkeypatch):
 
 
 def test_mul_after_relu_no_longer_fails_and_no_node_is_skipped():
-    """The issue's KeyError 'm': a Mul after a ReLU now has moments, and every tensor gets an entry."""
+    """M.0, M.6: the issue's KeyError 'm': a Mul after a ReLU now has moments, and every tensor gets an entry."""
     g = Graph([Node("r", "Relu", ["x"], ["r"]), Node("m", "Mul", ["r"], ["m"], {}, {"constant": np.float32(2)})],
               ["x"], ["m"], {"x": (2, 3, 3)})
     mo = propagate_moments(g)
@@ -122,6 +123,8 @@ def test_mul_after_relu_no_longer_fails_and_no_node_is_skipped():
 
 
 def test_bad_inputs_are_value_errors_naming_the_node():
+    """M.0: a Flatten that would mix the batch axis, an input of unknown shape, an impossible assumption:
+    ValueErrors naming the node / input."""
     g = Graph([Node("fl", "Flatten", ["x"], ["f"], {"axis": 2}),
                Node("fc", "Gemm", ["f"], ["y"], {}, {"W": np.ones((2, 9), np.float32)})], ["x"], ["y"], {"x": (2, 3, 3)})
     with pytest.raises(ValueError, match="'fl' \\(Flatten\\).*mixes the batch axis"):
@@ -519,7 +522,8 @@ def test_tensor_read_by_bn_takes_its_running_statistics():
 # ----------------------------------------------------------------------------- shapes and the light models
 
 def test_tensor_shapes_match_the_engine_on_a_graph_with_every_op():
-    """The shape pass agrees with running the engine, on a graph that uses every op of the engine."""
+    """M.0: the shape pass agrees with running the engine, on a graph that uses every op of the engine,
+    and every tensor gets finite moments."""
     rng = np.random.default_rng(18)
     f32 = lambda *s: rng.normal(size=s).astype(np.float32)
     bnp = {"gamma": f32(4), "beta": f32(4), "mean": f32(4), "var": np.ones(4, np.float32)}
@@ -545,7 +549,7 @@ def test_tensor_shapes_match_the_engine_on_a_graph_with_every_op():
 
 @pytest.mark.parametrize("name", LIGHT_MODELS)
 def test_light_models_get_finite_moments_for_every_tensor(name):
-    """Issue 10: propagate_moments runs on each light topology (VGG-19's Flatten -> Gemm of 25,088
+    """M.0, issue 10: propagate_moments runs on each light topology (VGG-19's Flatten -> Gemm of 25,088
     features, DenseNet's and Inception's Mul / Add constants and Concats, SqueezeNet's Softmax) and
     yields finite moments of the right length for every tensor."""
     g = dfmpc.load_model(os.path.join(LIGHT, f"light_{name}.onnx"))
