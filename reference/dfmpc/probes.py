@@ -99,16 +99,23 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
     """(D.2)-(D.3) for one tensor z (N, C, ...): ``||mu_b - mu||^2 + ||s_b - sigma||^2`` and dL/dz (or None)."""
     r = _rows(z)
     M = r.shape[0]
-    mu_b = r.mean(axis=0, dtype=np.float64)
-    d = r - mu_b.astype(r.dtype)
-    var_b = np.einsum("mc,mc->c", d, d, dtype=np.float64) / M
+    if r.dtype == np.float64:
+        mu_b = r.mean(axis=0)
+        var_b = np.einsum("mc,mc->c", r - mu_b, r - mu_b) / M
+    else:                                          # float32: sums over images, then over positions (short sums)
+        per_image = r.reshape(z.shape[0], -1)
+        s1 = per_image.sum(axis=0).reshape(-1, r.shape[1]).sum(axis=0, dtype=np.float64)
+        s2 = np.square(per_image).sum(axis=0).reshape(-1, r.shape[1]).sum(axis=0, dtype=np.float64)
+        mu_b = s1 / M
+        var_b = np.maximum(s2 / M - mu_b ** 2, 0.0)
     s_b = np.sqrt(var_b + eps)
     loss = float(np.sum((mu_b - mu) ** 2) + np.sum((s_b - sigma) ** 2))
     if not grad:
         return loss, None
-    a = (2.0 * (mu_b - mu) / M).astype(r.dtype)                       # dL/dmu_b / M
-    b = (2.0 * (s_b - sigma) / (s_b * M)).astype(r.dtype)             # dL/ds_b * ds_b/dvar_b * 2 / M
-    g = d * b + a                                                      # (D.3), rows (M, C)
+    a = 2.0 * (mu_b - mu) / M                                          # dL/dmu_b * dmu_b/dz
+    b = 2.0 * (s_b - sigma) / (s_b * M)                                # dL/ds_b * ds_b/dvar_b * 2 / M
+    g = r * b.astype(r.dtype)                                          # (D.3): a + b (z - mu_b), rows (M, C)
+    g += (a - b * mu_b).astype(r.dtype)
     shape = (z.shape[0],) + z.shape[2:] + (z.shape[1],)
     return loss, np.moveaxis(g.reshape(shape), -1, 1)
 
