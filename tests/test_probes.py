@@ -1,0 +1,169 @@
+"""dfmpc.probes: noise and distilled probe inputs, the BN-matching loss (D.1)-(D.3) and its gradient."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dfmpc import probes
+from dfmpc.engine import Graph, Node
+from dfmpc.evaluation import load_zoo_model
+
+from test_backward import H_FD, _torch_module, f64_params, small_graph
+
+
+def f64_graph(g):
+    return Graph([Node(n.name, n.op, n.inputs, n.outputs, n.attrs, f64_params(**n.params)) for n in g.nodes],
+                 g.inputs, g.outputs, g.input_shapes)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return load_zoo_model("resnet20")
+
+
+# ------------------------------------------------------------------------ the loss and its gradient
+
+@settings(max_examples=50)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 4), st.sampled_from([2, 3, 4]))
+def test_stat_loss_gradient_matches_finite_differences(seed, N, C, ndim):
+    """D.2-D.3: the gradient of ||mu_b - mu||^2 + ||s_b - sigma||^2 (biased batch variance over every axis
+    but the channel) against central differences in float64, relative tolerance 1e-6."""
+    rng = np.random.default_rng(seed)
+    shape = (N, C) + (3, 2)[:ndim - 2]
+    z = rng.standard_normal(shape) * rng.uniform(0.5, 2) + rng.normal()
+    mu, sigma, eps = rng.normal(size=C), rng.uniform(0.2, 2, C), 1e-3
+    loss, g = probes._stat_loss(z, mu, sigma, eps, True)
+    assert g.shape == z.shape
+    f = lambda y: probes._stat_loss(y, mu, sigma, eps, False)[0]
+    for _ in range(3):
+        v = rng.standard_normal(shape)
+        fd = (f(z + H_FD * v) - f(z - H_FD * v)) / (2 * H_FD)
+        assert abs(np.sum(g * v) - fd) <= 1e-6 * (np.sum(np.abs(g * v)) + 1e-12)
+
+
+def test_stat_loss_negative_control():
+    """D.3 negative control: dropping the mean term a of the gradient fails the finite-difference check."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 3, 4, 4)) + 1.0
+    mu, sigma = np.zeros(3), np.ones(3)
+    loss, g = probes._stat_loss(z, mu, sigma, 1e-5, True)
+    a = 2 * (z.mean(axis=(0, 2, 3)) - mu) / (z.size / 3)
+    g_wrong = g - a[None, :, None, None]
+    v = rng.standard_normal(z.shape)
+    f = lambda y: probes._stat_loss(y, mu, sigma, 1e-5, False)[0]
+    fd = (f(z + H_FD * v) - f(z - H_FD * v)) / (2 * H_FD)
+    assert abs(np.sum(g * v) - fd) <= 1e-6 * np.sum(np.abs(g * v))
+    assert abs(np.sum(g_wrong * v) - fd) > 1e-3 * np.sum(np.abs(g * v))
+
+
+def test_float32_moments_match_float64():
+    """D.2 in float32 (sums over images then positions, var = E[z^2] - mu_b^2) equals the float64 two-pass
+    loss to 1e-4 relative on BN inputs with a mean of 5 standard deviations."""
+    rng = np.random.default_rng(1)
+    z = (rng.standard_normal((64, 16, 14, 14)) * 0.3 + 1.5).astype(np.float32)
+    mu, sigma = rng.normal(size=16), rng.uniform(0.2, 1, 16)
+    l32, g32 = probes._stat_loss(z, mu, sigma, 1e-5, True)
+    l64, g64 = probes._stat_loss(z.astype(np.float64), mu, sigma, 1e-5, True)
+    assert abs(l32 - l64) <= 1e-4 * l64
+    np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max())
+
+
+def test_loss_and_input_gradient_match_torch_autograd():
+    """D.1 (sum over every BN of D.2 plus the input term) and its input gradient (D.3 chained through
+    V.1-V.12) against PyTorch autograd in float64, on the small graph with every op."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    g = small_graph(rng)
+    x = rng.standard_normal((3, 2, 8, 8))
+    targets = probes.bn_targets(g)
+    loss, gx = probes._loss_and_grad(g, targets, x)
+    xt = torch.tensor(x, requires_grad=True)
+    zs = _torch_module(g)(xt, [t.tensor for t in targets])
+
+    def term(z, mu, sigma, eps):
+        mu_b = z.mean(dim=[a for a in range(z.ndim) if a != 1])
+        var_b = z.var(dim=[a for a in range(z.ndim) if a != 1], unbiased=False)
+        return torch.sum((mu_b - torch.as_tensor(mu)) ** 2) + torch.sum((torch.sqrt(var_b + eps) - torch.as_tensor(sigma)) ** 2)
+    L = sum(term(z, t.mu, t.sigma, t.eps) for z, t in zip(zs, targets))
+    L = L + term(xt, np.zeros(2), np.full(2, np.sqrt(1 + probes.INPUT_EPS)), probes.INPUT_EPS)
+    L.backward()
+    assert loss == pytest.approx(float(L.detach()), rel=1e-12)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-9, atol=1e-9 * np.abs(gx).max())
+
+
+# ------------------------------------------------------------------------ probe_inputs
+
+def test_noise_probes_are_seeded_standard_normal(resnet20):
+    """kind='noise': shape (n, C, H, W) float32 from the graph's input shape, N(0, 1), fixed by the seed."""
+    x = probes.probe_inputs(resnet20, n=32, kind="noise", seed=3)
+    assert x.shape == (32, 1, 28, 28) and x.dtype == np.float32
+    assert abs(x.mean()) < 0.02 and abs(x.std() - 1) < 0.02          # 25088 samples: 5 standard errors
+    np.testing.assert_array_equal(x, probes.probe_inputs(resnet20, n=32, kind="noise", seed=3))
+    assert not np.array_equal(x, probes.probe_inputs(resnet20, n=32, kind="noise", seed=4))
+
+
+def test_distillation_lowers_the_bn_matching_loss(resnet20):
+    """D.1 on the zoo's ResNet-20: 12 Adam steps on 8 images cut the BN-matching loss to less than half of
+    its value on the starting noise (measured: about 47 -> 12), and the images stay standardised-like."""
+    x0 = probes.probe_inputs(resnet20, n=8, kind="noise", seed=0)
+    x = probes.probe_inputs(resnet20, n=8, kind="distilled", seed=0, iterations=12, progress=False)
+    before, after = probes.bn_matching_loss(resnet20, x0), probes.bn_matching_loss(resnet20, x)
+    assert after < 0.5 * before
+    assert abs(x.mean()) < 0.3 and 0.7 < x.std() < 1.3
+
+
+def test_distillation_is_reproducible_and_starts_from_the_noise(resnet20):
+    """Fixed seed: distilled probes are bit-identical run to run; with 0 iterations they are the noise."""
+    a = probes.probe_inputs(resnet20, n=4, kind="distilled", seed=1, iterations=3, progress=False)
+    b = probes.probe_inputs(resnet20, n=4, kind="distilled", seed=1, iterations=3, progress=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(probes.probe_inputs(resnet20, n=4, kind="distilled", seed=1, iterations=0),
+                                  probes.probe_inputs(resnet20, n=4, kind="noise", seed=1))
+
+
+def test_distill_history_and_batches(resnet20):
+    """distill: loss history has iterations + 1 entries starting at the loss of x0; batches are optimised
+    independently (a batch of 2 gives the same images whether or not another batch follows it)."""
+    x0 = probes.probe_inputs(resnet20, n=4, kind="noise", seed=2)
+    r = probes.distill(resnet20, x0, iterations=2, batch_size=2)
+    assert len(r.loss) == 3 and r.x.shape == x0.shape
+    r2 = probes.distill(resnet20, x0[:2], iterations=2)
+    np.testing.assert_array_equal(r.x[:2], r2.x)
+    assert r2.loss[0] == pytest.approx(probes.bn_matching_loss(resnet20, x0[:2]), rel=1e-6)
+
+
+def test_progress_line_only_when_asked(resnet20, capsys):
+    """progress=False is silent; progress=True writes one self-overwriting line to stderr, nothing to stdout."""
+    probes.probe_inputs(resnet20, n=2, kind="distilled", iterations=2, progress=False)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+    probes.probe_inputs(resnet20, n=2, kind="distilled", iterations=2, progress=True)
+    out = capsys.readouterr()
+    assert "distilling probe inputs" in out.err and "2/2" in out.err and out.out == ""
+
+
+def test_probe_inputs_refuses_bad_arguments(resnet20):
+    """Bad arguments raise ValueError naming the argument; an op without VJP before the last BN is named."""
+    for kwargs, name in (({"n": 0}, "n"), ({"kind": "real"}, "kind"), ({"seed": -1}, "seed"),
+                         ({"iterations": -1}, "iterations"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size"),
+                         ({"input_shape": (28, 28)}, "input_shape")):
+        with pytest.raises(ValueError, match=name):
+            probes.probe_inputs(resnet20, **{"n": 2, "iterations": 1, **kwargs})
+    with pytest.raises(ValueError, match="graph"):
+        probes.probe_inputs("resnet20")
+    no_bn = Graph([Node("r", "Relu", ["x"], ["y"])], ["x"], ["y"], {"x": (1, 4, 4)})
+    assert probes.probe_inputs(no_bn, n=2, kind="noise").shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        probes.probe_inputs(no_bn, n=2, kind="distilled")
+    unknown = Graph([Node("r", "Relu", ["x"], ["y"])], ["x"], ["y"])
+    with pytest.raises(ValueError, match="input_shape"):
+        probes.probe_inputs(unknown, n=2, kind="noise")
+    assert probes.probe_inputs(unknown, n=2, kind="noise", input_shape=(3, 2, 2)).shape == (2, 3, 2, 2)
+    one = lambda *s: np.ones(s, np.float32)
+    softmax_first = Graph([Node("sm", "Softmax", ["x"], ["s"], {"axis": 1}),
+                           Node("bn", "BatchNormalization", ["s"], ["y"], {},
+                                {"gamma": one(1), "beta": one(1), "mean": one(1), "var": one(1)})],
+                          ["x"], ["y"], {"x": (1, 4, 4)})
+    with pytest.raises(ValueError, match=r"Softmax.*'sm'"):
+        probes.probe_inputs(softmax_first, n=2, iterations=1)
