@@ -30,7 +30,7 @@ import numpy as np
 from ._checks import check_bits, check_scalar
 from .compensation import closed_form, fold_into_bn, quadratic_coefficients
 from .engine.graph import Graph
-from .pairing import Pairing, find_pairs
+from .pairing import Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
@@ -97,6 +97,7 @@ class QuantizationReport:
     compensation: str
     pairs: list[PairReport] = field(default_factory=list)
     unpaired: list[str] = field(default_factory=list)
+    why_unpaired: dict[str, str] = field(default_factory=dict)    # unpaired layer -> the reason (dfmpc.pairing)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     probes: str | None = None      # sequential re-calibration: the probe inputs used, e.g. "noise (256 images)"
     seconds: float = 0.0
@@ -116,14 +117,17 @@ class QuantizationReport:
 # ------------------------------------------------------------------------------------ stages
 
 def prepare(graph: Graph) -> Graph:
-    """Stage 0: a copy of ``graph`` with every conv bias before a BN moved into that BN's mean.
+    """Stage 0: a copy of ``graph`` in the form the later stages expect; the same function.
 
-    BN(Wx + b) with mu equals BN(Wx) with mu - b (exact), so every quantized conv's BN sees the
-    conv output alone. The input graph is never modified.
+    Per-channel Mul / Add constants after a BN are merged into it
+    (:func:`dfmpc.pairing.merge_affine_into_bn`; DenseNet-121 and Inception-v2 exports have them
+    after every BN), and every conv bias before a BN moves into that BN's mean: BN(Wx + b) with mu
+    equals BN(Wx) with mu - b (exact), so every quantized conv's BN sees the conv output alone.
+    The input graph is never modified.
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
-    fp = graph.copy()
+    fp = merge_affine_into_bn(graph)            # BN -> Mul/Add by per-channel constants is one BN (exact)
     for conv in fp.nodes_of("Conv"):
         if "B" not in conv.params:
             continue
@@ -307,7 +311,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
-                                unpaired=list(pairing.unpaired), rejected=list(pairing.rejected),
+                                unpaired=list(pairing.unpaired), why_unpaired=dict(pairing.why_unpaired),
+                                rejected=list(pairing.rejected),
                                 probes=_probes_label(recalibration, probes, probe_x))
     for site in recalibration_sites(fp, g):               # topological order: each site sees the ones before it
         bn_hat = RECALIBRATION_MODES[recalibration](ctx, site)                            # 3. re-calibrate

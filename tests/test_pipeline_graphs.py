@@ -1,0 +1,88 @@
+"""quantize_network on every graph the engine runs: a generated graph with each op family, and the
+real topologies shipped in the onnx wheel (VGG-19, DenseNet-121, Inception-v2, ResNet-50, SqueezeNet).
+
+Accuracy on random weights is meaningless; what is checked is that every data-free mode runs, the
+output is a valid ONNX model that onnxruntime runs with finite outputs equal to our engine's, and
+nothing is skipped silently (pairing reports a reason for every unpaired layer)."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from dfmpc import save_model
+from dfmpc.engine import Graph, Node
+from dfmpc.engine.builders import _Builder
+from dfmpc.interop import from_onnx
+from dfmpc.pipeline import quantize_network
+
+from _onnx_helpers import ort_run, randomise
+
+LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+# float32 engines with different summation orders (see test_interop_onnx_light.py): 1e-4 relative.
+REL_TOL = 1e-4
+DATA_FREE = ("absorb", "analytic", "sequential")
+
+
+def every_op_graph(seed=0):
+    """conv-BN-ReLU pairs around Mul-after-ReLU, a grouped/depthwise conv, MaxPool, AveragePool, Concat,
+    Add, Dropout/Identity, GlobalAveragePool, Flatten -> Gemm: each op the pipeline must cross."""
+    b = _Builder(seed)
+    x = "x"
+    t = b.op("r0", "Relu", [b.bn("bn0", b.conv("c0", x, 3, 8, 3), 8)])
+    t = b.op("m0", "Mul", [t])
+    b.nodes[-1].params["constant"] = np.float32(0.5)                      # the issue's Mul after the ReLU
+    t = b.op("r1", "Relu", [b.bn("bn1", b.conv("c1", t, 8, 8, 3), 8)])
+    t = b.op("r2", "Relu", [b.bn("bn2", b.conv("c2", t, 8, 8, 3, groups=8), 8)])        # depthwise
+    t = b.op("mp", "MaxPool", [t], kernel_shape=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+    u = b.op("r3", "Relu", [b.bn("bn3", b.conv("c3", t, 8, 8, 3, groups=2), 8)])       # grouped
+    v = b.op("r4", "Relu", [b.bn("bn4", b.conv("c4", t, 8, 8, 1), 8)])
+    t = b.op("cat", "Concat", [u, v], axis=1)
+    t = b.op("r5", "Relu", [b.bn("bn5", b.conv("c5", t, 16, 16, 3), 16)])
+    w = b.op("ap", "AveragePool", [t], kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1))
+    t = b.op("add", "Add", [t, w])
+    t = b.op("do", "Dropout", [b.op("id", "Identity", [t])])
+    t = b.op("r6", "Relu", [b.bn("bn6", b.conv("c6", t, 16, 16, 3), 16)])
+    t = b.op("mp2", "MaxPool", [t], kernel_shape=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+    t = b.linear("fc", b.op("fl", "Flatten", [t], axis=1), 16 * 4 * 4, 10)
+    return Graph(b.nodes, inputs=["x"], outputs=[t], input_shapes={"x": (3, 16, 16)})
+
+
+@pytest.mark.parametrize("recalibration", DATA_FREE + ("data",))
+def test_every_op_graph_quantizes_in_every_mode(recalibration):
+    g = every_op_graph()
+    x = np.random.default_rng(1).normal(size=(16, 3, 16, 16)).astype(np.float32)
+    q, rep = quantize_network(g, 2, 6, recalibration=recalibration, calibration_data=x, probes=x)
+    assert rep.pairs, "the generated graph has conv-BN-ReLU-conv pairs"
+    assert set(rep.unpaired) <= {n.name for n in g.nodes if n.op in ("Conv", "Gemm")}
+    assert set(rep.why_unpaired) == set(rep.unpaired) and all(rep.why_unpaired.values())
+    y = q.run(x)
+    assert y.shape == (16, 10) and np.all(np.isfinite(y))
+    assert not np.allclose(y, g.run(x), rtol=1e-3, atol=1e-3)           # something was quantized
+
+
+LIGHT_MODELS = ["vgg19", "densenet121", "inception_v2", "resnet50", "squeezenet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIGHT_MODELS)
+def test_light_model_quantized_runs_in_onnxruntime(name, tmp_path):
+    """The issue's target: MP2/6 succeeds, the output passes onnx.checker and onnxruntime gives finite logits
+    equal to our engine's on the same input (both data-free modes that carry state: analytic, sequential)."""
+    model = randomise(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx")), 0)
+    g = from_onnx(model, source=name)
+    inp = g.inputs[0]
+    x = np.random.default_rng(2).normal(size=(1,) + g.input_shapes[inp]).astype(np.float32)
+    for rec in ("analytic", "sequential"):
+        probes = np.random.default_rng(3).normal(size=(2,) + g.input_shapes[inp]).astype(np.float32)
+        q, rep = quantize_network(g, 2, 6, recalibration=rec, probes=probes)
+        assert set(rep.why_unpaired) == set(rep.unpaired)              # every unpaired layer has its reason
+        path = tmp_path / f"{name}_{rec}.onnx"
+        save_model(q, path)
+        out = onnx.load(str(path))
+        onnx.checker.check_model(out)
+        ref = q.run(x)
+        got = ort_run(out, {inp: x})[0]
+        assert np.all(np.isfinite(got))
+        assert float(np.abs(got - ref).max() / np.abs(ref).max()) < REL_TOL
