@@ -143,3 +143,14 @@ def test_sequential_report_names_its_probes(net, images):
         quantize_network(net, recalibration="sequential", probes=images.astype(np.float64))
     with pytest.raises(ValueError, match="probes"):
         quantize_network(net, recalibration="sequential", probes="daydreams")
+
+
+def test_quantize_network_refuses_bad_bits_and_bad_weights(net):
+    with pytest.raises(ValueError, match="low_bits <= high_bits"):
+        quantize_network(net, 8, 6)
+    bad = net.copy()
+    conv = bad.nodes_of("Conv")[2]
+    conv.params["W"] = conv.params["W"].copy()
+    conv.params["W"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=conv.name):
+        quantize_network(bad)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._checks import check_bits, check_scalar
+from ._checks import check_bits, check_graph_params, check_scalar
 from .compensation import closed_form, fold_into_bn, quadratic_coefficients
 from .engine.graph import Graph
 from .pairing import Pairing, find_pairs, merge_affine_into_bn
@@ -287,11 +287,15 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     TypeError
         ``graph`` is not a Graph, ``weight_quantizer`` not callable (programming errors).
     ValueError
-        Bits out of range, unknown mode, negative lambdas, missing or malformed
+        Non-finite weights or negative BN variances (naming the node), bits out of range or
+        ``low_bits > high_bits``, unknown mode, negative lambdas, missing or malformed
         calibration data or probes, an invalid explicit pairing.
     """
     t0 = time.perf_counter()
     low_bits, high_bits = check_bits(low_bits, "low_bits", lo=2), check_bits(high_bits, "high_bits", lo=2)
+    if low_bits > high_bits:
+        raise ValueError(f"low_bits, high_bits: expected low_bits <= high_bits (the low conv of a pair is the "
+                         f"lower-precision one), got {low_bits} and {high_bits}")
     lambda1 = check_scalar(lambda1, "lambda1", min_value=0.0)
     lambda2 = check_scalar(lambda2, "lambda2", min_value=0.0)
     if recalibration not in RECALIBRATION_MODES:
@@ -305,6 +309,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(W, bits))
 
     fp = prepare(graph)                                                                  # 0
+    check_graph_params(fp, what="graph")
     pairing: Pairing = find_pairs(fp, pairs=pairs, keep_first_high=keep_first_high)     # 1. pair
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
     probe_x = _probe_images(fp, probes, probe_images, seed, progress) if recalibration == "sequential" else None

@@ -1,17 +1,25 @@
-"""Re-calibrating muhat and sigmahat of a quantized conv's BN: ``absorb``, ``analytic`` or ``data``.
+"""Re-calibrating muhat and sigmahat of a quantized conv's BN: one function per named mode.
 
 The paper completes its solution "by recalibrating" the BN statistics of the quantized layer
-and never says how without data (DESIGN.md Sec. 3). Three clearly named readings:
+and never says how without data (derivation 10 states the gap). Four clearly named readings,
+each a function ``mode(ctx, site) -> BatchNorm`` registered in :data:`RECALIBRATION_MODES`:
 
-``absorb``   data-free, scale only: the quantizer's dropped factor is absorbed
-             (``muhat = mu / s``, ``sigmahat = sigma / s``); in the fake-quant form used by the
-             pipeline (dequantized weights) this is simply the original BN.
-``analytic`` data-free: expected input moments propagated from the previous BNs under a
-             Gaussian / rectified-Gaussian assumption (as DFQ's bias correction does), giving the
-             shift of the conv output's mean and an estimate of its variance ratio
-             (``data_free_derivations/10_analytic_recalibration.md``).
-``data``     re-measure the quantized conv's output mean and variance on N real images: not
-             data-free, the upper reference.
+``sequential`` data-free (the default): probe inputs made from the network alone
+               (:mod:`dfmpc.probes`) are carried through the full-precision network and through
+               the network quantized so far; each BN's trained statistics are moved by the probes'
+               mean difference and scaled by their variance ratio
+               (``data_free_derivations/15_sequential_recalibration.md``, S.1-S.2).
+``analytic``   data-free: expected input moments propagated from the previous BNs under a
+               Gaussian / rectified-Gaussian assumption (as DFQ's bias correction does), giving the
+               shift of the conv output's mean and an estimate of its variance ratio
+               (``data_free_derivations/10_analytic_recalibration.md``, R.3-R.4).
+``absorb``     data-free, scale only: the quantizer's dropped factor is absorbed
+               (``muhat = mu / s``, ``sigmahat = sigma / s``); in the fake-quant form used by the
+               pipeline (dequantized weights) this is simply the original BN (derivation 01, Q.1).
+``data``       re-measure the quantized conv's output mean and variance on N real images in the
+               network quantized so far: not data-free, the upper reference (derivation 10, R.5).
+
+Labels ``R.x`` are derivation 10's, ``S.x`` derivation 15's.
 """
 
 from __future__ import annotations
@@ -62,10 +70,10 @@ def analytic_bn(bn: BatchNorm, W, W_q, group: int, in_mean, in_var) -> BatchNorm
     W, W_q = np.asarray(W, float), np.asarray(W_q, float)
     idx = conv_input_groups(W, group)
     m, v = np.asarray(in_mean, float)[idx], np.asarray(in_var, float)[idx]
-    shift = np.sum((W_q - W).sum(axis=(2, 3)) * m, axis=1)              # R.3
+    shift = np.sum((W_q - W).sum(axis=(2, 3)) * m, axis=1)              # derivation 10, R.3
     num, den = np.sum((W_q**2).sum(axis=(2, 3)) * v, axis=1), np.sum((W**2).sum(axis=(2, 3)) * v, axis=1)
     ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
-    sigma2_hat = (bn.var + bn.eps) * ratio                               # R.4
+    sigma2_hat = (bn.var + bn.eps) * ratio                               # derivation 10, R.4
     return bn.replace(mean=bn.mean + shift, var=np.maximum(sigma2_hat - bn.eps, 0.0))
 
 
@@ -116,8 +124,8 @@ def ratio_bn(bn: BatchNorm, m_q, v_q, m_fp, v_fp) -> BatchNorm:
         raise ValueError("v_q, v_fp: variances must be >= 0")
     tiny = np.finfo(np.float64).tiny
     ratio = np.where(v_fp > tiny, v_q / np.maximum(v_fp, tiny), 1.0)
-    sigma2_hat = (bn.var + bn.eps) * ratio                               # S.2
-    return bn.replace(mean=bn.mean + (m_q - m_fp), var=np.maximum(sigma2_hat - bn.eps, 0.0))   # S.1
+    sigma2_hat = (bn.var + bn.eps) * ratio                               # derivation 15, S.2
+    return bn.replace(mean=bn.mean + (m_q - m_fp), var=np.maximum(sigma2_hat - bn.eps, 0.0))   # derivation 15, S.1
 
 
 def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
@@ -204,12 +212,12 @@ def recalibrate_analytic(ctx: RecalibrationContext, site: Site) -> BatchNorm:
 
 
 def recalibrate_data(ctx: RecalibrationContext, site: Site) -> BatchNorm:
-    """``data`` (not data-free): statistics re-measured on real images in the network quantized so far (R.5)."""
+    """``data`` (not data-free): statistics re-measured on real images in the network quantized so far (derivation 10, R.5)."""
     return measured_bn(site.bn, ctx.stream("data_q").advance(site.conv))
 
 
 def recalibrate_sequential(ctx: RecalibrationContext, site: Site) -> BatchNorm:
-    """``sequential`` (data-free): the probe ratio (S.1)-(S.2) through the network quantized so far."""
+    """``sequential`` (data-free): the probe ratio (derivation 15, S.1-S.2) through the network quantized so far."""
     m_q, v_q = channel_moments(ctx.stream("probe_q").advance(site.conv))
     m_fp, v_fp = channel_moments(ctx.stream("probe_fp").advance(site.conv))
     return ratio_bn(site.bn, m_q, v_q, m_fp, v_fp)
