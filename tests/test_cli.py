@@ -135,3 +135,26 @@ def test_compare_text_table_and_errors(capsys, model, data):
     assert rc == 2 and "--calibration-images" in err
     rc, out, err = run(capsys, "compare", model, "--data", data, "--low", 1, "--calibration-images", 0)
     assert rc == 2 and "low_bits" in err
+
+
+def test_diagnose_json_one_record_per_layer(capsys, model, data):
+    """diagnose --json: one record per re-calibrated conv with predicted_var, measured_var, ratio; a summary."""
+    rc, out, err = run(capsys, "diagnose", model, "--data", data, "--recalibration", "analytic", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["n_images"] == 40 and len(d["layers"]) > 3
+    for rec in d["layers"]:
+        assert len(rec["predicted_var"]) == len(rec["measured_var"]) and rec["ratio"] > 0
+    assert {"median_abs_log_ratio", "max_abs_log_ratio"} <= set(d["summary"])
+
+
+def test_diagnose_text_and_sequential_probes(capsys, model, data):
+    rc, out, err = run(capsys, "diagnose", model, "--data", data, "--recalibration", "sequential",
+                       "--probes", "noise", "--probe-images", "8")
+    assert rc == 0, err
+    assert "sequential on noise (8 images)" in out and "median |log ratio|" in out
+
+
+def test_probe_images_must_be_positive(capsys, model, data):
+    rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "0")
+    assert rc == 2 and "--probe-images" in err and len(err.strip().splitlines()) == 1

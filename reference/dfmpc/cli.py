@@ -1,4 +1,4 @@
-"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``.
+"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``, ``diagnose``.
 
 Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout
 (accuracies as fractions, timings in seconds); human-readable text otherwise. Errors print
@@ -53,8 +53,11 @@ def _check_model_params(g, spec):
 
 def _quant_kwargs(a):
     _check_bits_order(a)
+    if a.probe_images < 1:
+        raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
-                recalibration=a.recalibration)
+                recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
+                progress=False if a.json else None)
 
 
 def _calibration(a):
@@ -70,7 +73,7 @@ def _calibration(a):
 def cmd_demo(a) -> dict:
     from .evaluation import accuracy
     from .pipeline import quantize_network
-    _check_bits_order(a)
+    kw = _quant_kwargs(a)
     x, y = _data("fashion-mnist", raw=False, limit=a.limit)
     g = _load_model(a.model)
     _check_model_params(g, a.model)
@@ -81,25 +84,30 @@ def cmd_demo(a) -> dict:
     if show:
         print(f"{a.model} on the shipped Fashion-MNIST test set ({len(x)} images); weights MP{a.low}/{a.high}, "
               f"activations FP32")
-    out["fp32"] = accuracy(g, x, y, progress=None if show else False, label="FP32")
-    if show:
-        print(f"  {'FP32':<60} {100 * out['fp32']:6.2f}%")
-    q, _ = quantize_network(g, compensation="none", **{**_quant_kwargs(a), "recalibration": "absorb"})
-    out["no_compensation"] = accuracy(q, x, y, progress=None if show else False, label="no compensation")
-    if show:
-        print(f"  {f'MP{a.low}/{a.high} without compensation (absorb, c = 1)':<60} {100 * out['no_compensation']:6.2f}%")
-    if a.recalibration != "absorb":      # separate what re-calibration does from what c does
-        q, _ = quantize_network(g, compensation="none", **_quant_kwargs(a))
-        out["recalibration_only"] = accuracy(q, x, y, progress=None if show else False, label="c = 1")
+
+    def row(key, label, q, extra=""):
+        out[key] = accuracy(q, x, y, progress=None if show else False, label=label)
         if show:
-            label = f"MP{a.low}/{a.high} {a.recalibration} re-calibration only (c = 1)"
-            print(f"  {label:<60} {100 * out['recalibration_only']:6.2f}%")
-    q, rep = quantize_network(g, compensation="dfmpc", **_quant_kwargs(a))
-    out["dfmpc"] = accuracy(q, x, y, progress=None if show else False, label="DF-MPC")
-    out["dfmpc_seconds"] = rep.seconds
-    if show:
-        label = f"DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})"
-        print(f"  {label:<60} {100 * out['dfmpc']:6.2f}%   (quantization + compensation: {rep.seconds:.2f} s)")
+            print(f"  {label:<60} {100 * out[key]:6.2f}%{extra}")
+
+    row("fp32", "FP32", g)
+    q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": "absorb"})
+    row("no_compensation", f"MP{a.low}/{a.high} without compensation (absorb, c = 1)", q)
+    if a.recalibration == "sequential":          # make the probes once, for both sequential rows
+        from .probes import probe_inputs
+        t0 = time.perf_counter()
+        kw["probes"] = probe_inputs(g, n=a.probe_images, kind=a.probes, seed=a.seed, progress=None if show else False)
+        out["probe_seconds"] = time.perf_counter() - t0
+    modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
+    for mode in modes:                            # separate what re-calibration does from what c does
+        q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": mode})
+        tag = f"{mode} on {a.probes} probes" if mode == "sequential" else mode
+        row("recalibration_only" if mode == a.recalibration else f"{mode}_only",
+            f"MP{a.low}/{a.high} {tag} re-calibration only (c = 1)", q)
+    q, rep = quantize_network(g, compensation="dfmpc", **kw)
+    out["dfmpc_seconds"] = rep.seconds + out.get("probe_seconds", 0.0)
+    row("dfmpc", f"DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})", q,
+        f"   (quantization + compensation: {out['dfmpc_seconds']:.1f} s)")
     return out
 
 
@@ -183,6 +191,22 @@ def cmd_compare(a) -> dict:
             "low_bits": a.low, "high_bits": a.high, "results": rows}
 
 
+def cmd_diagnose(a) -> dict:
+    from .diagnose import diagnose
+    g = _load_model(a.model)
+    _check_model_params(g, a.model)
+    x, _ = _data(a.data, raw=a.raw, limit=a.limit)
+    d = diagnose(g, x, compensation="none", calibration_data=_calibration(a), **_quant_kwargs(a))
+    if not a.json:
+        rep = d.report
+        print(f"{a.model}: MP{a.low}/{a.high}, recalibration={rep.recalibration}"
+              + (f" on {rep.probes}" if rep.probes else "") + f" (c = 1); BN statistics predicted by the "
+              f"re-calibration vs measured on {len(x)} images of {a.data} in the quantized network")
+        print(d.table())
+    return {"model": a.model, "data": a.data, "n_images": int(len(x)), "low_bits": a.low, "high_bits": a.high,
+            "recalibration": a.recalibration, **d.to_dict()}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,8 +216,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--high", type=int, default=6, help="high bit-width (default 6)")
         sp.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term, Eq. (22) (default 0.5)")
         sp.add_argument("--lambda2", type=float, default=0.0, help="ridge weight on c, Eq. (22) (default 0)")
-        sp.add_argument("--recalibration", choices=("absorb", "analytic", "data"), default="analytic",
-                        help="how BN statistics of quantized convs are set (default analytic, data-free)")
+        from .pipeline import DEFAULT_PROBE_IMAGES, DEFAULT_PROBES, DEFAULT_RECALIBRATION
+        from .recalibration import RECALIBRATIONS
+        sp.add_argument("--recalibration", choices=RECALIBRATIONS, default=DEFAULT_RECALIBRATION,
+                        help="how BN statistics of quantized convs are set: sequential, analytic, absorb are "
+                             "data-free, data needs --calibration-data (default %(default)s)")
+        sp.add_argument("--probes", choices=("distilled", "noise"), default=DEFAULT_PROBES,
+                        help="--recalibration sequential: probe inputs made from the model alone (default %(default)s)")
+        sp.add_argument("--probe-images", type=int, default=DEFAULT_PROBE_IMAGES, metavar="N",
+                        help="how many probe images (default %(default)s)")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
 
     d = sub.add_parser("demo", help="the main job: FP32 vs MP2/6 vs DF-MPC on the shipped model and data")
     d.add_argument("--model", default="resnet20", help="zoo model or model file (default resnet20)")
@@ -242,6 +274,20 @@ def _parser() -> argparse.ArgumentParser:
                         "methods (oracle); 0 = none (default 500)")
     c.add_argument("--limit", type=int, default=None, help="use the first N images only")
     c.add_argument("--json", action="store_true", help="print one JSON object (one row per method) instead of text")
+
+    g = sub.add_parser("diagnose", help="per quantized layer: BN statistics the re-calibration predicts vs measured")
+    g.add_argument("model", help="model file (.onnx or .npz) or zoo model name")
+    g.add_argument("--data", default="fashion-mnist",
+                   help="images to measure on: 'fashion-mnist' (shipped, zoo normalisation) or an .npz with x and y")
+    g.add_argument("--raw", action="store_true", help="shipped data without the zoo's normalisation")
+    g.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="measure on the first N images (default %(default)s)")
+    quant_opts(g)
+    g.add_argument("--calibration-data", default=None, help="images for --recalibration data")
+    g.add_argument("--calibration-images", type=int, default=500, help="how many calibration images (default 500)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: one record per layer (predicted_var, measured_var, ratio, ...) "
+                        "and a summary (median_abs_log_ratio, max_abs_log_ratio)")
     return p
 
 
@@ -249,7 +295,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate,
-               "compare": cmd_compare}[args.command](args)
+               "compare": cmd_compare, "diagnose": cmd_diagnose}[args.command](args)
     except (ValueError, OSError) as exc:     # user errors; anything else is a bug and shows its traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)
