@@ -29,7 +29,8 @@ def test_compare_statistics_definition():
 
 def test_data_mode_on_the_measured_images_predicts_them_exactly(model_and_images):
     """Re-measured on the very images diagnose measures on, every BN predicts its conv's statistics:
-    |log ratio| < 1e-3 (float32 accumulation), mean error < 1e-3 sigma. Negative control: absorb does not."""
+    |log ratio| < 1e-3 (float32 accumulation), mean error < 1e-3 sigma. Negative control: absorb does not.
+    This is the instrument that measures how well (S.2)'s variance (derivation 15) holds on real images."""
     g, x = model_and_images
     d = diagnose(g, x, recalibration="data", compensation="none", calibration_data=x)
     assert d.summary["layers"] == len(d.layers) > 10

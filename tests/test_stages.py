@@ -60,7 +60,8 @@ def test_node_stream_equals_run(net, images):
 
 
 def test_node_stream_reads_parameters_as_they_are_when_it_arrives(net, images):
-    """A change to a later node's parameters before the stream reaches it is seen (what the sequential pass relies on)."""
+    """A change to a later node's parameters before the stream reaches it is seen: the order (S.1)-(S.2) rely on,
+    each site measured in the network with every earlier BN already re-calibrated (derivation 15)."""
     g = net.copy()
     bn = g.nodes_of("BatchNormalization")[3]
     conv = g.producer(bn.inputs[0])
