@@ -155,3 +155,20 @@ def test_quantize_network_refuses_bad_bits_and_bad_weights(net):
     conv.params["W"][0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=conv.name):
         quantize_network(bad)
+
+
+def test_low_quantizer_is_an_explicit_choice(net):
+    """A 2-bit DoReFa low layer can be asked for; TWN stays the default at 2 bits (Eq. (3)-(4) vs Eq. (6))."""
+    q_twn, rep = quantize_network(net, 2, 6, recalibration="absorb", compensation="none")
+    q_dor, _ = quantize_network(net, 2, 6, recalibration="absorb", compensation="none", low_quantizer="dorefa")
+    low = rep.pairs[0].low
+    W = net.node(low).params["W"]
+    np.testing.assert_array_equal(q_twn.node(low).params["W"], dfmpc.pipeline.quantize_weights(W, 2, "twn"))
+    np.testing.assert_array_equal(q_dor.node(low).params["W"], dfmpc.pipeline.quantize_weights(W, 2, "dorefa"))
+    assert not np.array_equal(q_twn.node(low).params["W"], q_dor.node(low).params["W"])
+    high = rep.pairs[0].high                                    # high layers are untouched by the choice
+    np.testing.assert_array_equal(q_twn.node(high).params["W"], q_dor.node(high).params["W"])
+    with pytest.raises(ValueError, match="low_quantizer"):
+        quantize_network(net, 3, 6, low_quantizer="twn")
+    with pytest.raises(ValueError, match="quantizer"):
+        dfmpc.pipeline.quantize_weights(W, 2, "nf4")

@@ -56,7 +56,7 @@ def _quant_kwargs(a):
     if a.probe_images < 1:
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
-                recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
+                low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 progress=False if a.json else None)
 
 
@@ -214,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     def quant_opts(sp):
         sp.add_argument("--low", type=int, default=2, help="low bit-width (2 = ternary; default 2)")
         sp.add_argument("--high", type=int, default=6, help="high bit-width (default 6)")
+        sp.add_argument("--low-quantizer", choices=("auto", "twn", "dorefa"), default="auto",
+                        help="grid of the low convs: auto = TWN ternary at --low 2, DoReFa otherwise (default auto)")
         sp.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term, Eq. (22) (default 0.5)")
         sp.add_argument("--lambda2", type=float, default=0.0, help="ridge weight on c, Eq. (22) (default 0)")
         from .pipeline import DEFAULT_PROBE_IMAGES, DEFAULT_PROBES, DEFAULT_RECALIBRATION

@@ -45,14 +45,22 @@ DEFAULT_PROBES = "noise"
 DEFAULT_PROBE_IMAGES = 256
 
 
-def quantize_weights(W, bits):
-    """Dequantized weights ``s * grid``: TWN ternary for bits = 2 (Eq. (3)-(4), s = alpha), DoReFa kQ otherwise (Eq. (6), s = max|W|).
+LOW_QUANTIZERS = ("auto", "twn", "dorefa")
+
+
+def quantize_weights(W, bits, quantizer="auto"):
+    """Dequantized weights ``s * grid`` on the named grid.
+
+    ``"twn"``: TWN ternary (Eq. (3)-(4), s = alpha; 2 bits only); ``"dorefa"``: DoReFa kQ
+    (Eq. (6), s = max|W|) at any bit-width; ``"auto"``: TWN at 2 bits, DoReFa otherwise (the
+    paper's assignment).
 
     Parameters
     ----------
     W : array_like, shape (O, ...)
         One layer's weights (OIHW conv or (out, in) Gemm).
     bits : int in [2, 16]
+    quantizer : {"auto", "twn", "dorefa"}
 
     Returns
     -------
@@ -61,9 +69,13 @@ def quantize_weights(W, bits):
     Raises
     ------
     ValueError
-        Empty or non-finite W, bits out of range (from the quantizers).
+        Unknown quantizer, ``"twn"`` at bits != 2, empty or non-finite W, bits out of range.
     """
-    if bits == 2:
+    if quantizer not in LOW_QUANTIZERS:
+        raise ValueError(f"quantizer: expected one of {LOW_QUANTIZERS}, got {quantizer!r}")
+    if quantizer == "twn" and bits != 2:
+        raise ValueError(f"quantizer: 'twn' is ternary (2 bits), got bits={bits}; use 'dorefa' for other widths")
+    if quantizer == "twn" or (quantizer == "auto" and bits == 2):
         grid, s, _ = ternary(W)
     else:
         grid, s = dorefa(W, bits)
@@ -238,17 +250,20 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
                      probes=DEFAULT_PROBES, probe_images: int = DEFAULT_PROBE_IMAGES, seed: int = 0,
-                     progress=None):
+                     progress=None, low_quantizer: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
     ----------
     graph : Graph
         Full-precision network with BN kept as nodes. Never modified.
-    low_bits, high_bits : int in [2, 16]
-        Bit-widths; ``low_bits = 2`` means TWN ternary, otherwise DoReFa kQ.
+    low_bits, high_bits : int in [2, 16], low_bits <= high_bits
+        Bit-widths of the pairs' low convs and of every other Conv / Gemm (DoReFa kQ; TWN at 2 bits).
     lambda1, lambda2 : float >= 0
         Weights of Eq. (22) (paper defaults 0.5, 0).
+    low_quantizer : {"auto", "twn", "dorefa"}
+        Grid of the low convs: ``"auto"`` is TWN ternary at ``low_bits = 2`` and DoReFa otherwise (the
+        paper's); ``"dorefa"`` asks for a 2-bit DoReFa grid explicitly.
     recalibration : {"sequential", "analytic", "absorb", "data"}
         How muhat / sigmahat of every BN after a quantized conv are set (:mod:`dfmpc.recalibration`):
         ``sequential`` (default, data-free) from probe inputs carried through the network quantized
@@ -306,11 +321,15 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
         raise TypeError(f"weight_quantizer: expected a callable (W, bits, name) -> W_q, got {type(weight_quantizer).__name__}")
-    quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(W, bits))
+    if low_quantizer not in LOW_QUANTIZERS or (low_quantizer == "twn" and low_bits != 2):
+        raise ValueError(f"low_quantizer: expected one of {LOW_QUANTIZERS} ('twn' at low_bits = 2 only), "
+                         f"got {low_quantizer!r} at low_bits={low_bits}")
 
     fp = prepare(graph)                                                                  # 0
     check_graph_params(fp, what="graph")
     pairing: Pairing = find_pairs(fp, pairs=pairs, keep_first_high=keep_first_high)     # 1. pair
+    quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(
+        W, bits, low_quantizer if name in pairing.low else "auto"))
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
     probe_x = _probe_images(fp, probes, probe_images, seed, progress) if recalibration == "sequential" else None
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
