@@ -166,7 +166,7 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
     method : {"auto", "col2im", "transposed"}
         ``col2im``: any float dtype. ``transposed``: float32 only, needs the pads of V.1' to be
         >= 0 (pads no larger than the kernel extent). ``auto``: ``transposed`` for float32 ``gy``
-        and kernels larger than 1x1 when possible, else ``col2im``.
+        when possible, except strided 1x1 convs (mostly zeros after upsampling), else ``col2im``.
 
     Returns
     -------
@@ -184,7 +184,7 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
     if method == "transposed" and q is None:
         raise ValueError(f"method: 'transposed' needs pads {pads} no larger than the kernel extent")
     if method == "transposed" or (method == "auto" and gy.dtype == np.float32 and q is not None
-                                  and W.shape[2] * W.shape[3] > 1):
+                                  and (W.shape[2] * W.shape[3] > 1 or tuple(strides) == (1, 1))):
         return _conv_vjp_transposed(gy, W, x_shape, strides, dilations, groups, q)
     n, c, h, wd = x_shape
     o, cg, kh, kw = W.shape
@@ -418,12 +418,13 @@ def _bn_forward(node, x):
         raise ValueError(f"input shape {x.shape} does not have {node.params['gamma'].shape[0]} channels on axis 1")
     scale, shift = _bn_scale_shift(node, x.dtype)
     b = (1, -1) + (1,) * (x.ndim - 2)
-    return x * scale.reshape(b) + shift.reshape(b), x.ndim
+    y = x * scale.reshape(b)
+    y += shift.reshape(b)
+    return y, scale.reshape(b)
 
 
-def _bn_vjp(node, ndim, gy):                                  # V.2: eval-mode BN is affine per channel
-    scale, _ = _bn_scale_shift(node, gy.dtype)
-    return (gy * scale.reshape((1, -1) + (1,) * (ndim - 2)),)
+def _bn_vjp(node, scale, gy):                                 # V.2: eval-mode BN is affine per channel
+    return (gy * scale,)
 
 
 def _relu_forward(node, x):
