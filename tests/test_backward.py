@@ -17,7 +17,8 @@ from dfmpc import autodiff as ad
 from dfmpc.engine import Graph, Node
 from dfmpc.engine.conv import conv_output_size
 from dfmpc.engine.ops import OPS
-from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, max_pool2d_loops
+from dfmpc.engine.reference_kernels import avg_pool2d_loops, max_pool2d_loops
+from dfmpc.reconstruction import conv2d as reference_conv2d
 
 H_FD = 1e-5
 RTOL = 1e-6
@@ -152,12 +153,13 @@ def test_conv_vjp_fast_paths_match_the_loop_twin(case):
 @settings(max_examples=40)
 @given(conv_cases())
 def test_conv_forward_matches_the_loop_twin_and_the_engine(case):
-    """V.1's forward: the im2col conv (float64) equals conv2d_loops; in float32 it equals the engine's Conv op."""
+    """V.1's forward: the im2col conv (float64) equals the reference dfmpc.conv2d; in float32 it equals the engine's Conv op."""
     x_shape, w_shape, strides, pads, dilations, groups, seed = case
     rng = np.random.default_rng(seed)
     x, W, B = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
     y = ad.conv_forward(x, W, B, strides, pads, dilations, groups, method="im2col")
-    np.testing.assert_allclose(y, conv2d_loops(x, W, B, strides, pads, dilations, groups), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, reference_conv2d(x, W, strides, pads, groups, dilation=dilations, bias=B),
+                               rtol=1e-10, atol=1e-10)
     node = conv_node(W.astype(np.float32), strides, pads, dilations, groups, B.astype(np.float32))
     y32 = ad.conv_forward(x.astype(np.float32), W.astype(np.float32), B.astype(np.float32), strides, pads,
                           dilations, groups, method="im2col")

@@ -1,17 +1,20 @@
-"""Fast kernels (NHWC im2col + BLAS, Numba grouped conv, vectorised pooling) against their plain-loop twins."""
+"""Fast kernels against their twins: the engine convolution (NHWC im2col + BLAS, the Numba direct and
+grouped kernels) against the float64 reference convolution dfmpc.conv2d, the matmul and the vectorised
+pooling against their plain loops."""
 
 import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from dfmpc import conv2d as reference_conv2d
 from dfmpc.engine import conv as conv_module
-from dfmpc.engine.conv import conv2d
+from dfmpc.engine.conv import conv2d_f32
 from dfmpc.engine.pooling import avg_pool2d, global_avg_pool, max_pool2d
 from dfmpc.engine.kernels_numba import conv3rows_nhwc, matmul_nt
-from dfmpc.engine.reference_kernels import avg_pool2d_loops, conv2d_loops, matmul_nt_loops, max_pool2d_loops
+from dfmpc.engine.reference_kernels import avg_pool2d_loops, matmul_nt_loops, max_pool2d_loops
 
-# float32 kernels vs float64 loops on O(1) data with <= 6*3*3 = 54 terms per output:
+# float32 kernels vs float64 twins on O(1) data with <= 17*3*3 = 153 terms per output:
 # float32 rounding gives ~1e-6 relative error per term, so 1e-4 absolute is generous
 # yet far below any real indexing mistake (which changes outputs by O(1)).
 ATOL = 1e-4
@@ -40,21 +43,22 @@ def conv_cases(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(conv_cases())
-def test_conv2d_matches_loops(case):
+def test_conv2d_f32_matches_reference(case):
+    """conv2d_f32 (every kernel it dispatches to) equals the float64 dfmpc.conv2d on random ONNX geometry."""
     n, c, h, w, o, groups, k, s, pads, d, bias, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
     wt = rng.normal(size=(o, c // groups) + k).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32) if bias else None
-    got = conv2d(x, wt, b, s, pads, d, groups)
-    want = conv2d_loops(x, wt, b, s, pads, d, groups)
+    got = conv2d_f32(x, wt, b, s, pads, d, groups)
+    want = reference_conv2d(x, wt, s, pads, groups, dilation=d, bias=b)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     saved = conv_module.COLS_BYTES
     try:                                  # one image per im2col slice: the slicing loop is exercised
         conv_module.COLS_BYTES = 1
         res = np.random.default_rng(seed + 1).normal(size=want.shape).astype(np.float32)
-        got1 = conv2d(x, wt, b, s, pads, d, groups, relu=True, residual=res)
+        got1 = conv2d_f32(x, wt, b, s, pads, d, groups, relu=True, residual=res)
     finally:
         conv_module.COLS_BYTES = saved
     np.testing.assert_allclose(got1, np.maximum(want + res, 0), atol=ATOL, rtol=0)
@@ -82,7 +86,7 @@ class _numba_threads:
 def conv3rows_cases(draw):
     """Dense convs with 3 kernel rows and unit column dilation: the direct kernel's domain.
     Channel and pixel counts straddle multiples of 4 (the kernel's 4 x 4 blocks), runs kw*C
-    straddle 16 (conv2d's switch between the direct kernel and im2col + matmul_nt)."""
+    straddle 16 (conv2d_f32's switch between the direct kernel and im2col + matmul_nt)."""
     c, o = draw(st.sampled_from([1, 2, 3, 5, 6, 8, 17])), draw(st.integers(1, 9))
     kw, sh, sw, dh = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
@@ -93,15 +97,16 @@ def conv3rows_cases(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(conv3rows_cases())
-def test_conv3rows_kernel_matches_loops(case):
+def test_conv3rows_kernel_matches_reference(case):
+    """The direct 3-row kernel (called directly, and through conv2d_f32 and its BLAS path) equals dfmpc.conv2d."""
     n, c, h, w, o, kw, s, pads, dh, relu, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
     wt = rng.normal(size=(o, c, 3, kw)).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32)
-    want = conv2d_loops(x, wt, b, s, pads, (dh, 1))
+    want = reference_conv2d(x, wt, s, pads, dilation=(dh, 1), bias=b)
     res = rng.normal(size=want.shape).astype(np.float32)
-    # the kernel itself (conv2d only sends it runs kw*C >= 16): padded NHWC in, (P, O) out
+    # the kernel itself (conv2d_f32 only sends it runs kw*C >= 16): padded NHWC in, (P, O) out
     pt, pl, pb, pr = pads
     xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
     xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
@@ -117,12 +122,12 @@ def test_conv3rows_kernel_matches_loops(case):
             np.testing.assert_allclose(out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2),
                                        np.maximum(expect, 0) if relu else expect, atol=ATOL, rtol=0)
         with _numba_threads(threads):
-            got = conv2d(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
+            got = conv2d_f32(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
         np.testing.assert_allclose(got, np.maximum(want + res, 0) if relu else want + res, atol=ATOL, rtol=0)
     saved = conv_module.MATMUL
     try:                                  # the BLAS path (im2col + np.matmul) gives the same
         conv_module.MATMUL = "blas"
-        np.testing.assert_allclose(conv2d(x, wt, b, s, pads, (dh, 1)), want, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(conv2d_f32(x, wt, b, s, pads, (dh, 1)), want, atol=ATOL, rtol=0)
     finally:
         conv_module.MATMUL = saved
 
@@ -146,12 +151,12 @@ def test_matmul_nt_matches_loops(n_p, n_k, n_o, relu, with_res, seed):
 
 
 def test_conv2d_negative_control():
-    """The twin comparison can fail: a flipped kernel differs from the true conv."""
+    """The twin comparison can fail: a flipped kernel differs from the true conv (by far more than ATOL)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 2, 5, 5)).astype(np.float32)
     wt = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
-    want = conv2d_loops(x, wt, pads=(1, 1, 1, 1))
-    got = conv2d(x, np.ascontiguousarray(wt[:, :, ::-1, ::-1]), pads=(1, 1, 1, 1))
+    want = reference_conv2d(x, wt, padding=(1, 1, 1, 1))
+    got = conv2d_f32(x, np.ascontiguousarray(wt[:, :, ::-1, ::-1]), pads=(1, 1, 1, 1))
     assert np.abs(got - want).max() > 0.1
 
 
@@ -161,14 +166,13 @@ def test_conv2d_noncontiguous_input_and_depthwise():
     x = rng.normal(size=(4, 3, 6, 6)).astype(np.float32).transpose(1, 0, 2, 3)  # (3, 4, 6, 6) view
     for groups, wshape in [(1, (5, 4, 3, 3)), (4, (4, 1, 3, 3))]:
         wt = rng.normal(size=wshape).astype(np.float32)
-        np.testing.assert_allclose(conv2d(x, wt, None, (2, 1), (1, 0, 2, 1), (1, 1), groups),
-                                   conv2d_loops(x, wt, None, (2, 1), (1, 0, 2, 1), (1, 1), groups),
-                                   atol=ATOL)
+        np.testing.assert_allclose(conv2d_f32(x, wt, None, (2, 1), (1, 0, 2, 1), (1, 1), groups),
+                                   reference_conv2d(x, wt, (2, 1), (1, 0, 2, 1), groups), atol=ATOL, rtol=0)
 
 
 def test_conv2d_rejects_bad_groups():
     with pytest.raises(ValueError, match="groups"):
-        conv2d(np.zeros((1, 4, 5, 5), np.float32), np.zeros((2, 3, 3, 3), np.float32), groups=1)
+        conv2d_f32(np.zeros((1, 4, 5, 5), np.float32), np.zeros((2, 3, 3, 3), np.float32), groups=1)
 
 
 @st.composite

@@ -1,62 +1,101 @@
-"""Exact reconstruction (Eq. (9)): the float64 conv2d, the true feature-map loss, and the oracle c."""
+"""Exact reconstruction (Eq. (9)): the float64 reference conv2d (checked against SciPy), the true
+feature-map loss, and the oracle c."""
 
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.signal
 from hypothesis import given, settings, strategies as st
 
 import dfmpc
 from strategies import random_bn
 
 
-def conv2d_naive(x, W, stride, padding, groups):
-    """Plain-loop twin of dfmpc.conv2d, written from the definition of cross-correlation."""
-    N, C, H, Wd = x.shape
+def conv2d_via_scipy(x, W, stride, pads, dilation, groups, bias):
+    """Oracle from outside the project: per output channel, scipy.signal.correlate ('valid', direct) of the
+    padded input's channel group with the dilated kernel (zeros between the taps), then every stride-th value."""
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = stride, pads, dilation
     O, Cg, kh, kw = W.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (Wd + 2 * padding - kw) // stride + 1
-    out = np.zeros((N, O, Ho, Wo))
-    Og = O // groups
-    for n in range(N):
-        for o in range(O):
-            g = o // Og
-            for h in range(Ho):
-                for w in range(Wo):
-                    acc = 0.0
-                    for i in range(Cg):
-                        for u in range(kh):
-                            for v in range(kw):
-                                acc += W[o, i, u, v] * xp[n, g * Cg + i, h * stride + u, w * stride + v]
-                    out[n, o, h, w] = acc
-    return out
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    W_dilated = np.zeros((O, Cg, dh * (kh - 1) + 1, dw * (kw - 1) + 1))
+    W_dilated[:, :, ::dh, ::dw] = W
+    g = np.arange(O) // (O // groups)
+    y = np.array([[scipy.signal.correlate(xp[n, g[o] * Cg:(g[o] + 1) * Cg], W_dilated[o], mode="valid",
+                                          method="direct")[0] for o in range(O)] for n in range(len(x))])
+    return y[:, :, ::sh, ::sw] + bias[None, :, None, None]
 
 
-@given(st.integers(0, 2**32 - 1), st.integers(1, 2), st.sampled_from([1, 2, 3]), st.integers(1, 3),
-       st.integers(1, 3), st.integers(0, 2), st.sampled_from([1, 2]), st.integers(3, 7), st.integers(3, 7))
+@st.composite
+def conv_geometry(draw):
+    """Shapes and ONNX geometry for the reference conv: groups (incl. depthwise), asymmetric pads, dilation."""
+    groups, cg = draw(st.sampled_from([1, 2, 3])), draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - pads[0] - pads[2]), 7))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - pads[1] - pads[3]), 7))
+    shape_x = (draw(st.integers(1, 2)), groups * cg, h, w)
+    shape_W = (groups * draw(st.integers(1, 2)), cg, kh, kw)
+    return shape_x, shape_W, stride, pads, dilation, groups, draw(st.integers(0, 2**32 - 1))
+
+
+@given(conv_geometry())
 @settings(max_examples=60)
-def test_conv2d_matches_naive_twin(seed, N, groups, cg, k, pad, stride, H, Wd):
-    """The im2col conv2d used for Eq. (9) equals the plain loop over the definition (float64, 1e-12)."""
+def test_conv2d_matches_scipy_correlate(case):
+    """dfmpc.conv2d, the float64 reference every engine conv kernel is tested against, equals SciPy's
+    cross-correlation on any stride, asymmetric padding, dilation and groups (float64, <= 18 terms: 1e-12)."""
+    shape_x, shape_W, stride, pads, dilation, groups, seed = case
     rng = np.random.default_rng(seed)
-    C, O = groups * cg, groups * 2
-    if H + 2 * pad < k or Wd + 2 * pad < k:
-        return
-    x, W = rng.normal(size=(N, C, H, Wd)), rng.normal(size=(O, cg, k, k))
-    np.testing.assert_allclose(dfmpc.conv2d(x, W, stride, pad, groups), conv2d_naive(x, W, stride, pad, groups),
-                               rtol=1e-12, atol=1e-12)
+    x, W, b = rng.normal(size=shape_x), rng.normal(size=shape_W), rng.normal(size=shape_W[0])
+    y = dfmpc.conv2d(x, W, stride, pads, groups, dilation=dilation, bias=b)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, conv2d_via_scipy(x, W, stride, pads, dilation, groups, b), rtol=1e-12, atol=1e-12)
 
 
-def test_conv2d_rejects_bad_shapes():
-    """conv2d: mismatched channels, too-large kernels, NaN input -> ValueError naming the argument."""
+def test_conv2d_scipy_check_negative_control():
+    """The SciPy comparison can fail: swapping the kernel's axes or the pads changes the output by O(1)."""
+    rng = np.random.default_rng(0)
+    x, W, b = rng.normal(size=(1, 2, 6, 5)), rng.normal(size=(3, 2, 2, 3)), np.zeros(3)
+    want = conv2d_via_scipy(x, W, (1, 1), (1, 0, 0, 1), (1, 1), 1, b)
+    assert np.abs(dfmpc.conv2d(x, W[:, :, ::-1, ::-1], padding=(1, 0, 0, 1)) - want).max() > 0.1
+    assert np.abs(dfmpc.conv2d(x, W, padding=(0, 1, 1, 0)) - want).max() > 0.1
+
+
+def test_conv2d_padding_forms_and_dtype():
+    """padding p == (p, p) == (p, p, p, p); (ph, pw) == (ph, pw, ph, pw); float32/int input gives float64."""
+    rng = np.random.default_rng(1)
+    x, W = rng.normal(size=(2, 3, 5, 6)), rng.normal(size=(4, 3, 3, 3))
+    y = dfmpc.conv2d(x, W, padding=1)
+    np.testing.assert_array_equal(y, dfmpc.conv2d(x, W, padding=(1, 1)))
+    np.testing.assert_array_equal(y, dfmpc.conv2d(x, W, padding=[1, 1, 1, 1]))
+    np.testing.assert_array_equal(dfmpc.conv2d(x, W, padding=(2, 1)), dfmpc.conv2d(x, W, padding=(2, 1, 2, 1)))
+    assert dfmpc.conv2d(x.astype(np.float32), W.astype(np.float32)).dtype == np.float64
+    assert dfmpc.conv2d(np.ones((1, 1, 3, 3), int), np.ones((1, 1, 3, 3), int)).item() == 9.0
+
+
+def test_conv2d_rejects_bad_input():
+    """conv2d: mismatched channels, too-large kernels, bad geometry, NaN input -> ValueError naming the argument."""
     x = np.ones((1, 4, 5, 5))
+    W = np.ones((2, 4, 3, 3))
     with pytest.raises(ValueError, match="W: shape"):
         dfmpc.conv2d(x, np.ones((2, 3, 3, 3)))
+    with pytest.raises(ValueError, match="W: shape"):
+        dfmpc.conv2d(x, np.ones((3, 2, 3, 3)), groups=2)
     with pytest.raises(ValueError, match="W: kernel 7x7 larger"):
         dfmpc.conv2d(x, np.ones((2, 4, 7, 7)))
-    with pytest.raises(ValueError, match="x: expected an array with ndim 4"):
-        dfmpc.conv2d(x[0], np.ones((2, 4, 3, 3)))
+    with pytest.raises(ValueError, match=r"W: kernel 3x3 larger .*\(dilation 3x1\)"):
+        dfmpc.conv2d(x, W, dilation=(3, 1))
+    with pytest.raises(ValueError, match="x: expected an NCHW batch"):
+        dfmpc.conv2d(x[0], W)
+    for kw, name in [(dict(stride=0), "stride"), (dict(stride=(1, 1, 1)), "stride"), (dict(dilation=0), "dilation"),
+                     (dict(padding=-1), "padding"), (dict(padding=(1, 1, 1)), "padding"), (dict(padding=1.5), "padding"),
+                     (dict(groups=0), "groups"), (dict(groups=True), "groups"), (dict(bias=np.ones(3)), "bias")]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            dfmpc.conv2d(x, W, **kw)
     x[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="x: expected finite"):
-        dfmpc.conv2d(x, np.ones((2, 4, 3, 3)))
+        dfmpc.conv2d(x, W)
 
 
 def make_pair(seed, *, N=12, I=6, C=12, O=10, H=8, spread=5.0):

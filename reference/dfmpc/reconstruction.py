@@ -11,8 +11,9 @@ feature-map loss of layer l+1 (paper Eq. (9)):
 and the **oracle c**: ``argmin_{c >= 0} L(c)``, a non-negative least-squares problem
 because X~^{l+1} is linear in c (``data_free_derivations/09_our_additions.md``).
 
-The small float64 ``conv2d`` here (im2col + one matmul per group) is for these checks;
-the inference engine has its own float32 kernels.
+:func:`conv2d` here is the project's one float64 reference convolution (the definition as one
+``np.einsum``); these checks use it, and the engine's float32 convolution
+(:func:`dfmpc.engine.conv2d_f32`) is tested against it.
 """
 
 from __future__ import annotations
@@ -27,34 +28,73 @@ from .compensation import BatchNorm, _check_bn, _check_c
 __all__ = ["conv2d", "pair_forward", "feature_map_loss", "oracle_coefficients"]
 
 
-def _pair(v, name):
-    t = (v, v) if np.isscalar(v) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, (int, np.integer)) and i >= 0 for i in t):
-        raise ValueError(f"{name}: expected a non-negative int or a pair of them, got {v!r}")
-    return int(t[0]), int(t[1])
+def _ints(v, n, minimum):
+    """``v`` (an int, or a tuple of ``n`` ints) as a tuple of ``n`` ints >= ``minimum``; None if it is not one."""
+    t = (v,) * n if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if t is None or len(t) != n or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                           and i >= minimum for i in t):
+        return None
+    return tuple(int(i) for i in t)
 
 
-def conv2d(x, W, stride=1, padding=0, groups=1):
-    """2-D cross-correlation ``y[n, o] = sum_{i, u, v} W[o, i, u, v] x_pad[n, i, s h + u, s w + v]``.
+def _geometry(stride, padding, dilation):
+    """Check the conv geometry; returns ``(sh, sw), (top, left, bottom, right), (dh, dw)``."""
+    s = _ints(stride, 2, 1)
+    if s is None:
+        raise ValueError(f"stride: expected a positive int or a pair of them, got {stride!r}")
+    d = _ints(dilation, 2, 1)
+    if d is None:
+        raise ValueError(f"dilation: expected a positive int or a pair of them, got {dilation!r}")
+    p = _ints(padding, 4, 0) if isinstance(padding, (tuple, list)) and len(padding) == 4 else None
+    if p is None:
+        ph_pw = _ints(padding, 2, 0)
+        if ph_pw is None:
+            raise ValueError("padding: expected a non-negative int, a pair (ph, pw) or an ONNX 4-tuple "
+                             f"(top, left, bottom, right), got {padding!r}")
+        p = ph_pw + ph_pw
+    return s, p, d
 
-    Zero padding, no dilation; float64 im2col + matmul, one per group.
+
+def conv2d(x, W, stride=1, padding=0, groups=1, *, dilation=1, bias=None):
+    """Float64 reference 2-D convolution (cross-correlation, as in ONNX and PyTorch).
+
+    ``y[n, o, h, w] = b[o] + sum_{c, u, v} W[o, c, u, v] x_pad[n, g(o) Cg + c, sh h + dh u, sw w + dw v]``
+    with ``Cg = C // groups``, ``g(o) = o // (O // groups)`` and ``x_pad`` the zero-padded input,
+    written as a single ``np.einsum`` over strided windows of ``x_pad``.
+
+    The project's one float64 convolution: the feature-map loss and the oracle of this module
+    use it, and the engine's float32 convolution :func:`dfmpc.engine.conv2d_f32` (with its
+    Numba kernels) is tested against it.
 
     Parameters
     ----------
     x : array_like, shape (N, C, H, W)
+        Input; converted to float64.
     W : array_like, shape (O, C // groups, kh, kw)
-    stride, padding : int or (int, int)
-    groups : int, divides C and O
+        Filters; converted to float64.
+    stride : int or (int, int), >= 1
+        ``(sh, sw)``.
+    padding : int, (int, int) or (int, int, int, int), >= 0
+        Zero padding: ``p`` on every side, ``(ph, pw)`` on top/bottom and left/right, or
+        ``(top, left, bottom, right)`` in ONNX order.
+    groups : int, >= 1
+        Divides C and O; group g maps input channels ``g Cg .. (g+1) Cg - 1`` to outputs
+        ``g O/groups .. (g+1) O/groups - 1``.
+    dilation : int or (int, int), >= 1
+        ``(dh, dw)``: spacing between kernel taps.
+    bias : array_like, shape (O,), optional
+        Added to every output position of channel o.
 
     Returns
     -------
     ndarray, shape (N, O, H', W'), float64
-        ``H' = (H + 2 ph - kh) // sh + 1`` and likewise for the width.
+        ``H' = (H + top + bottom - dh (kh - 1) - 1) // sh + 1`` and likewise for the width.
 
     Raises
     ------
     ValueError
-        Shapes that do not fit, non-finite values, a kernel larger than the padded input.
+        Arrays of the wrong ndim or shape, non-finite values, channels that do not fit ``groups``,
+        bad stride/padding/dilation, or a (dilated) kernel larger than the padded input.
 
     Examples
     --------
@@ -68,29 +108,41 @@ def conv2d(x, W, stride=1, padding=0, groups=1):
     >>> xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     >>> bool(np.isclose(y[0, 2, 1, 1], np.sum(W[2] * xp[0, :, 2:5, 2:5])))
     True
+
+    With dilation 2 the taps of a 3x3 kernel are two pixels apart:
+
+    >>> y = conv2d(x, W, dilation=2)
+    >>> y.shape
+    (1, 3, 1, 1)
+    >>> bool(np.isclose(y[0, 0, 0, 0], np.sum(W[0] * x[0, :, ::2, ::2])))
+    True
     """
-    x = as_float_array(x, "x", ndim=4).astype(np.float64, copy=False)
-    W = as_float_array(W, "W", ndim=4).astype(np.float64, copy=False)
-    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
-    if sh == 0 or sw == 0:
-        raise ValueError(f"stride: expected >= 1, got {stride!r}")
+    x = as_float_array(x, "x", ndim=4, layout="an NCHW batch (4-D)").astype(np.float64, copy=False)
+    W = as_float_array(W, "W", ndim=4, layout="OIHW conv weights (4-D)").astype(np.float64, copy=False)
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = _geometry(stride, padding, dilation)
     N, C, H, Wd = x.shape
     O, Cg, kh, kw = W.shape
-    if groups < 1 or C % groups or O % groups or Cg != C // groups:
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    if C % groups or O % groups or Cg != C // groups:
         raise ValueError(f"W: shape {W.shape} does not fit input channels {C} with groups={groups}")
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"W: kernel {kh}x{kw} larger than the padded input {H + 2 * ph}x{Wd + 2 * pw}")
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    # im2col: cols[n, c, u, v, h, w] = xp[n, c, sh*h + u, sw*w + v]
-    cols = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :Ho, :Wo]
-    cols = cols.transpose(0, 2, 3, 1, 4, 5)                      # (N, Ho, Wo, C, kh, kw)
-    Og = O // groups
-    out = np.empty((N, Ho, Wo, O))
-    for g in range(groups):
-        patch = cols[:, :, :, g * Cg:(g + 1) * Cg].reshape(N * Ho * Wo, Cg * kh * kw)
-        out[..., g * Og:(g + 1) * Og] = (patch @ W[g * Og:(g + 1) * Og].reshape(Og, -1).T).reshape(N, Ho, Wo, Og)
-    return out.transpose(0, 3, 1, 2)
+    if bias is not None:
+        bias = as_float_array(bias, "bias", ndim=1).astype(np.float64, copy=False)
+        if bias.shape != (O,):
+            raise ValueError(f"bias: expected shape ({O},), got {bias.shape}")
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1            # extent of the dilated kernel
+    Ho, Wo = (H + pt + pb - span_h) // sh + 1, (Wd + pl + pr - span_w) // sw + 1
+    if H + pt + pb < span_h or Wd + pl + pr < span_w:
+        raise ValueError(f"W: kernel {kh}x{kw} larger than the padded input {H + pt + pb}x{Wd + pl + pr} "
+                         f"(dilation {dh}x{dw})")
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    # win[n, c, h, w, u, v] = xp[n, c, sh h + dh u, sw w + dw v]   (a strided view, nothing copied)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, :sh * (Ho - 1) + 1:sh, :sw * (Wo - 1) + 1:sw, ::dh, ::dw]
+    win = win.reshape(N, groups, Cg, Ho, Wo, kh, kw)
+    y = np.einsum("ngchwuv,gocuv->ngohw", win, W.reshape(groups, O // groups, Cg, kh, kw), optimize=True)
+    y = y.reshape(N, O, Ho, Wo)
+    return y if bias is None else y + bias[:, None, None]
 
 
 def _activation(A, W, bn, stride, padding):

@@ -2,8 +2,9 @@
 
 Dense convs (``groups == 1``) are im2col + one float32 matmul, with bias,
 residual and ReLU applied as each output is written; grouped and depthwise
-convs use a direct Numba loop, where im2col would mostly copy zeros.  The
-plain-loop twin is :func:`dfmpc.engine.reference_kernels.conv2d_loops`.
+convs use a direct Numba loop, where im2col would mostly copy zeros.
+:func:`conv2d_f32` is the engine's one convolution; its float64 twin, which the
+tests compare it and every kernel below against, is :func:`dfmpc.conv2d`.
 
 Memory layout of the dense path (the shapes stay NCHW): the input is read as
 NHWC (``x.transpose(0, 2, 3, 1)``, free when ``x`` came from this function),
@@ -63,11 +64,14 @@ def conv_output_size(size: int, k: int, stride: int, pad_begin: int, pad_end: in
     return out
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
-           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups: int = 1, *,
-           wt: np.ndarray | None = None, relu: bool = False,
-           residual: np.ndarray | None = None) -> np.ndarray:
-    """Convolve a batch with a filter bank (cross-correlation, as in ONNX and PyTorch).
+def conv2d_f32(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+               strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups: int = 1, *,
+               wt: np.ndarray | None = None, relu: bool = False,
+               residual: np.ndarray | None = None) -> np.ndarray:
+    """The engine's float32 convolution of a batch with a filter bank (cross-correlation, as in ONNX).
+
+    Same arithmetic as the float64 reference :func:`dfmpc.conv2d` (``conv2d(x, w, strides, pads,
+    groups, dilation=dilations, bias=b)``), which the tests compare it with.
 
     Parameters
     ----------
@@ -97,9 +101,9 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     ValueError
         Channel counts inconsistent with ``groups``, or an empty output.
 
-    Example
-    -------
-    >>> y = conv2d(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 3, 3), np.float32), pads=(1, 1, 1, 1))
+    Examples
+    --------
+    >>> y = conv2d_f32(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 3, 3), np.float32), pads=(1, 1, 1, 1))
     >>> y[0, 0]
     array([[4., 6., 4.],
            [6., 9., 6.],
@@ -128,6 +132,10 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     if relu:
         np.maximum(out, np.float32(0), out=out)
     return out
+
+
+#: Transitional alias, kept only for ``dfmpc.autodiff``'s import; use :func:`conv2d_f32`.
+conv2d = conv2d_f32
 
 
 def dense_weight(w: np.ndarray) -> np.ndarray:

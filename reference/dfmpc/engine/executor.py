@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import conv2d, conv_output_size, dense_weight
+from .conv import conv2d_f32, conv_output_size, dense_weight
 from .ops import OPS, _geometry
 
 #: ops whose output is a new array owned by the executor (safe to overwrite in place)
@@ -142,15 +142,15 @@ def _run_step(kind, nodes, env, folded):
     strides, pads, dilations = _geometry(node, x, w.shape[2:])
     group = node.attrs.get("group", 1)
     if kind == "conv_bn":
-        return conv2d(x, w, b, strides, pads, dilations, group, wt=wt, relu=len(nodes) == 3)
+        return conv2d_f32(x, w, b, strides, pads, dilations, group, wt=wt, relu=len(nodes) == 3)
     res = env[_step_inputs(kind, nodes)[-1]]
     relu = len(nodes) == 4
     out_shape = (x.shape[0], w.shape[0]) + tuple(
         conv_output_size(x.shape[2 + a], w.shape[2 + a], strides[a], pads[a], pads[2 + a], dilations[a])
         for a in range(2))
     if res.shape == out_shape and res.dtype == np.float32:
-        return conv2d(x, w, b, strides, pads, dilations, group, wt=wt, relu=relu, residual=res)
-    y = OPS["Add"](nodes[2], conv2d(x, w, b, strides, pads, dilations, group, wt=wt), res)  # broadcasting
+        return conv2d_f32(x, w, b, strides, pads, dilations, group, wt=wt, relu=relu, residual=res)
+    y = OPS["Add"](nodes[2], conv2d_f32(x, w, b, strides, pads, dilations, group, wt=wt), res)  # broadcasting
     return np.maximum(y, np.float32(0), out=y) if relu else y
 
 

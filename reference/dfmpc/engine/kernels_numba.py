@@ -7,9 +7,9 @@ add the bias (and a residual) and apply ReLU as they write each output, and
 both have a serial twin used at one Numba thread.  :func:`conv_grouped` takes
 an NCHW float32 batch (any strides) and the conv geometry in ONNX terms:
 ``pads = (top, left, bottom, right)`` (only top/left are needed here, the
-output size ``oh, ow`` already accounts for bottom/right).  Plain-loop twins
-(tests only): :func:`~dfmpc.engine.reference_kernels.conv2d_loops` (both
-convs) and :func:`~dfmpc.engine.reference_kernels.matmul_nt_loops`.
+output size ``oh, ow`` already accounts for bottom/right).  Twins (tests
+only): the float64 reference convolution :func:`dfmpc.conv2d` (both convs)
+and the plain loop :func:`~dfmpc.engine.reference_kernels.matmul_nt_loops`.
 
 Speed notes (ResNet-20, 2-core AMD EPYC Zen 5, AVX-512): LLVM vectorises the
 ``k`` loops to 16-lane FMAs; the 4 x 4 blocks reach ~170 GFLOP/s when a dot

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import conv2d, conv_output_size
+from .conv import conv2d_f32, conv_output_size
 from .pooling import avg_pool2d, global_avg_pool, max_pool2d
 
 
@@ -49,7 +49,7 @@ def conv(node, x):
     _check_rank(node, x, 4)
     w = node.params["W"]
     strides, pads, dilations = _geometry(node, x, w.shape[2:])
-    return conv2d(x, w, node.params.get("B"), strides, pads, dilations, node.attrs.get("group", 1))
+    return conv2d_f32(x, w, node.params.get("B"), strides, pads, dilations, node.attrs.get("group", 1))
 
 
 def batch_norm(node, x):

@@ -1,7 +1,9 @@
-"""Plain-loop NumPy twins of the fast kernels, used only by tests.
+"""Plain-loop NumPy twins of the fast pooling and matmul kernels, used only by tests.
 
 Written for obviousness, not speed: one Python loop per output element,
 float64 accumulation.  Geometry as in ONNX: ``pads = (top, left, bottom, right)``.
+The convolutions (:func:`dfmpc.engine.conv2d_f32` and its Numba kernels) are
+tested against the float64 reference convolution :func:`dfmpc.conv2d` instead.
 """
 
 from __future__ import annotations
@@ -16,45 +18,6 @@ def _out_size(size, k, stride, pb, pe, dilation, ceil_mode=False):
     out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pb:
         out -= 1
-    return out
-
-
-def conv2d_loops(x, w, b=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
-    """Convolution by explicit loops.
-
-    Parameters
-    ----------
-    x : ndarray, shape (N, C, H, W)
-    w : ndarray, shape (O, C // groups, kh, kw)
-    b : ndarray, shape (O,), optional
-    strides, dilations : (int, int)
-    pads : (int, int, int, int)
-    groups : int
-
-    Returns
-    -------
-    ndarray, shape (N, O, oh, ow), float64
-    """
-    n_img, c_in, h, wd = x.shape
-    c_out, cg, kh, kw = w.shape
-    og = c_out // groups
-    oh = _out_size(h, kh, strides[0], pads[0], pads[2], dilations[0])
-    ow = _out_size(wd, kw, strides[1], pads[1], pads[3], dilations[1])
-    out = np.zeros((n_img, c_out, oh, ow))
-    for n in range(n_img):
-        for o in range(c_out):
-            g = o // og
-            for y in range(oh):
-                for xo in range(ow):
-                    acc = 0.0 if b is None else float(b[o])
-                    for c in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                ih = y * strides[0] - pads[0] + i * dilations[0]
-                                iw = xo * strides[1] - pads[1] + j * dilations[1]
-                                if 0 <= ih < h and 0 <= iw < wd:
-                                    acc += float(w[o, c, i, j]) * float(x[n, g * cg + c, ih, iw])
-                    out[n, o, y, xo] = acc
     return out
 
 
