@@ -21,7 +21,7 @@ V.1-V.12) and checked against central finite differences and PyTorch autograd in
 
 Layout. Arguments and results are NCHW, as everywhere in the engine. The dense convolution works
 on NHWC memory (im2col rows over ``(i, j, c)``, one BLAS matmul) and returns an NCHW *view* of NHWC
-memory, as :func:`dfmpc.engine.conv2d` does; elementwise NumPy ops keep that memory order, so a
+memory, as :func:`dfmpc.engine.conv2d_f32` does; elementwise NumPy ops keep that memory order, so a
 chain of convs never transposes. The vectorised kernels (:func:`conv_forward`, :func:`conv_vjp`,
 :func:`max_pool_vjp`, :func:`avg_pool_vjp`) each have a plain-loop twin at the end of this module
 (``*_loops``), used only by the tests.
@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .engine.conv import conv2d as _engine_conv2d
+from .engine.conv import conv2d_f32 as _engine_conv2d
 from .engine.conv import conv_output_size
 from .engine.graph import Graph, Node
 from .engine.ops import _geometry
@@ -79,7 +79,8 @@ def conv_forward(x: np.ndarray, W: np.ndarray, B: np.ndarray | None = None, stri
         ``C`` and ``O`` divisible by it; ``groups = C`` is a depthwise conv.
     method : {"auto", "im2col", "engine"}
         ``im2col``: this module's im2col + matmul, any float dtype. ``engine``: float32 only,
-        :func:`dfmpc.engine.conv2d` (Numba kernels, tested against their own loop twin).
+        :func:`dfmpc.engine.conv2d_f32` (Numba kernels, tested against the float64 reference
+        :func:`dfmpc.conv2d`).
         ``auto``: ``engine`` for float32 input, else ``im2col``.
 
     Returns
