@@ -55,11 +55,12 @@ def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
     rc, out, err = run(capsys, "quantize", model, "--low", 2, "--high", 6, "-o", out_path, "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert res["recalibration"] == "analytic" and res["compensation"] == "dfmpc" and len(res["pairs"]) == 3
+    assert res["recalibration"] == "sequential" and res["compensation"] == "dfmpc" and len(res["pairs"]) == 3
+    assert res["probes"].startswith("distilled")
     q = dfmpc.load_model(out_path)
     assert len(np.unique(q.node(res["pairs"][0]["low"]).params["W"])) <= 3
     rc, out, _ = run(capsys, "quantize", model, "-o", tmp_path / "q2.onnx")
-    assert rc == 0 and "pair" in out and "recalibration=analytic" in out
+    assert rc == 0 and "pair" in out and "recalibration=sequential on distilled" in out
 
 
 def test_quantize_explicit_pairs(capsys, model, tmp_path):

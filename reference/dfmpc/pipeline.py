@@ -32,6 +32,7 @@ from .compensation import closed_form, fold_into_bn, quadratic_coefficients
 from .engine.graph import Graph
 from .pairing import Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
+from .probes import DEFAULT_KIND, DEFAULT_N, PROBE_KINDS, probe_inputs
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
@@ -39,10 +40,11 @@ __all__ = ["quantize_network", "quantize_weights", "QuantizationReport", "PairRe
            "prepare", "quantize_layers", "recalibration_sites", "compensate", "write_bn"]
 
 COMPENSATIONS = ("dfmpc", "none", "oracle")
-#: The defaults of quantize_network and ``dfmpc quantize`` (measured in benchmarks/accuracy.py).
-DEFAULT_RECALIBRATION = "analytic"   # switched once the probe kinds are measured
-DEFAULT_PROBES = "noise"
-DEFAULT_PROBE_IMAGES = 256
+#: The defaults of quantize_network and ``dfmpc quantize`` (measured in benchmarks/accuracy.py):
+#: sequential re-calibration (derivation 15) on distilled probes (derivation 16), the best data-free mode.
+DEFAULT_RECALIBRATION = "sequential"
+DEFAULT_PROBES = DEFAULT_KIND
+DEFAULT_PROBE_IMAGES = DEFAULT_N
 
 
 LOW_QUANTIZERS = ("auto", "twn", "dorefa")
@@ -236,11 +238,9 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
             raise ValueError(f"probes: expected a kind name or a non-empty float32 array (N, C, H, W), "
                              f"got {probes.dtype} {probes.shape}")
         return probes
-    from . import probes as _probes
-    kinds = getattr(_probes, "PROBE_KINDS", ("noise", "distilled"))
-    if probes not in kinds:
-        raise ValueError(f"probes: expected one of {kinds} or an image array, got {probes!r}")
-    return _probes.probe_inputs(fp, n=probe_images, kind=probes, seed=seed, progress=progress)
+    if probes not in PROBE_KINDS:
+        raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
+    return probe_inputs(fp, n=probe_images, kind=probes, seed=seed, progress=progress)
 
 
 # ------------------------------------------------------------------------------------ driver
