@@ -370,7 +370,7 @@ def _sym_pads(node):
     if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or pads[:2] != pads[2:] \
             or tuple(node.attrs.get("dilations", (1, 1))) != (1, 1):
         raise ValueError(f"compensation='oracle': conv {node.name!r} uses asymmetric/auto padding or dilation, "
-                         "which the verification conv2d does not support")
+                         "which dfmpc.oracle_coefficients does not take")
     return tuple(node.attrs.get("strides", (1, 1))), pads[:2], node.attrs.get("group", 1)
 
 

@@ -134,9 +134,6 @@ def conv2d_f32(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     return out
 
 
-#: Transitional alias, kept only for ``dfmpc.autodiff``'s import; use :func:`conv2d_f32`.
-conv2d = conv2d_f32
-
 
 def dense_weight(w: np.ndarray) -> np.ndarray:
     """Weight (O, C, kh, kw) as the (O, kh*kw*C) float32 matrix whose rows meet im2col rows."""
