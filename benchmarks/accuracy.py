@@ -168,7 +168,9 @@ def main(argv=None):
     path = RESULTS / "accuracy.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
     merged = {r["model"]: r for r in old.get("rows", [])}
-    merged.update({r["model"]: r for r in rows})
+    for r in rows:                     # a new run replaces the settings it measured and keeps the others
+        kept = merged.get(r["model"], {}).get("settings", {})
+        merged[r["model"]] = {**r, "settings": {**kept, **r["settings"]}}
     out["rows"] = [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
                                              if m in zoo_manifest() else 99)]
     _atomic_write(path, json.dumps(out, indent=1))

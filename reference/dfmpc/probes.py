@@ -44,10 +44,11 @@ PROBE_KINDS = ("distilled", "noise")
 DEFAULT_KIND = "distilled"
 #: default budget. Measured (16_probe_inputs.md): at a fixed n * iterations, fewer images optimised for
 #: longer give better re-calibrated accuracy (the bottleneck ResNet, ratio re-calibration: 32 x 30 -> 78.2%,
-#: 16 x 60 -> 83.1%, 8 x 100 -> 84.7%, 8 x 200 -> 87.5%; real images 87.5%); 8 x 100 is about 14 CPU-seconds
-#: on ResNet-20 (2 cores).
+#: 16 x 60 -> 83.1%, 8 x 100 -> 84.7%, 8 x 200 -> 87.5%; real images 87.5%). 8 x 200 is the default: the
+#: first budget at which the bottleneck net is within a point of real-image probes; one setting for every
+#: model (never tuned per model). Its time is measured in benchmarks/probes.py.
 DEFAULT_N = 8
-DEFAULT_ITERATIONS = 100
+DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 0.25
 #: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
 INPUT_EPS = 1e-5
