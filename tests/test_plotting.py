@@ -102,6 +102,15 @@ def test_c_distribution_one_box_per_pair():
     assert sorted(pts) == sorted(np.concatenate(cs))
 
 
+def test_variance_ratios_one_line_per_mode():
+    fig = plotting.fig_variance_ratios(["a", "b", "c"], {"analytic": [0.1, 0.3, 0.6], "sequential": [0.0, 0.02, -0.01]})
+    ys = [np.asarray(line.get_ydata(), float) for line in fig.axes[0].get_lines()]
+    np.testing.assert_allclose(ys[0], [0.1, 0.3, 0.6])
+    np.testing.assert_allclose(ys[1], [0.0, 0.02, -0.01])
+    with pytest.raises(ValueError, match="expected 3 values"):
+        plotting.fig_variance_ratios(["a", "b", "c"], {"x": [0.1]})
+
+
 def test_weight_histograms_fig4_counts_and_means():
     """Fig. 4: both histograms count every weight; the legend gives mean |w| of Eq. (7)'s compensated weights."""
     rng = np.random.default_rng(1)

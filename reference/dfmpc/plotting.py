@@ -362,6 +362,41 @@ def fig_c_distribution(pair_labels, cs, title=None, ax=None):
     return fig
 
 
+def fig_variance_ratios(layer_labels, log_ratios, title=None, ax=None):
+    """Per layer, log(predicted / measured variance) of each re-calibration mode (``dfmpc.diagnose``).
+
+    Parameters
+    ----------
+    layer_labels : sequence of str, length L
+    log_ratios : dict of str to array_like of shape (L,)
+        Mode name -> the layers' ``log_ratio`` (0 = the BN predicts its conv's variance exactly).
+    title : str, optional
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    for mode, r in log_ratios.items():
+        if len(r) != len(layer_labels):
+            raise ValueError(f"log_ratios[{mode!r}]: expected {len(layer_labels)} values, got {len(r)}")
+    fig, ax = _axes(ax, figsize=(8, 3.4))
+    pos = np.arange(len(layer_labels))
+    for mode, r in log_ratios.items():
+        ax.plot(pos, np.asarray(r, dtype=float), marker="o", ms=3, label=mode)
+    ax.axhline(0.0, color="k", lw=0.8)
+    for band in (-0.05, 0.05):
+        ax.axhline(band, color="0.6", ls=":", lw=0.8)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(layer_labels, fontsize=6, rotation=60, ha="right")
+    ax.set_ylabel("log(predicted / measured variance)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def fig_weight_histograms(before, after, titles=None, axes=None, bins=41):
     """The paper's Fig. 4: histograms of the high-bit weights before and after compensation.
 
