@@ -35,6 +35,7 @@ import numpy as np
 import dfmpc
 from dfmpc.interop._atomic import write_atomically
 from dfmpc.evaluation import accuracy, load_dataset, load_zoo_model, zoo_manifest
+from dfmpc.pipeline import DEFAULT_PROBE_IMAGES
 from dfmpc.probes import probe_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def run_model(arch, settings, lambda1, lambda2, log):
     probes, row["probe_seconds"] = {}, {}
     for kind in ("distilled", "noise"):
         t0 = time.perf_counter()
-        probes[kind] = probe_inputs(g, kind=kind, seed=0, progress=False)
+        probes[kind] = probe_inputs(g, n=DEFAULT_PROBE_IMAGES[kind], kind=kind, seed=0, progress=False)
         row["probe_seconds"][kind] = time.perf_counter() - t0
         log(f"  {kind} probes: {len(probes[kind])} images, {row['probe_seconds'][kind]:.1f} s")
     modes = {"absorb": {}, "analytic": {}, "sequential": {"probes": probes["distilled"]},

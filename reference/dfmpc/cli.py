@@ -53,7 +53,7 @@ def _check_model_params(g, spec):
 
 def _quant_kwargs(a):
     _check_bits_order(a)
-    if a.probe_images < 1:
+    if a.probe_images is not None and a.probe_images < 1:
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
@@ -94,9 +94,11 @@ def cmd_demo(a) -> dict:
     q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": "absorb"})
     row("no_compensation", f"MP{a.low}/{a.high} without compensation (absorb, c = 1)", q)
     if a.recalibration == "sequential":          # make the probes once, for both sequential rows
+        from .pipeline import DEFAULT_PROBE_IMAGES
         from .probes import probe_inputs
         t0 = time.perf_counter()
-        kw["probes"] = probe_inputs(g, n=a.probe_images, kind=a.probes, seed=a.seed, progress=None if show else False)
+        n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
+        kw["probes"] = probe_inputs(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False)
         out["probe_seconds"] = time.perf_counter() - t0
     modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
     for mode in modes:                            # separate what re-calibration does from what c does
@@ -225,8 +227,9 @@ def _parser() -> argparse.ArgumentParser:
                              "data-free, data needs --calibration-data (default %(default)s)")
         sp.add_argument("--probes", choices=("distilled", "noise"), default=DEFAULT_PROBES,
                         help="--recalibration sequential: probe inputs made from the model alone (default %(default)s)")
-        sp.add_argument("--probe-images", type=int, default=DEFAULT_PROBE_IMAGES, metavar="N",
-                        help="how many probe images (default %(default)s)")
+        sp.add_argument("--probe-images", type=int, default=None, metavar="N",
+                        help="how many probe images (default: " + ", ".join(
+                            f"{n} {k}" for k, n in DEFAULT_PROBE_IMAGES.items()) + ")")
         sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
 
     d = sub.add_parser("demo", help="the main job: FP32 vs MP2/6 vs DF-MPC on the shipped model and data")

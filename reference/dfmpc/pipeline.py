@@ -44,7 +44,10 @@ COMPENSATIONS = ("dfmpc", "none", "oracle")
 #: sequential re-calibration (derivation 15) on distilled probes (derivation 16), the best data-free mode.
 DEFAULT_RECALIBRATION = "sequential"
 DEFAULT_PROBES = DEFAULT_KIND
-DEFAULT_PROBE_IMAGES = DEFAULT_N
+#: probe images per kind when ``probe_images`` is not given: distillation is paid per image and works best
+#: with few images optimised for long (derivation 16); noise costs only the two forward passes, so it
+#: gets enough images for stable per-channel statistics.
+DEFAULT_PROBE_IMAGES = {"distilled": DEFAULT_N, "noise": 256}
 
 
 LOW_QUANTIZERS = ("auto", "twn", "dorefa")
@@ -240,7 +243,8 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
         return probes
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
-    return probe_inputs(fp, n=probe_images, kind=probes, seed=seed, progress=progress)
+    n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
+    return probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -249,7 +253,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      lambda2: float = 0.0, recalibration: str = DEFAULT_RECALIBRATION, compensation: str = "dfmpc",
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
-                     probes=DEFAULT_PROBES, probe_images: int = DEFAULT_PROBE_IMAGES, seed: int = 0,
+                     probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      progress=None, low_quantizer: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
@@ -288,8 +292,11 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     probes : str or ndarray (N, C, H, W) float32
         ``sequential`` only: a kind of :func:`dfmpc.probes.probe_inputs` (made from the network
         alone, no data) or the probe images themselves.
-    probe_images, seed : int
-        How many probe images to make, and the seed they are made from.
+    probe_images : int, optional
+        How many probe images to make (default :data:`DEFAULT_PROBE_IMAGES` of the kind: 8 distilled,
+        256 noise).
+    seed : int
+        The seed the probes are made from.
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
