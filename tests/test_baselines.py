@@ -143,6 +143,7 @@ def test_ocs_expand_ratio_checked():
 
 
 # ------------------------------------------------------------------------------ registry, compare
+@pytest.mark.slow          # ~30 s: the sequential re-calibration methods distil probe images
 def test_every_method_never_mutates_and_keeps_the_bit_assignment():
     """Every registered method leaves its input graph unchanged and returns a runnable graph of the same outputs."""
     g = resnet_cifar(8, seed=4)

@@ -49,6 +49,7 @@ def test_evaluate_shipped_data_limit(capsys, model):
     assert rc == 0 and json.loads(out)["n_images"] == 50
 
 
+@pytest.mark.slow          # ~20 s: two full quantize runs (sequential re-calibration on distilled probes)
 def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
     """quantize writes a loadable model, prints the pairing, and its --json names the mode."""
     out_path = tmp_path / "q.npz"
@@ -63,6 +64,7 @@ def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
     assert rc == 0 and "pair" in out and "recalibration=sequential on distilled" in out
 
 
+@pytest.mark.slow          # ~13 s
 def test_quantize_explicit_pairs(capsys, model, tmp_path):
     """--pair LOW HIGH uses the user's assignment; an impossible pair is refused naming it."""
     rc, out, err = run(capsys, "quantize", model, "--pair", "layers.0.conv1", "layers.0.conv2",
@@ -114,6 +116,7 @@ def test_console_script_installed(model):
     assert r.returncode == 0 and "demo" in r.stdout and "quantize" in r.stdout
 
 
+@pytest.mark.slow          # ~17 s: every method on the model
 def test_compare_json_rows_per_method(capsys, model, data):
     """compare --json: one row per method (FP32 first) with accuracy and quantization time; oracle gets held-out images."""
     rc, out, err = run(capsys, "compare", model, "--data", data, "--methods", "rtn,rtn-channel,dfmpc,oracle",

@@ -40,7 +40,8 @@ def _rel_err(got, ref):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19" else n  # vgg19: ~25-40 s
+                                  for n in RUNNABLE])
 def test_light_model_matches_onnxruntime(name):
     graph, x, logits, ref = _case(name)
     assert graph.nodes_of("Conv"), "imported graph has convolutions"

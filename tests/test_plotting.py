@@ -190,6 +190,7 @@ def test_cross_entropy():
     assert np.isclose(landscape.cross_entropy(logits, [0, 0]), (np.log(2) + np.log1p(np.exp(-10))) / 2)
 
 
+@pytest.mark.slow          # ~30-40 s: regenerates every README figure
 def test_make_figures_regenerates_the_readme_figures(tmp_path):
     """scripts/make_figures.py writes the README's PNGs (Fig. 3 from the stored sweeps, Fig. 4 on ResNet-20)."""
     from pathlib import Path
