@@ -29,6 +29,7 @@ chain of convs never transposes. The vectorised kernels (:func:`conv_forward`, :
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,10 +38,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .engine.conv import conv2d_f32 as _engine_conv2d
 from .engine.conv import conv_output_size
+from .engine.conv import dense_weight as _dense_weight
 from .engine.graph import Graph, Node
 from .engine.ops import _geometry
 
-__all__ = ["RULES", "Tape", "record", "input_gradient", "conv_forward", "conv_vjp", "max_pool_forward",
+__all__ = ["RULES", "Tape", "Program", "record", "input_gradient", "conv_forward", "conv_vjp", "max_pool_forward",
            "max_pool_vjp", "avg_pool_forward", "avg_pool_vjp", "unbroadcast"]
 
 
@@ -132,16 +134,92 @@ def conv_forward(x: np.ndarray, W: np.ndarray, B: np.ndarray | None = None, stri
     return y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
 
 
-def _transposed_geometry(x_shape, W_shape, gy_shape, strides, pads, dilations):
-    """Pads of the stride-1 conv that computes V.1 on the zero-upsampled ``gy`` (V.1'), or None if negative."""
-    _, _, h, wd = x_shape
-    _, _, kh, kw = W_shape
-    _, _, oh, ow = gy_shape
-    (sh, sw), (dh, dw) = strides, dilations
-    pt, pl, _, _ = pads
-    q = (dh * (kh - 1) - pt, dw * (kw - 1) - pl,
-         h + pt - 1 - (oh - 1) * sh, wd + pl - 1 - (ow - 1) * sw)
-    return q if min(q) >= 0 else None
+def _axis_phases(size: int, k: int, s: int, p: int, d: int, out: int):
+    """V.1' along one axis: the stride-1 correlations that make up the transposed convolution.
+
+    Input positions ``u = a + s u'`` of one residue ``a`` (a *phase*) receive gradient only from the
+    kernel taps ``i`` with ``(a + p - i d) % s == 0``, from ``gy`` row ``y = u' + (a + p - i d) / s``.
+    Those taps, ordered by increasing offset (decreasing ``i``), are ``len(taps)`` rows ``d / gcd(s, d)``
+    apart, so the phase is a stride-1 correlation of ``gy`` (rows ``lo .. hi``, zero-padded by
+    ``pad_lo`` / ``pad_hi``) with the taps of the flipped kernel.
+
+    Parameters
+    ----------
+    size, k, s, p, d, out : int
+        Input length, kernel length, stride, begin pad, dilation and output length of the forward conv.
+
+    Returns
+    -------
+    list of tuple
+        One ``(a, taps, dilation, lo, hi, pad_lo, pad_hi, rows)`` per residue ``a < min(s, size)``:
+        ``taps`` the kernel indices (list, possibly empty: that phase's gradient is zero), ``rows`` the
+        number of positions ``a, a + s, ... < size``. When ``hi < lo`` no ``gy`` row is read.
+    """
+    g = math.gcd(s, d)
+    phases = []
+    for a in range(min(s, size)):
+        taps = [i for i in range(k - 1, -1, -1) if (a + p - i * d) % s == 0]
+        rows = len(range(a, size, s))
+        if not taps:
+            phases.append((a, taps, 1, 0, -1, 0, 0, rows))
+            continue
+        dil = d // g
+        start = (a + p - taps[0] * d) // s                   # gy row of output u' = 0, first tap
+        last = rows - 1 + start + (len(taps) - 1) * dil      # gy row of the last output, last tap
+        phases.append((a, taps, dil, max(start, 0), min(last, out - 1), max(-start, 0),
+                       max(0, last - (out - 1)), rows))
+    return phases
+
+
+class _TransposedConv:
+    """V.1' for one conv geometry: per phase (residue of the input position modulo the stride), the
+    sub-kernel of the flipped, channel-swapped weight and the crop / pads of ``gy``, prepared once.
+
+    For stride 1 there is one phase: the transposed convolution with the whole flipped kernel. For
+    stride s it is s^2 phases whose kernels together hold each tap once (a 3x3 stride-2 conv: 1x1,
+    1x2, 2x1 and 2x2), so no multiply-add meets an inserted zero.
+
+    Parameters
+    ----------
+    W : ndarray, shape (O, C / groups, kh, kw)
+    x_shape : tuple (N, C, H, W)
+    gy_hw : (int, int)
+        Output height and width of the forward conv.
+    strides, pads, dilations, groups
+        The forward conv's geometry.
+    """
+
+    def __init__(self, W, x_shape, gy_hw, strides, pads, dilations, groups):
+        o, cg, kh, kw = W.shape
+        og = o // groups
+        _, c, h, wd = x_shape
+        self.x_shape, self.strides, self.groups = tuple(x_shape), tuple(strides), groups
+        Wt = W.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4).reshape(groups * cg, og, kh, kw)
+        rows = _axis_phases(h, kh, strides[0], pads[0], dilations[0], gy_hw[0])
+        cols = _axis_phases(wd, kw, strides[1], pads[1], dilations[1], gy_hw[1])
+        self.phases, self.complete = [], True
+        for a, ti, dh, r0, r1, pt, pb, _ in rows:
+            for b, tj, dw, c0, c1, pl, pr, _ in cols:
+                if not ti or not tj or r1 < r0 or c1 < c0:
+                    self.complete = False                   # this phase's gradient is zero
+                    continue
+                Wp = np.ascontiguousarray(Wt[:, :, ti][:, :, :, tj], dtype=np.float32)
+                self.phases.append((a, b, slice(r0, r1 + 1), slice(c0, c1 + 1), (pt, pl, pb, pr), (dh, dw),
+                                    Wp, _dense_weight(Wp) if groups == 1 else None))
+
+    def __call__(self, gy: np.ndarray) -> np.ndarray:
+        """gx (N, C, H, W) float32 (an NCHW view of NHWC memory for dense convs) of gy (N, O, oh, ow)."""
+        gy = gy.astype(np.float32, copy=False)
+        n, c, h, wd = self.x_shape
+        sh, sw = self.strides
+        if len(self.phases) == 1 and self.complete and sh == sw == 1:
+            _, _, rs, cs, q, dil, Wp, wt = self.phases[0]
+            return _engine_conv2d(gy[:, :, rs, cs], Wp, None, (1, 1), q, dil, self.groups, wt=wt)
+        gxn = (np.empty if self.complete else np.zeros)((n, h, wd, c), np.float32)
+        for a, b, rs, cs, q, dil, Wp, wt in self.phases:
+            ph = _engine_conv2d(gy[:, :, rs, cs], Wp, None, (1, 1), q, dil, self.groups, wt=wt)
+            gxn[:, a::sh, b::sw, :] = ph.transpose(0, 2, 3, 1)
+        return gxn.transpose(0, 3, 1, 2)
 
 
 def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0, 0, 0),
@@ -150,9 +228,10 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
 
     ``gx[n, g*Cg + c, u, v] = sum_{o in group g, i, j, y, x : y*sh - pt + i*dh = u, x*sw - pl + j*dw = v}
     W[o, c, i, j] gy[n, o, y, x]``, computed either as ``gcols = gy W`` (one matmul per group)
-    followed by col2im (one strided add per kernel offset), or (V.1') as a stride-1 convolution of
-    ``gy`` upsampled with ``s - 1`` zeros between samples, with the kernel flipped in space and its
-    in/out channels swapped per group, run by the engine's float32 kernels.
+    followed by col2im (one strided add per kernel offset), or (V.1') as stride-1 convolutions of
+    ``gy`` with the kernel flipped in space and its in/out channels swapped per group, one per
+    residue of the input position modulo the stride (sub-pixel phases, :class:`_TransposedConv`), run
+    by the engine's float32 kernels.
 
     Parameters
     ----------
@@ -165,9 +244,8 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
     pads : (int, int, int, int)
     groups : int
     method : {"auto", "col2im", "transposed"}
-        ``col2im``: any float dtype. ``transposed``: float32 only, needs the pads of V.1' to be
-        >= 0 (pads no larger than the kernel extent). ``auto``: ``transposed`` for float32 ``gy``
-        when possible, except strided 1x1 convs (mostly zeros after upsampling), else ``col2im``.
+        ``col2im``: any float dtype. ``transposed``: float32 only (V.1', any geometry).
+        ``auto``: ``transposed`` for float32 ``gy``, else ``col2im``.
 
     Returns
     -------
@@ -177,16 +255,12 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
     Raises
     ------
     ValueError
-        Unknown ``method``, or ``transposed`` asked for where it does not apply.
+        Unknown ``method``.
     """
     if method not in ("auto", "col2im", "transposed"):
         raise ValueError(f"method: expected 'auto', 'col2im' or 'transposed', got {method!r}")
-    q = _transposed_geometry(x_shape, W.shape, gy.shape, strides, pads, dilations)
-    if method == "transposed" and q is None:
-        raise ValueError(f"method: 'transposed' needs pads {pads} no larger than the kernel extent")
-    if method == "transposed" or (method == "auto" and gy.dtype == np.float32 and q is not None
-                                  and (W.shape[2] * W.shape[3] > 1 or tuple(strides) == (1, 1))):
-        return _conv_vjp_transposed(gy, W, x_shape, strides, dilations, groups, q)
+    if method == "transposed" or (method == "auto" and gy.dtype == np.float32):
+        return _TransposedConv(W, x_shape, gy.shape[2:], strides, pads, dilations, groups)(gy)
     n, c, h, wd = x_shape
     o, cg, kh, kw = W.shape
     _, _, oh, ow = gy.shape
@@ -207,24 +281,6 @@ def conv_vjp(gy: np.ndarray, W: np.ndarray, x_shape, strides=(1, 1), pads=(0, 0,
             gxp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += gcols[:, :, :, i, j, :]
     gx = gxp[:, pt:pt + h, pl:pl + wd, :] if any(pads) else gxp
     return np.ascontiguousarray(gx).transpose(0, 3, 1, 2)
-
-
-def _conv_vjp_transposed(gy, W, x_shape, strides, dilations, groups, q):
-    """V.1': gx = conv(upsample_s(gy), flip(W) with in/out swapped per group), stride 1, pads q."""
-    n, o, oh, ow = gy.shape
-    _, cg, kh, kw = W.shape
-    sh, sw = strides
-    if sh > 1 or sw > 1:
-        up = np.zeros((n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1), np.float32)
-        up[:, :, ::sh, ::sw] = gy
-        gy = up
-    og = o // groups
-    Wt = W.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4).reshape(groups * cg, og, kh, kw)
-    Wt = np.ascontiguousarray(Wt[:, :, ::-1, ::-1], dtype=np.float32)
-    gx = _engine_conv2d(gy.astype(np.float32, copy=False), Wt, None, (1, 1), q, tuple(dilations), groups)
-    if gx.shape != tuple(x_shape):
-        raise AssertionError(f"transposed conv gave {gx.shape}, expected {tuple(x_shape)}")  # pragma: no cover
-    return gx
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -606,6 +662,10 @@ class Tape:
         Node name -> the context its rule's forward saved.
     values : dict of str to ndarray
         Target tensor name -> its value.
+    program : Program, optional
+        The program that recorded the tape.
+    steps : list, optional
+        The program's prepared forward / VJP of each node (used by :func:`input_gradient`).
     """
 
     graph: Graph
@@ -614,6 +674,8 @@ class Tape:
     nodes: list[Node]
     ctx: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
+    program: object = None
+    steps: list = None
 
 
 def _needed_nodes(graph: Graph, targets) -> list[Node]:
@@ -627,8 +689,156 @@ def _needed_nodes(graph: Graph, targets) -> list[Node]:
     return chosen[::-1]
 
 
+class _Step:
+    """One node of a :class:`Program` for one input shape and dtype: its rule's forward and VJP, with
+    what does not depend on the values (geometry, float32 weight matrices, BN scale) computed once."""
+
+    def __init__(self, node: Node, x_shapes, dtype):
+        self.node, self.rule = node, RULES[node.op]
+        self.forward, self.vjp = self._generic_forward, self._generic_vjp
+        if node.op == "Conv" and dtype == np.float32 and len(x_shapes[0]) == 4:
+            self._prepare_conv(x_shapes[0])
+        elif node.op == "BatchNormalization" and len(x_shapes[0]) >= 2 \
+                and x_shapes[0][1] == node.params["gamma"].shape[0]:
+            scale, shift = _bn_scale_shift(node, dtype)
+            b = (1, -1) + (1,) * (len(x_shapes[0]) - 2)
+            self.scale, self.shift = scale.reshape(b), shift.reshape(b)
+            self.forward, self.vjp = self._bn_forward, self._bn_vjp
+
+    def _generic_forward(self, *xs):
+        return self.rule.forward(self.node, *xs)
+
+    def _generic_vjp(self, ctx, gy):
+        return self.rule.vjp(self.node, ctx, gy)
+
+    # Conv, float32: the engine conv with the weight matrix made once; V.1' prepared once
+    def _prepare_conv(self, x_shape):
+        node, W = self.node, self.node.params["W"]
+
+        class _Shape:                                           # _geometry reads only x.shape
+            shape = tuple(x_shape)
+        strides, pads, dilations = _geometry(node, _Shape, W.shape[2:])
+        groups = node.attrs.get("group", 1)
+        oh = conv_output_size(x_shape[2], W.shape[2], strides[0], pads[0], pads[2], dilations[0])
+        ow = conv_output_size(x_shape[3], W.shape[3], strides[1], pads[1], pads[3], dilations[1])
+        if oh <= 0 or ow <= 0 or x_shape[1] != W.shape[1] * groups or W.shape[0] % groups:
+            return                                              # the generic rule raises the error
+        self.W32 = np.ascontiguousarray(W, dtype=np.float32)
+        B = node.params.get("B")
+        self.B32 = None if B is None else np.asarray(B, np.float32)
+        self.wt = _dense_weight(self.W32) if groups == 1 else None
+        self.geom = (tuple(x_shape), tuple(strides), tuple(pads), tuple(dilations), groups)
+        self.transposed = _TransposedConv(self.W32, x_shape, (oh, ow), strides, pads, dilations, groups)
+        self.forward, self.vjp = self._conv_forward, self._conv_vjp
+
+    def _conv_forward(self, x):
+        _, strides, pads, dilations, groups = self.geom
+        return _engine_conv2d(x, self.W32, self.B32, strides, pads, dilations, groups, wt=self.wt), self.geom
+
+    def _conv_vjp(self, ctx, gy):
+        return (self.transposed(gy),)
+
+    def _bn_forward(self, x):                                    # as _bn_forward, scale and shift made once
+        y = x * self.scale
+        y += self.shift
+        return y, self.scale
+
+    def _bn_vjp(self, scale, gy):
+        return (gy * scale,)
+
+
+class Program:
+    """The part of a graph that some target tensors depend on, prepared for many :meth:`record` calls.
+
+    :func:`record` and :func:`input_gradient` on a program's tapes give the same values as building
+    everything per call; the program keeps, per input shape and dtype, each node's geometry, the
+    float32 weight matrices of the convs (forward and V.1'), and BN's scale and shift.
+
+    Parameters
+    ----------
+    graph : Graph
+        A single-input graph. Not modified; its weights are read when a shape is first recorded.
+    targets : list of str
+        Tensor names to compute and keep (any tensors of the graph, not the input).
+
+    Raises
+    ------
+    ValueError
+        A graph with several inputs, an unknown target, or an op on the way without a rule in
+        :data:`RULES` (the message names the op and the node).
+    """
+
+    def __init__(self, graph: Graph, targets):
+        if len(graph.inputs) != 1:
+            raise ValueError(f"graph: expected one input, got {graph.inputs}")
+        targets = list(targets)
+        produced = {t for n in graph.nodes for t in n.outputs}
+        unknown = [t for t in targets if t not in produced]
+        if unknown:
+            raise ValueError(f"targets: unknown tensors {unknown}")
+        nodes = _needed_nodes(graph, targets)
+        missing = [n for n in nodes if n.op not in RULES]
+        if missing:
+            raise ValueError("no vector-Jacobian product for " + ", ".join(f"op {n.op} (node {n.name!r})"
+                                                                            for n in missing)
+                             + f"; differentiable ops: {sorted(RULES)}")
+        self.graph, self.targets, self.nodes = graph, targets, nodes
+        self.input_name = graph.inputs[0]
+        last_use = {}
+        for i, n in enumerate(nodes):
+            for t in n.inputs:
+                last_use[t] = i
+        keep = set(targets)
+        # per node: the input tensors whose last reader it is (dropped from memory after it runs)
+        self._drop = [[t for t in dict.fromkeys(n.inputs) if last_use[t] == i and t not in keep]
+                      for i, n in enumerate(nodes)]
+        self._produced = {n.outputs[0] for n in nodes}
+        self._steps = {}                                        # (shape, dtype) -> list of _Step
+
+    def record(self, x: np.ndarray) -> Tape:
+        """Run the program on ``x``; see :func:`record`.
+
+        Parameters
+        ----------
+        x : ndarray, shape (N, C, H, W), float32 or float64
+
+        Returns
+        -------
+        Tape
+        """
+        if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"x: expected a float32 or float64 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+        key = (x.shape, x.dtype)
+        steps = self._steps.get(key)
+        tape = Tape(self.graph, self.input_name, x.shape, self.nodes, program=self)
+        env = {self.input_name: x}
+        new = steps is None
+        if new:
+            steps = []
+        for i, node in enumerate(self.nodes):
+            xs = [env[t] for t in node.inputs]
+            try:
+                if new:
+                    steps.append(_Step(node, [v.shape for v in xs], x.dtype))
+                y, ctx = steps[i].forward(*xs)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"node {node.name!r} ({node.op}) on input shapes "
+                                 f"{[v.shape for v in xs]}: {err}") from err
+            tape.ctx[node.name] = ctx
+            env[node.outputs[0]] = y
+            for t in self._drop[i]:
+                env.pop(t, None)
+        if new:
+            self._steps[key] = steps
+        tape.values = {t: env[t] for t in self.targets}
+        tape.steps = steps
+        return tape
+
+
 def record(graph: Graph, x: np.ndarray, targets) -> Tape:
     """Run the part of ``graph`` that ``targets`` depend on, keeping what the backward pass needs.
+
+    A one-off :class:`Program`; build a program once to record many batches.
 
     Parameters
     ----------
@@ -656,37 +866,7 @@ def record(graph: Graph, x: np.ndarray, targets) -> Tape:
         raise ValueError(f"graph: expected one input, got {graph.inputs}")
     if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
         raise TypeError(f"x: expected a float32 or float64 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
-    targets = list(targets)
-    produced = {t for n in graph.nodes for t in n.outputs}
-    unknown = [t for t in targets if t not in produced]
-    if unknown:
-        raise ValueError(f"targets: unknown tensors {unknown}")
-    nodes = _needed_nodes(graph, targets)
-    missing = [n for n in nodes if n.op not in RULES]
-    if missing:
-        raise ValueError("no vector-Jacobian product for " + ", ".join(f"op {n.op} (node {n.name!r})" for n in missing)
-                         + f"; differentiable ops: {sorted(RULES)}")
-    name = graph.inputs[0]
-    tape = Tape(graph, name, x.shape, nodes)
-    last_use = {}
-    for i, n in enumerate(nodes):
-        for t in n.inputs:
-            last_use[t] = i
-    env = {name: x}
-    keep = set(targets)
-    for i, node in enumerate(nodes):
-        try:
-            y, ctx = RULES[node.op].forward(node, *[env[t] for t in node.inputs])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"node {node.name!r} ({node.op}) on input shapes "
-                             f"{[env[t].shape for t in node.inputs]}: {err}") from err
-        tape.ctx[node.name] = ctx
-        env[node.outputs[0]] = y
-        for t in node.inputs:
-            if last_use[t] == i and t not in keep:
-                env.pop(t, None)
-    tape.values = {t: env[t] for t in targets}
-    return tape
+    return Program(graph, targets).record(x)
 
 
 def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
@@ -700,7 +880,7 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
     Parameters
     ----------
     tape : Tape
-        From :func:`record`.
+        From :func:`record` or :meth:`Program.record`.
     seeds : dict of str to ndarray
         Tensor name (one of the tape's targets or any tensor its nodes produce) -> gradient of that
         tensor's shape.
@@ -715,7 +895,7 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
     ValueError
         A seed for a tensor the tape did not compute, or of the wrong shape.
     """
-    produced = {n.outputs[0] for n in tape.nodes}
+    produced = tape.program._produced if tape.program is not None else {n.outputs[0] for n in tape.nodes}
     grads = {}
     for t, g in seeds.items():
         if t not in produced:
@@ -723,11 +903,14 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
         if t in tape.values and np.shape(g) != tape.values[t].shape:
             raise ValueError(f"seeds: gradient for {t!r} has shape {np.shape(g)}, expected {tape.values[t].shape}")
         grads[t] = g
-    for node in reversed(tape.nodes):
+    steps = getattr(tape, "steps", None)
+    for i in range(len(tape.nodes) - 1, -1, -1):
+        node = tape.nodes[i]
         gy = grads.pop(node.outputs[0], None)
         if gy is None:
             continue
-        gxs = RULES[node.op].vjp(node, tape.ctx[node.name], gy)
+        ctx = tape.ctx[node.name]
+        gxs = steps[i].vjp(ctx, gy) if steps is not None else RULES[node.op].vjp(node, ctx, gy)
         for t, gx in zip(node.inputs, gxs):
             grads[t] = gx if t not in grads else grads[t] + gx
     g = grads.get(tape.input_name)

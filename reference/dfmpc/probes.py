@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .autodiff import input_gradient, record
+from .autodiff import Program, input_gradient
 from .engine.graph import Graph
 
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
@@ -124,11 +124,20 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
     return loss, np.moveaxis(g.reshape(shape), -1, 1)
 
 
-def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: bool = True):
-    """L (D.1) on the batch x (N, C, H, W) and, if ``grad``, dL/dx of x's shape and dtype."""
+def _program(graph: Graph, targets: list[BNTarget]) -> Program:
+    """The reverse-mode program from the graph input to every BN input (made once per distillation)."""
     name = graph.inputs[0]
-    inner = [t for t in targets if t.tensor != name]
-    tape = record(graph, x, [t.tensor for t in inner])
+    return Program(graph, [t.tensor for t in targets if t.tensor != name])
+
+
+def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: bool = True,
+                   program: Program | None = None):
+    """L (D.1) on the batch x (N, C, H, W) and, if ``grad``, dL/dx of x's shape and dtype.
+
+    ``program``: :func:`_program` of ``graph`` and ``targets``, reused across calls (made if None).
+    """
+    name = graph.inputs[0]
+    tape = (program or _program(graph, targets)).record(x)
     loss, seeds, gx = 0.0, {}, np.zeros_like(x) if grad else None
     for t in targets:
         z = x if t.tensor == name else tape.values[t.tensor]
@@ -278,12 +287,13 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     starts = list(range(0, N, batch_size))
     losses = np.zeros((len(starts), iterations + 1))
     bar = _ProgressLine(iterations * len(starts), progress)
+    program = _program(graph, targets)
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     for bi, s in enumerate(starts):
         xb = x[s:s + batch_size]                                  # a view: updated in place
         m, v = np.zeros_like(xb), np.zeros_like(xb)
         for k in range(iterations):
-            loss, g = _loss_and_grad(graph, targets, xb)
+            loss, g = _loss_and_grad(graph, targets, xb, program=program)
             losses[bi, k] = loss
             step = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / max(iterations, 1))))
             m *= b1
@@ -294,7 +304,7 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
             vhat = v / (1 - b2 ** (k + 1))
             xb -= (step * mhat / (np.sqrt(vhat) + adam_eps)).astype(np.float32)
             bar.update(bi * iterations + k + 1, loss)
-        losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False)[0]
+        losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False, program=program)[0]
     return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
 
 
