@@ -100,12 +100,15 @@ def cmd_demo(a) -> dict:
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
         kw["probes"] = probe_inputs(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False)
         out["probe_seconds"] = time.perf_counter() - t0
+        out["probes"] = f"{a.probes} ({len(kw['probes'])} images)"
+        if show:
+            print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
+                  f"{out['probe_seconds']:.1f} s, no data)")
     modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
     for mode in modes:                            # separate what re-calibration does from what c does
         q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": mode})
-        tag = f"{mode} on {a.probes} probes" if mode == "sequential" else mode
         row("recalibration_only" if mode == a.recalibration else f"{mode}_only",
-            f"MP{a.low}/{a.high} {tag} re-calibration only (c = 1)", q)
+            f"MP{a.low}/{a.high} {mode} re-calibration only (c = 1)", q)
     q, rep = quantize_network(g, compensation="dfmpc", **kw)
     out["dfmpc_seconds"] = rep.seconds + out.get("probe_seconds", 0.0)
     row("dfmpc", f"DF-MPC (recalibration={a.recalibration}, lambda1={a.lambda1}, lambda2={a.lambda2})", q,
