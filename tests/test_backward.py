@@ -499,3 +499,29 @@ def test_program_equals_the_rules_bit_for_bit(arch):
         gx = ad.input_gradient(tape, seeds)
         assert gx.dtype == np.float32
         np.testing.assert_array_equal(gx, backward(seeds))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_fused_bn_relu_kernels_equal_their_numpy_twins(layout):
+    """V.2-V.3 fused float32 kernels (one pass each: BN forward, ReLU forward with its mask, and
+    acc + where(mask, gy, 0) * scale) equal the NumPy expressions of the rules bit for bit, for
+    NCHW views of NHWC memory (the engine's layout) and plain NCHW arrays (NumPy fallback)."""
+    rng = np.random.default_rng(9)
+
+    def batch():
+        a = rng.standard_normal((3, 5, 4, 6)).astype(np.float32)
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if layout == "nhwc" else a
+    x, gy, acc = batch(), batch(), batch()
+    scale, shift = rng.standard_normal(5).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    np.testing.assert_array_equal(ad.bn_forward_rows(x, scale, shift), ad.bn_forward_numpy(x, scale, shift))
+    y, m = ad.relu_forward_rows(x)
+    y0, m0 = ad.relu_forward_numpy(x)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(m, m0)
+    flat = rng.standard_normal((7, 3)).astype(np.float32)                 # after Flatten / Gemm
+    for a, b in zip(ad.relu_forward_rows(flat), ad.relu_forward_numpy(flat)):
+        np.testing.assert_array_equal(a, b)
+    for mask in (None, m):
+        for a in (None, acc):
+            np.testing.assert_array_equal(ad.masked_scale_vjp(gy, mask, scale, a),
+                                          ad.masked_scale_vjp_numpy(gy, mask, scale, a))

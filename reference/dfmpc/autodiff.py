@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from numba import njit, prange
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .engine.conv import conv2d_f32 as _engine_conv2d
@@ -645,6 +646,165 @@ RULES: dict[str, Rule] = {
 }
 
 
+# ----------------------------------------------------------------------------- fused float32 kernels
+
+def _nhwc_rows(a):
+    """An (N, C, H, W) array whose memory is NHWC (C-contiguous after ``transpose(0, 2, 3, 1)``) as its
+    (N*H*W, C) rows, a view; None for any other layout."""
+    if a.ndim != 4:
+        return None
+    t = a.transpose(0, 2, 3, 1)
+    return t.reshape(-1, a.shape[1]) if t.flags.c_contiguous else None
+
+
+@njit(parallel=True, cache=True)
+def _affine_rows(x, scale, shift, out):                 # pragma: no cover (compiled)
+    """out[p, c] = x[p, c] * scale[c] + shift[c], rounded after each operation (as NumPy)."""
+    for p in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            v = x[p, c] * scale[c]
+            out[p, c] = v + shift[c]
+
+
+@njit(parallel=True, cache=True)
+def _relu_rows(x, out, mask):                           # pragma: no cover (compiled)
+    """out = max(x, 0) and mask = x > 0, one pass; x, out, mask (P, K)."""
+    for p in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            v = x[p, c]
+            pos = v > 0
+            mask[p, c] = pos
+            out[p, c] = v if pos else np.float32(0)
+
+
+@njit(parallel=True, cache=True)
+def _masked_scale_rows(gy, mask, scale, acc, out):       # pragma: no cover (compiled)
+    """out[p, c] = acc[p, c] + (gy[p, c] * scale[c] if mask[p, c] else 0); ``acc`` of shape (0, 0):
+    no accumulator; ``mask`` of shape (0, 0): all true. V.3 then V.2, added to a gradient, one pass."""
+    use_acc, use_mask = acc.shape[0] > 0, mask.shape[0] > 0
+    for p in prange(gy.shape[0]):
+        for c in range(gy.shape[1]):
+            v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
+            out[p, c] = acc[p, c] + v if use_acc else v
+
+
+def bn_forward_rows(x, scale, shift):
+    """V.2's forward in one pass: ``x * scale + shift`` per channel (axis 1), float32 NHWC-memory batches.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    scale, shift : ndarray, shape (C,), float32
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), float32
+        Equal to ``x * scale[:, None, None] + shift[:, None, None]`` bit for bit (twin:
+        :func:`bn_forward_numpy`); an NCHW view of NHWC memory when ``x`` is one.
+    """
+    rows = _nhwc_rows(x)
+    if rows is None:
+        return bn_forward_numpy(x, scale, shift)
+    n, c, h, w = x.shape
+    out = np.empty((n, h, w, c), np.float32)
+    _affine_rows(rows, scale, shift, out.reshape(-1, c))
+    return out.transpose(0, 3, 1, 2)
+
+
+def bn_forward_numpy(x, scale, shift):
+    """Twin of :func:`bn_forward_rows`: NumPy broadcasting, any layout and dtype."""
+    b = (1, -1) + (1,) * (x.ndim - 2)
+    y = x * scale.reshape(b)
+    y += shift.reshape(b)
+    return y
+
+
+def relu_forward_rows(x):
+    """V.3's forward in one pass: ``(max(x, 0), x > 0)`` for a float32 array of any layout.
+
+    Parameters
+    ----------
+    x : ndarray, float32
+
+    Returns
+    -------
+    y : ndarray, float32, shape and memory order of x (for C- or NHWC-contiguous x)
+    mask : ndarray, bool, same shape
+        Equal to NumPy's ``np.maximum(x, 0), x > 0`` (twin: :func:`relu_forward_numpy`).
+    """
+    rows = _nhwc_rows(x)
+    if rows is not None:
+        n, c, h, w = x.shape
+        y, m = np.empty((n, h, w, c), np.float32), np.empty((n, h, w, c), np.bool_)
+        _relu_rows(rows, y.reshape(-1, c), m.reshape(-1, c))
+        return y.transpose(0, 3, 1, 2), m.transpose(0, 3, 1, 2)
+    if x.flags.c_contiguous and x.ndim >= 1:
+        y, m = np.empty(x.shape, np.float32), np.empty(x.shape, np.bool_)
+        k = x.shape[-1] if x.ndim > 1 else x.size
+        _relu_rows(x.reshape(-1, k), y.reshape(-1, k), m.reshape(-1, k))
+        return y, m
+    return relu_forward_numpy(x)
+
+
+def relu_forward_numpy(x):
+    """Twin of :func:`relu_forward_rows`."""
+    return np.maximum(x, x.dtype.type(0)), x > 0
+
+
+_NONE2 = np.zeros((0, 0), np.float32)
+_NOMASK = np.zeros((0, 0), np.bool_)
+
+
+def masked_scale_vjp(gy, mask, scale, acc=None):
+    """V.3 then V.2 then the chain rule's sum, one pass: ``acc + where(mask, gy, 0) * scale``.
+
+    Parameters
+    ----------
+    gy : ndarray, shape (N, C, H, W), float32
+        Gradient at the ReLU output (or at the BN output when ``mask`` is None).
+    mask : ndarray of bool, shape (N, C, H, W), or None
+        The ReLU's ``x > 0`` (None: no ReLU).
+    scale : ndarray, shape (C,), float32
+        BN's per-channel scale.
+    acc : ndarray, shape (N, C, H, W), float32, optional
+        Gradient already accumulated at the BN input; added first.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H, W), float32
+        Equal bit for bit to ``acc + np.where(mask, gy, 0) * scale[:, None, None]`` (twin:
+        :func:`masked_scale_vjp_numpy`); an NCHW view of NHWC memory.
+    """
+    g2 = _nhwc_rows(gy)
+    m2 = None if mask is None else _nhwc_rows(mask)
+    a2 = None if acc is None else _nhwc_rows(acc)
+    if g2 is None or (mask is not None and m2 is None) or (acc is not None and a2 is None):
+        return masked_scale_vjp_numpy(gy, mask, scale, acc)
+    n, c, h, w = gy.shape
+    out = np.empty((n, h, w, c), np.float32)
+    _masked_scale_rows(g2, _NOMASK if m2 is None else m2, scale, _NONE2 if a2 is None else a2, out.reshape(-1, c))
+    return out.transpose(0, 3, 1, 2)
+
+
+def masked_scale_vjp_numpy(gy, mask, scale, acc=None):
+    """Twin of :func:`masked_scale_vjp`: the rules' NumPy expressions in the same order."""
+    g = gy if mask is None else np.where(mask, gy, gy.dtype.type(0))
+    g = g * scale.reshape((1, -1) + (1,) * (gy.ndim - 2))
+    return g if acc is None else acc + g
+
+
+class _Masked:
+    """A ReLU's input gradient not yet formed, ``where(mask, gy, 0)``: the BN before it fuses it into V.2."""
+
+    __slots__ = ("gy", "mask")
+
+    def __init__(self, gy, mask):
+        self.gy, self.mask = gy, mask
+
+    def value(self):
+        return np.where(self.mask, self.gy, self.gy.dtype.type(0))
+
+
 # ----------------------------------------------------------------------------- tape
 
 @dataclass
@@ -693,17 +853,23 @@ class _Step:
     """One node of a :class:`Program` for one input shape and dtype: its rule's forward and VJP, with
     what does not depend on the values (geometry, float32 weight matrices, BN scale) computed once."""
 
-    def __init__(self, node: Node, x_shapes, dtype):
+    def __init__(self, node: Node, x_shapes, dtype, lazy_relu: bool = False):
         self.node, self.rule = node, RULES[node.op]
-        self.forward, self.vjp = self._generic_forward, self._generic_vjp
+        self.forward, self.vjp, self.vjp_acc = self._generic_forward, self._generic_vjp, None
         if node.op == "Conv" and dtype == np.float32 and len(x_shapes[0]) == 4:
             self._prepare_conv(x_shapes[0])
         elif node.op == "BatchNormalization" and len(x_shapes[0]) >= 2 \
                 and x_shapes[0][1] == node.params["gamma"].shape[0]:
             scale, shift = _bn_scale_shift(node, dtype)
             b = (1, -1) + (1,) * (len(x_shapes[0]) - 2)
+            self.scale_c, self.shift_c = scale, shift
             self.scale, self.shift = scale.reshape(b), shift.reshape(b)
             self.forward, self.vjp = self._bn_forward, self._bn_vjp
+            if dtype == np.float32 and len(x_shapes[0]) == 4:
+                self.forward, self.vjp_acc = self._bn_forward_rows, self._bn_vjp_acc
+        elif node.op == "Relu" and dtype == np.float32:
+            self.lazy = lazy_relu
+            self.forward, self.vjp = self._relu_forward, self._relu_vjp
 
     def _generic_forward(self, *xs):
         return self.rule.forward(self.node, *xs)
@@ -745,6 +911,21 @@ class _Step:
 
     def _bn_vjp(self, scale, gy):
         return (gy * scale,)
+
+    def _bn_forward_rows(self, x):                               # float32: one pass (bn_forward_rows)
+        return bn_forward_rows(x, self.scale_c, self.shift_c), self.scale
+
+    def _bn_vjp_acc(self, ctx, gy, acc):
+        """V.2 (after V.3 when gy is a ReLU's _Masked gradient) added to ``acc`` (or None), one pass."""
+        if isinstance(gy, _Masked):
+            return masked_scale_vjp(gy.gy, gy.mask, self.scale_c, acc)
+        return masked_scale_vjp(gy, None, self.scale_c, acc)
+
+    def _relu_forward(self, x):
+        return relu_forward_rows(x)
+
+    def _relu_vjp(self, mask, gy):                               # V.3, left to the BN before it if lazy
+        return (_Masked(gy, mask),) if self.lazy else (np.where(mask, gy, gy.dtype.type(0)),)
 
 
 class Program:
@@ -793,6 +974,14 @@ class Program:
         self._drop = [[t for t in dict.fromkeys(n.inputs) if last_use[t] == i and t not in keep]
                       for i, n in enumerate(nodes)]
         self._produced = {n.outputs[0] for n in nodes}
+        # a ReLU that alone reads a BN's output leaves its VJP to the BN (fused V.3 + V.2)
+        readers = {}
+        for n in nodes:
+            for t in n.inputs:
+                readers[t] = readers.get(t, 0) + 1
+        bn_out = {n.outputs[0] for n in nodes if n.op == "BatchNormalization"}
+        self._lazy_relu = {n.name for n in nodes if n.op == "Relu" and n.inputs[0] in bn_out
+                           and readers[n.inputs[0]] == 1 and n.inputs[0] not in keep}
         self._steps = {}                                        # (shape, dtype) -> list of _Step
 
     def record(self, x: np.ndarray) -> Tape:
@@ -819,7 +1008,7 @@ class Program:
             xs = [env[t] for t in node.inputs]
             try:
                 if new:
-                    steps.append(_Step(node, [v.shape for v in xs], x.dtype))
+                    steps.append(_Step(node, [v.shape for v in xs], x.dtype, node.name in self._lazy_relu))
                 y, ctx = steps[i].forward(*xs)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"node {node.name!r} ({node.op}) on input shapes "
@@ -910,6 +1099,12 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
         if gy is None:
             continue
         ctx = tape.ctx[node.name]
+        if steps is not None and steps[i].vjp_acc is not None:       # one input; adds into its gradient
+            t = node.inputs[0]
+            grads[t] = steps[i].vjp_acc(ctx, gy, grads.get(t))
+            continue
+        if isinstance(gy, _Masked):                                   # pragma: no cover (not made otherwise)
+            gy = gy.value()
         gxs = steps[i].vjp(ctx, gy) if steps is not None else RULES[node.op].vjp(node, ctx, gy)
         for t, gx in zip(node.inputs, gxs):
             grads[t] = gx if t not in grads else grads[t] + gx
