@@ -1,0 +1,117 @@
+"""Probe distillation speed: ``dfmpc.probes.probe_inputs`` at the library defaults on the zoo models.
+
+For each model: wall seconds and CPU seconds of one ``probe_inputs(graph, kind="distilled")`` call at
+the defaults (``DEFAULT_N`` images, ``DEFAULT_ITERATIONS`` Adam steps, ``DEFAULT_LR``), and the same
+per Adam step. Each figure is the median of ``--repeats`` runs after one short warm-up run (Numba
+compilation). The CPU model, its SIMD flags, the thread count and the load average are recorded:
+on a machine shared with other jobs the wall time is inflated and noisy, the CPU time less so.
+
+Usage::
+
+    python benchmarks/probes.py                     # writes benchmarks/results/probes.json
+    python benchmarks/probes.py --models resnet20 --repeats 3 --json --no-write
+
+The sequential BN re-calibration (the default of ``dfmpc quantize``) distils its probes once per
+call, so this is the time distillation adds to ``dfmpc quantize <model>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("resnet20", "resnet56", "resnet_bottleneck", "vgg_small")
+#: SIMD flags of /proc/cpuinfo worth recording (what Numba's and OpenBLAS's kernels can use)
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "neon", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """CPU model name, logical CPU count and the SIMD flags present (Linux /proc/cpuinfo; else platform)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key == "model name":
+                model = value.strip()
+            elif key in ("flags", "features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_count": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def time_model(name: str, repeats: int) -> dict:
+    """Seconds (wall and CPU) of probe_inputs at the defaults on zoo model ``name``, median of ``repeats``."""
+    from dfmpc import probes
+    from dfmpc.evaluation import load_zoo_model
+
+    graph = load_zoo_model(name)
+    probes.probe_inputs(graph, n=2, iterations=2, progress=False)              # warm-up: Numba compilation
+    wall, cpu, loss = [], [], None
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        x = probes.probe_inputs(graph, progress=False)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        loss = probes.bn_matching_loss(graph, x)
+    steps = probes.DEFAULT_ITERATIONS
+    med = lambda v: sorted(v)[len(v) // 2]
+    return {"model": name, "n": probes.DEFAULT_N, "iterations": steps, "lr": probes.DEFAULT_LR,
+            "seconds": med(wall), "seconds_per_step": med(wall) / max(steps, 1),
+            "cpu_seconds": med(cpu), "cpu_seconds_per_step": med(cpu) / max(steps, 1),
+            "all_seconds": wall, "final_bn_matching_loss": loss}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo model names")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per model (median reported)")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/probes.json")
+    args = p.parse_args(argv)
+
+    import numba
+    import numpy as np
+
+    load_start = os.getloadavg()[0]
+    rows = []
+    for name in args.models.split(","):
+        rows.append(time_model(name, args.repeats))
+        if not args.json:
+            r = rows[-1]
+            print(f"{name:18s} {r['seconds']:7.2f} s  ({r['seconds_per_step']:.4f} s/step; CPU "
+                  f"{r['cpu_seconds']:.2f} s)  BN loss {r['final_bn_matching_loss']:.4g}", flush=True)
+    result = {"rows": rows, **cpu_info(), "numba_threads": numba.get_num_threads(),
+              "numba_threading_layer": str(numba.config.THREADING_LAYER), "numpy_version": np.__version__,
+              "numba_version": numba.__version__, "python": platform.python_version(),
+              "load_average_1min_at_start": load_start, "load_average_1min_at_end": os.getloadavg()[0],
+              "repeats": args.repeats,
+              "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        _atomic_write(RESULTS / "probes.json", json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['cpu_model']} ({result['cpu_count']} CPUs; SIMD {' '.join(result['simd_flags'])}); "
+              f"load {load_start:.1f} -> {result['load_average_1min_at_end']:.1f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
