@@ -442,6 +442,7 @@ def test_zoo_gradient_matches_torch_autograd(arch):
     _check_against_torch(load_zoo_model(arch), rng.standard_normal((2, 1, 28, 28)), rng)
 
 
+@pytest.mark.slow          # ~20 s: gradients through the zoo's ResNet-20 in float32 and float64
 def test_float32_tape_matches_float64():
     """The float32 path (engine conv kernels forward, transposed conv V.1' backward) gives the float64
     input gradient of the zoo's ResNet-20 to within 1% in norm."""

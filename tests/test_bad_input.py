@@ -403,6 +403,7 @@ def test_readme_loading_snippet_can_be_pasted_twice(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.npz", "resnet20.onnx"]
 
 
+@pytest.mark.slow          # ~15-25 s: a full `dfmpc quantize` of a zoo model
 def test_readme_pair_example_uses_names_the_command_prints(capsys, tmp_path):
     """The README's --pair example names nodes as `dfmpc quantize` prints them (zoo models: ONNX-style names)."""
     line = next(ln for ln in README.splitlines() if ln.startswith("dfmpc quantize") and "--pair" in ln)

@@ -180,6 +180,7 @@ def test_compare_refuses_data_aware_method_without_images_and_unknown_names():
         get_method("nope")
 
 
+@pytest.mark.slow          # ~20 s: dfmpc+squant distils probe images for the sequential re-calibration
 def test_dfmpc_squant_keeps_low_layers_ternary_and_high_layers_on_the_dorefa_grid():
     """dfmpc+squant: the low convs stay TWN ternary; the high-bit layers take only DoReFa levels."""
     g = resnet_cifar(8, seed=6)
