@@ -167,3 +167,27 @@ def test_probe_inputs_refuses_bad_arguments(resnet20):
                           ["x"], ["y"], {"x": (1, 4, 4)})
     with pytest.raises(ValueError, match=r"Softmax.*'sm'"):
         probes.probe_inputs(softmax_first, n=2, iterations=1)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 28, 28), (3, 5, 4, 6), (1, 1, 3, 3)])
+def test_float32_moments_and_gradient_kernels_equal_their_numpy_twins(shape):
+    """D.2-D.3 float32: the one-pass Numba sums (per channel, over images in float32 then over positions in
+    float64) equal moments_numpy bit for bit, and the gradient a + b (z - mu_b) equals NumPy's
+    r * b + (a - b mu_b) bit for bit (NHWC-memory z, as the engine's convs give)."""
+    rng = np.random.default_rng(11)
+    z = (rng.standard_normal(shape) * 0.3 + 1.5).astype(np.float32)
+    z = np.ascontiguousarray(z.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    r = probes._rows(z)
+    s1, s2 = probes._moments_kernel(r.reshape(shape[0], -1), shape[1])
+    t1, t2 = probes.moments_numpy(r.reshape(shape[0], -1), shape[1])
+    np.testing.assert_array_equal(s1, t1)
+    np.testing.assert_array_equal(s2, t2)
+    mu, sigma = rng.normal(size=shape[1]), rng.uniform(0.2, 1, shape[1])
+    _, g = probes._stat_loss(z, mu, sigma, 1e-5, True)
+    M = r.shape[0]
+    mu_b = t1 / M
+    s_b = np.sqrt(np.maximum(t2 / M - mu_b ** 2, 0.0) + 1e-5)
+    a, b = 2.0 * (mu_b - mu) / M, 2.0 * (s_b - sigma) / (s_b * M)
+    g0 = r * b.astype(np.float32)
+    g0 += (a - b * mu_b).astype(np.float32)
+    np.testing.assert_array_equal(probes._rows(g), g0)

@@ -32,12 +32,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
-from .autodiff import Program, input_gradient
+from .autodiff import Program, _affine_rows, input_gradient
 from .engine.graph import Graph
 
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
-           "distill", "bn_targets", "bn_matching_loss", "DistillationResult"]
+           "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -108,8 +109,10 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
         var_b = np.einsum("mc,mc->c", r - mu_b, r - mu_b) / M
     else:                                          # float32: sums over images, then over positions (short sums)
         per_image = r.reshape(z.shape[0], -1)
-        s1 = per_image.sum(axis=0).reshape(-1, r.shape[1]).sum(axis=0, dtype=np.float64)
-        s2 = np.square(per_image).sum(axis=0).reshape(-1, r.shape[1]).sum(axis=0, dtype=np.float64)
+        if per_image.flags.c_contiguous:
+            s1, s2 = _moments_kernel(per_image, r.shape[1])
+        else:                                                                   # pragma: no cover
+            s1, s2 = moments_numpy(per_image, r.shape[1])
         mu_b = s1 / M
         var_b = np.maximum(s2 / M - mu_b ** 2, 0.0)
     s_b = np.sqrt(var_b + eps)
@@ -118,8 +121,12 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
         return loss, None
     a = 2.0 * (mu_b - mu) / M                                          # dL/dmu_b * dmu_b/dz
     b = 2.0 * (s_b - sigma) / (s_b * M)                                # dL/ds_b * ds_b/dvar_b * 2 / M
-    g = r * b.astype(r.dtype)                                          # (D.3): a + b (z - mu_b), rows (M, C)
-    g += (a - b * mu_b).astype(r.dtype)
+    if r.dtype == np.float32:                                          # (D.3): a + b (z - mu_b), rows (M, C)
+        g = np.empty(r.shape, np.float32)
+        _affine_rows(r, b.astype(np.float32), (a - b * mu_b).astype(np.float32), g)    # one pass, as below
+    else:
+        g = r * b.astype(r.dtype)
+        g += (a - b * mu_b).astype(r.dtype)
     shape = (z.shape[0],) + z.shape[2:] + (z.shape[1],)
     return loss, np.moveaxis(g.reshape(shape), -1, 1)
 
@@ -128,6 +135,42 @@ def _program(graph: Graph, targets: list[BNTarget]) -> Program:
     """The reverse-mode program from the graph input to every BN input (made once per distillation)."""
     name = graph.inputs[0]
     return Program(graph, [t.tensor for t in targets if t.tensor != name])
+
+
+def moments_numpy(per_image: np.ndarray, C: int):
+    """D.2's float32 sums: per channel, ``sum z`` and ``sum z^2`` over images (float32, image by image)
+    then over positions (float64, in order).
+
+    Parameters
+    ----------
+    per_image : ndarray, shape (N, K), float32
+        One row per image, channel fastest (``K = positions * C``).
+    C : int
+
+    Returns
+    -------
+    s1, s2 : ndarray, shape (C,), float64
+    """
+    s1 = per_image.sum(axis=0).reshape(-1, C).sum(axis=0, dtype=np.float64)
+    s2 = np.square(per_image).sum(axis=0).reshape(-1, C).sum(axis=0, dtype=np.float64)
+    return s1, s2
+
+
+@njit(cache=True)
+def _moments_kernel(per_image, C):                          # pragma: no cover (compiled)
+    """Twin of :func:`moments_numpy` in one pass, the same additions in the same order."""
+    n, k = per_image.shape
+    s1, s2 = np.zeros(C), np.zeros(C)
+    for j in range(k):
+        a = per_image[0, j]
+        q = a * a
+        for i in range(1, n):
+            v = per_image[i, j]
+            a += v
+            q += v * v
+        s1[j % C] += a
+        s2[j % C] += q
+    return s1, s2
 
 
 def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: bool = True,
