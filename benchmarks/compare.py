@@ -87,6 +87,20 @@ def run_accuracy(models, settings, methods, log):
     return out
 
 
+def merge_results(old, new):
+    """``old`` with each (model, setting)'s rows replaced by the methods ``new`` measured (others kept),
+    rows in the registry's order; a run of a few methods never drops the others' figures."""
+    order = ["fp32"] + list(METHODS)
+    merged = {(r["model"], r["setting"]): r for r in old}
+    for r in new:
+        key = (r["model"], r["setting"])
+        rows = {row["method"]: row for row in merged.get(key, {}).get("rows", [])}
+        rows.update({row["method"]: row for row in r["rows"]})
+        merged[key] = {**r, "rows": sorted(rows.values(), key=lambda row: order.index(row["method"])
+                                           if row["method"] in order else len(order))}
+    return list(merged.values())
+
+
 def accuracy_table(results, setting="2/6"):
     res = [r for r in results if r["setting"] == setting]
     models = [r["model"] for r in res]
@@ -226,7 +240,8 @@ def main(argv=None):
             _atomic_write(cost_path, json.dumps({"rows": rows}, indent=1) + "\n")
         else:
             res = run_accuracy(models, [s for s in a.settings.split(",") if s], methods, log)
-            _atomic_write(acc_path, json.dumps({"results": res}, indent=1) + "\n")
+            old = json.loads(acc_path.read_text())["results"] if acc_path.exists() else []
+            _atomic_write(acc_path, json.dumps({"results": merge_results(old, res)}, indent=1) + "\n")
     if not a.no_readme:
         text = README.read_text()
         if acc_path.exists():
