@@ -172,3 +172,25 @@ def test_low_quantizer_is_an_explicit_choice(net):
         quantize_network(net, 3, 6, low_quantizer="twn")
     with pytest.raises(ValueError, match="quantizer"):
         dfmpc.pipeline.quantize_weights(W, 2, "nf4")
+
+
+def test_probes_are_made_once_per_network_and_seed(net, monkeypatch):
+    """The probe cache: same network, kind, n and seed -> one call of probe_inputs; any change -> a new one."""
+    import dfmpc.pipeline as pipeline
+    calls = []
+    real = pipeline.probe_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "probe_inputs", counting)
+    monkeypatch.setattr(pipeline, "_PROBE_CACHE", {})
+    for comp in ("none", "dfmpc"):
+        quantize_network(net, recalibration="sequential", probes="noise", probe_images=4, compensation=comp)
+    assert len(calls) == 1
+    quantize_network(net, recalibration="sequential", probes="noise", probe_images=4, seed=1)
+    other = net.copy()
+    other.nodes_of("Conv")[0].params["W"] = other.nodes_of("Conv")[0].params["W"] * np.float32(1.5)
+    quantize_network(other, recalibration="sequential", probes="noise", probe_images=4)
+    assert len(calls) == 3                                   # a new seed and a changed weight each make new probes

@@ -22,6 +22,7 @@ Activations stay float32 (the paper's setting: weights MP2/6, activations FP32).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -244,7 +245,31 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
     n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
-    return probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress)
+    key = (graph_fingerprint(fp), probes, int(n), int(seed))
+    if key not in _PROBE_CACHE:
+        if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
+            _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))          # oldest first
+        _PROBE_CACHE[key] = probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress)
+    return _PROBE_CACHE[key].copy()
+
+
+#: Probes are a pure function of (network, kind, n, seed): the last few are kept in memory, so quantizing
+#: the same network again (other bit-widths, compensation modes, methods of dfmpc.compare) distils once.
+_PROBE_CACHE: dict = {}
+_PROBE_CACHE_SIZE = 4
+
+
+def graph_fingerprint(graph: Graph) -> str:
+    """SHA-256 of a graph's structure and parameters (node names, ops, attributes, tensors, parameter bytes)."""
+    h = hashlib.sha256()
+    h.update(repr((graph.inputs, graph.outputs, sorted(graph.input_shapes.items()))).encode())
+    for node in graph.nodes:
+        h.update(repr((node.name, node.op, node.inputs, node.outputs, sorted(node.attrs.items()))).encode())
+        for k in sorted(node.params):
+            v = np.ascontiguousarray(node.params[k])
+            h.update(f"{k}{v.dtype}{v.shape}".encode())
+            h.update(v.tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ driver
