@@ -51,3 +51,14 @@ def test_diagnosis_json_has_the_documented_fields(model_and_images):
     assert {"median_abs_log_ratio", "max_abs_log_ratio"} <= set(d["summary"])
     with pytest.raises(ValueError, match="images"):
         diagnose(g, x.astype(np.float64))
+
+
+def test_summary_without_low_layers_says_so():
+    """A network with no pair (or no re-calibrated conv) reports None for the low-layer summary, not a fake 0."""
+    from dfmpc.diagnose import Diagnosis, LayerDiagnosis, _summary
+    rec = LayerDiagnosis("c", "b", False, [0.0], [1.0], [0.0], [1.0], 1.0, 0.1, 0.1, 0.0)
+    s = _summary([rec])
+    assert s["median_abs_log_ratio"] == pytest.approx(0.1) and s["median_abs_log_ratio_low"] is None
+    assert "no low layers" in Diagnosis([rec], s).table()
+    assert _summary([])["median_abs_log_ratio"] is None
+    assert "nothing was re-calibrated" in Diagnosis([], _summary([])).table()

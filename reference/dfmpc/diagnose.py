@@ -61,9 +61,13 @@ class Diagnosis:
             rows.append(f"  {r.conv:<42} {'low' if r.low else 'high':>4} {r.ratio:10.3f} {abs(r.log_ratio):7.3f} "
                         f"{r.mean_error_sigma:17.3f}")
         s = self.summary
+        if s["layers"] == 0:
+            rows.append("  no conv followed by BN: nothing was re-calibrated")
+            return "\n".join(rows)
+        low = ("no low layers" if s["median_abs_log_ratio_low"] is None else
+               f"low layers: median {s['median_abs_log_ratio_low']:.3f}, max {s['max_abs_log_ratio_low']:.3f}")
         rows.append(f"  median |log ratio| {s['median_abs_log_ratio']:.3f}, max {s['max_abs_log_ratio']:.3f} "
-                    f"(over {s['layers']} layers; low layers: median {s['median_abs_log_ratio_low']:.3f}, "
-                    f"max {s['max_abs_log_ratio_low']:.3f})")
+                    f"(over {s['layers']} layers; {low})")
         return "\n".join(rows)
 
 
@@ -145,7 +149,10 @@ def diagnose(graph: Graph, images: np.ndarray, low_bits: int = 2, high_bits: int
 
 
 def _summary(layers):
-    a = np.array([abs(r.log_ratio) for r in layers]) if layers else np.zeros(1)
-    lo = np.array([abs(r.log_ratio) for r in layers if r.low]) if any(r.low for r in layers) else np.zeros(1)
-    return {"layers": len(layers), "median_abs_log_ratio": float(np.median(a)), "max_abs_log_ratio": float(a.max()),
-            "median_abs_log_ratio_low": float(np.median(lo)), "max_abs_log_ratio_low": float(lo.max())}
+    """Median and max of |log ratio| over all layers and over the low layers (None where there are none)."""
+    def stats(values):
+        a = np.abs(np.asarray(values, dtype=np.float64))
+        return (float(np.median(a)), float(a.max())) if a.size else (None, None)
+    (med, mx), (med_lo, mx_lo) = stats([r.log_ratio for r in layers]), stats([r.log_ratio for r in layers if r.low])
+    return {"layers": len(layers), "median_abs_log_ratio": med, "max_abs_log_ratio": mx,
+            "median_abs_log_ratio_low": med_lo, "max_abs_log_ratio_low": mx_lo}
