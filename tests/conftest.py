@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 from hypothesis import settings
 
 # Make tests/strategies.py importable as a plain module.
@@ -12,3 +14,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=100)
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A random-weight ResNet-20 (seed 1) for the pipeline tests (tests/test_pipeline.py, tests/test_stages.py)."""
+    from dfmpc.engine.builders import resnet_cifar
+    return resnet_cifar(20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """24 standard-normal 1x28x28 images (seed 0), float32."""
+    import numpy as np
+    return np.random.default_rng(0).normal(size=(24, 1, 28, 28)).astype(np.float32)

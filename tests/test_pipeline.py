@@ -11,16 +11,6 @@ from dfmpc.pipeline import quantize_network, quantize_weights
 from dfmpc.recalibration import analytic_bn, bn_of, clipped_gaussian_moments, propagate_moments
 
 
-@pytest.fixture(scope="module")
-def net():
-    return resnet_cifar(20, seed=1)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).normal(size=(24, 1, 28, 28)).astype(np.float32)
-
-
 def _params(g):
     return {(n, k): v.copy() for n, p in g.params().items() for k, v in p.items()}
 

@@ -7,20 +7,9 @@ from hypothesis import given, strategies as st
 
 import dfmpc
 from dfmpc.engine import Graph, Node
-from dfmpc.engine.builders import resnet_cifar
 from dfmpc.engine.executor import NodeStream
 from dfmpc.pipeline import quantize_network, recalibration_sites, prepare
 from dfmpc.recalibration import (RECALIBRATION_MODES, RECALIBRATIONS, channel_moments, measured_bn, ratio_bn)
-
-
-@pytest.fixture(scope="module")
-def net():
-    return resnet_cifar(20, seed=1)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).normal(size=(24, 1, 28, 28)).astype(np.float32)
 
 
 def _two_outputs():
@@ -194,3 +183,10 @@ def test_probes_are_made_once_per_network_and_seed(net, monkeypatch):
     other.nodes_of("Conv")[0].params["W"] = other.nodes_of("Conv")[0].params["W"] * np.float32(1.5)
     quantize_network(other, recalibration="sequential", probes="noise", probe_images=4)
     assert len(calls) == 3                                   # a new seed and a changed weight each make new probes
+
+
+def test_channel_moments_refuses_a_non_batch():
+    with pytest.raises(ValueError, match="X: expected a non-empty batch"):
+        channel_moments(np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="X: expected a non-empty batch"):
+        channel_moments(np.zeros((0, 3, 2, 2), np.float32))

@@ -129,8 +129,16 @@ def ratio_bn(bn: BatchNorm, m_q, v_q, m_fp, v_fp) -> BatchNorm:
 
 
 def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (biased) variance of a batch ``X`` (N, C, ...), in float64: two (C,) arrays."""
+    """Per-channel mean and (biased) variance of a batch ``X`` (N, C, ...), in float64: two (C,) arrays.
+
+    Raises
+    ------
+    ValueError
+        ``X`` has fewer than 2 dimensions or no samples.
+    """
     X = np.asarray(X)
+    if X.ndim < 2 or X.shape[0] == 0:
+        raise ValueError(f"X: expected a non-empty batch (N, C, ...), got shape {X.shape}")
     axes = (0,) + tuple(range(2, X.ndim))
     mean = X.mean(axis=axes, dtype=np.float64)
     shape = (1, -1) + (1,) * (X.ndim - 2)
