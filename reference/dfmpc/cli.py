@@ -1,4 +1,4 @@
-"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``, ``diagnose``.
+"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``, ``diagnose``, ``vectors``.
 
 Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout
 (accuracies as fractions, timings in seconds); human-readable text otherwise. Errors print
@@ -212,6 +212,18 @@ def cmd_diagnose(a) -> dict:
             "recalibration": a.recalibration, **d.to_dict()}
 
 
+def cmd_vectors(a) -> dict:
+    from . import vectors
+    vs = vectors.generate(zoo=not a.no_zoo)
+    manifest = vectors.write(a.output, vs, overwrite=a.overwrite)
+    if not a.json:
+        for e in manifest["entries"]:
+            print(f"  {e['file']:<32} {e['function']}  ({e['equation']})")
+        print(f"wrote {len(vs)} reference vectors and manifest.json to {a.output} (see PORTING.md)")
+    return {"output": a.output, "entries": [e["name"] for e in manifest["entries"]],
+            "format_version": manifest["format_version"]}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -296,6 +308,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: one record per layer (predicted_var, measured_var, ratio, ...) "
                         "and a summary (median_abs_log_ratio, max_abs_log_ratio)")
+    v = sub.add_parser("vectors", help="write the reference vectors (inputs and outputs of every step) for checking a port")
+    v.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory for manifest.json and one .npz per step (created if missing)")
+    v.add_argument("--no-zoo", action="store_true", help="only the array-level steps (skip the ResNet-20 entries)")
+    v.add_argument("--overwrite", action="store_true", help="replace vector files already in DIR")
+    v.add_argument("--json", action="store_true", help="print one JSON object (output, entries) instead of text")
     return p
 
 
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate,
-               "compare": cmd_compare, "diagnose": cmd_diagnose}[args.command](args)
+               "compare": cmd_compare, "diagnose": cmd_diagnose, "vectors": cmd_vectors}[args.command](args)
     except (ValueError, OSError) as exc:     # user errors; anything else is a bug and shows its traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)
