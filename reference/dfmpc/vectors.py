@@ -94,7 +94,7 @@ def twn_vector(seed: int = 0) -> Vector:
         "zero_filter": W_zero_filter,
         "gemm": rng.normal(size=(10, 16)),
         "zero_layer": np.zeros((2, 2, 3, 3)),
-        # mean|W| = 10, Delta = 0.7 * 10 = 7.0 exactly in float64 (in float32 0.7f * 10 < 7: a tie flips)
+        # mean|W| = 10, Delta = 0.7 * 10 = 7.0 exactly: |W| == Delta is dropped (a port using >= keeps it)
         "tie": np.array([7.0, 13.0, -7.0, -13.0, 7.0, 13.0]).reshape(3, 2, 1, 1),
     }
     inputs, outputs = {}, {}
