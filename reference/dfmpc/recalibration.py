@@ -24,11 +24,22 @@ Labels ``R.x`` are derivation 10's, ``S.x`` derivation 15's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .compensation import BatchNorm
-from .engine.graph import Graph, Node
-from .moments import clipped_gaussian_moments, propagate_moments  # noqa: F401 (derivation 14)
+
+if TYPE_CHECKING:                     # annotations only: `import dfmpc` stays free of the engine (issue 14)
+    from .engine.graph import Graph, Node
+
+
+def __getattr__(name):
+    """``propagate_moments``, ``clipped_gaussian_moments`` (derivation 14) load :mod:`dfmpc.moments` on first use."""
+    if name in ("clipped_gaussian_moments", "propagate_moments"):
+        from . import moments
+        return getattr(moments, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["RECALIBRATIONS", "RECALIBRATION_MODES", "clipped_gaussian_moments", "propagate_moments", "analytic_bn",
            "measured_bn", "ratio_bn", "channel_moments", "bn_of", "conv_input_groups", "Site", "RecalibrationContext"]
@@ -194,6 +205,7 @@ class RecalibrationContext:
     def moments(self):
         """Per-tensor input moments of the full-precision network (:func:`propagate_moments`), computed once."""
         if self._moments is None:
+            from .moments import propagate_moments
             self._moments = propagate_moments(self.fp, self.input_mean, self.input_var)
         return self._moments
 

@@ -19,8 +19,7 @@ because X~^{l+1} is linear in c (``data_free_derivations/09_our_additions.md``).
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
+import scipy  # scipy.linalg, scipy.optimize load on first use (SciPy's lazy submodules): a light `import dfmpc`
 
 from ._checks import as_float_array
 from .compensation import BatchNorm, _check_bn, _check_c
