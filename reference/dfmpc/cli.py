@@ -51,6 +51,15 @@ def _check_model_params(g, spec):
     check_graph_params(g, what=f"model {spec!r}")
 
 
+def _backend(a) -> str:
+    """--backend, checked before any work; a missing onnxruntime is the user's one-line error (the extra to install)."""
+    from .evaluation import check_backend
+    try:
+        return check_backend(a.backend)
+    except ImportError as exc:
+        raise ValueError(f"--backend {a.backend}: {exc}") from exc
+
+
 def _quant_kwargs(a):
     _check_bits_order(a)
     if a.probe_images is not None and a.probe_images < 1:
@@ -74,19 +83,20 @@ def cmd_demo(a) -> dict:
     from .evaluation import accuracy
     from .pipeline import quantize_network
     kw = _quant_kwargs(a)
+    backend = _backend(a)
     x, y = _data("fashion-mnist", raw=False, limit=a.limit)
     g = _load_model(a.model)
     _check_model_params(g, a.model)
     show = not a.json
     out = {"model": a.model, "data": "fashion-mnist", "n_images": int(len(x)),
            "low_bits": a.low, "high_bits": a.high, "lambda1": a.lambda1, "lambda2": a.lambda2,
-           "recalibration": a.recalibration}
+           "recalibration": a.recalibration, "backend": backend}
     if show:
         print(f"{a.model} on the shipped Fashion-MNIST test set ({len(x)} images); weights MP{a.low}/{a.high}, "
               f"activations FP32")
 
     def row(key, label, q, extra=""):
-        out[key] = accuracy(q, x, y, progress=None if show else False, label=label)
+        out[key] = accuracy(q, x, y, progress=None if show else False, label=label, backend=backend)
         if show:
             print(f"  {label:<60} {100 * out[key]:6.2f}%{extra}")
 
@@ -150,15 +160,18 @@ def cmd_evaluate(a) -> dict:
     from .evaluation import accuracy
     if a.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive number of images per batch, got {a.batch_size}")
+    backend = _backend(a)
     g = _load_model(a.model)
     _check_model_params(g, a.model)
     x, y = _data(a.data, raw=a.raw, limit=a.limit)
     t0 = time.perf_counter()
-    acc = accuracy(g, x, y, batch_size=a.batch_size, progress=None if not a.json else False, label="evaluate")
+    acc = accuracy(g, x, y, batch_size=a.batch_size, progress=None if not a.json else False, label="evaluate",
+                   backend=backend)
     out = {"model": a.model, "data": a.data, "n_images": int(len(x)), "accuracy": acc,
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "backend": backend}
     if not a.json:
-        print(f"{a.model} on {a.data} ({len(x)} images): top-1 {100 * acc:.2f}% ({out['seconds']:.1f} s)")
+        print(f"{a.model} on {a.data} ({len(x)} images): top-1 {100 * acc:.2f}% ({out['seconds']:.1f} s"
+              + (f", {backend}" if backend != "engine" else "") + ")")
     return out
 
 
@@ -171,6 +184,7 @@ def cmd_compare(a) -> dict:
         raise ValueError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
                          f"known: {','.join(METHODS)}")
     _check_bits_order(a)
+    backend = _backend(a)
     g = _load_model(a.model)
     _check_model_params(g, a.model)
     x, y = _data(a.data, raw=a.raw, limit=a.limit)
@@ -189,11 +203,12 @@ def cmd_compare(a) -> dict:
               + (f", the last {n_cal} held out for data-aware methods" if n_cal else "")
               + f"; weights MP{a.low}/{a.high} (same layers low/high for every method), activations FP32")
     rows = compare(g, xe, ye, methods, a.low, a.high, calibration_data=cal, pairs=pairs,
-                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None)
+                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
+                   backend=backend, progress=None if show else False)
     if show:
         print(format_table(rows))
     return {"model": a.model, "data": a.data, "n_images": int(len(xe)), "n_calibration": int(n_cal),
-            "low_bits": a.low, "high_bits": a.high, "results": rows}
+            "low_bits": a.low, "high_bits": a.high, "backend": backend, "results": rows}
 
 
 def cmd_diagnose(a) -> dict:
@@ -228,6 +243,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def backend_opt(sp):
+        sp.add_argument("--backend", choices=("engine", "onnxruntime"), default="engine",
+                        help="where the evaluations run: dfmpc's own engine (the reference) or onnxruntime, "
+                             "faster on large sets (needs pip install -e \".[ort]\"); the quantization "
+                             "always uses dfmpc (default %(default)s)")
+
     def quant_opts(sp):
         sp.add_argument("--low", type=int, default=2, help="low bit-width (2 = ternary; default 2)")
         sp.add_argument("--high", type=int, default=6, help="high bit-width (default 6)")
@@ -251,6 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="resnet20", help="zoo model or model file (default resnet20)")
     d.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     quant_opts(d)
+    backend_opt(d)
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
     q = sub.add_parser("quantize", help="quantize a model with DF-MPC and write it")
@@ -274,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate on the first N images only (default: all)")
     e.add_argument("--batch-size", type=int, default=500, metavar="B",
                    help="images per call of the engine; changes memory use, not the result (default 500)")
+    backend_opt(e)
     e.add_argument("--json", action="store_true",
                    help="print one JSON object (model, data, n_images, accuracy as a fraction, seconds) "
                         "instead of text")
@@ -293,6 +316,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the last N images are held out of the evaluation and given only to data-aware "
                         "methods (oracle); 0 = none (default 500)")
     c.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    backend_opt(c)
     c.add_argument("--json", action="store_true", help="print one JSON object (one row per method) instead of text")
 
     g = sub.add_parser("diagnose", help="per quantized layer: BN statistics the re-calibration predicts vs measured")

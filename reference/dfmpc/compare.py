@@ -16,7 +16,7 @@ import numpy as np
 from ._checks import check_bits, check_graph_params
 from .baselines import DEFAULT_METHODS, get_method
 from .engine.graph import Graph
-from .evaluation import accuracy
+from .evaluation import accuracy, check_backend
 
 __all__ = ["compare", "format_table"]
 
@@ -34,7 +34,8 @@ def _jsonable(v):
 
 
 def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS, low_bits: int = 2,
-            high_bits: int = 6, *, calibration_data=None, pairs=None, log=None) -> list[dict]:
+            high_bits: int = 6, *, calibration_data=None, pairs=None, log=None, backend: str = "engine",
+            progress=None) -> list[dict]:
     """Top-1 accuracy and quantization time of each method, plus the FP32 row.
 
     Parameters
@@ -53,6 +54,11 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
         Explicit pairing for every method.
     log : callable(str), optional
         Called with one line per finished method (progress for long runs).
+    backend : {"engine", "onnxruntime"}
+        Where the evaluations run (:func:`dfmpc.evaluation.accuracy`): the project's engine (default)
+        or onnxruntime (the extra ``ort``). The quantization itself always uses dfmpc.
+    progress : bool or None
+        A progress bar on stderr per evaluation (None: only on a terminal, for evaluations that last).
 
     Returns
     -------
@@ -64,9 +70,11 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
     Raises
     ------
     ValueError
-        Unknown method name, empty method list, bits outside [2, 16], ``low_bits > high_bits``, a
-        NaN/Inf parameter or a negative BN variance (naming the node). A method that refuses the
-        network (e.g. an op it cannot handle) does not raise: its row carries the message.
+        Unknown method name, empty method list, bits outside [2, 16], ``low_bits > high_bits``, unknown
+        ``backend``, a NaN/Inf parameter or a negative BN variance (naming the node). A method that
+        refuses the network (e.g. an op it cannot handle) does not raise: its row carries the message.
+    ImportError
+        ``backend="onnxruntime"`` without onnxruntime installed (names the extra ``ort``).
     """
     methods = list(methods)
     if not methods:
@@ -79,8 +87,10 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
     if not isinstance(graph, Graph):
         raise TypeError(f"graph: expected a dfmpc Graph, got {type(graph).__name__}")
     check_graph_params(graph)      # NaN/Inf weights or a negative BN variance: refused up front, naming the node
+    check_backend(backend)         # a missing onnxruntime fails before any work, not as every row's refusal
     rows = [{"method": "fp32", "summary": "full precision", "data_free": True,
-             "accuracy": accuracy(graph, x, y, progress=False), "seconds": 0.0, "error": None, "info": {}}]
+             "accuracy": accuracy(graph, x, y, progress=progress, label="fp32", backend=backend), "seconds": 0.0,
+             "error": None, "info": {}}]
     if log:
         log(f"  {'fp32':<14} {100 * rows[0]['accuracy']:6.2f}%")
     for m in chosen:
@@ -94,7 +104,7 @@ def compare(graph: Graph, x: np.ndarray, y: np.ndarray, methods=DEFAULT_METHODS,
                             calibration_data=None if m.data_free else calibration_data)
             row["seconds"] = time.perf_counter() - t0
             row["info"] = _jsonable(info)
-            row["accuracy"] = accuracy(q, x, y, progress=False)
+            row["accuracy"] = accuracy(q, x, y, progress=progress, label=m.name, backend=backend)
         except ValueError as exc:                       # a refusal; any other exception is a bug and propagates
             row["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         rows.append(row)

@@ -1,6 +1,9 @@
 """Top-1 accuracy of a graph on a labelled image set, the shipped data, and the zoo models.
 
-I/O and progress display live here, outside the math modules.
+I/O and progress display live here, outside the math modules. The logits come from the project's
+engine (``backend="engine"``, the default and the reference) or, for large evaluation sets, from
+onnxruntime (``backend="onnxruntime"``, the optional extra ``pip install -e ".[ort]"``): the graph is
+exported to ONNX in memory (:func:`dfmpc.interop.to_onnx`) and run there, never written to disk.
 """
 
 from __future__ import annotations
@@ -17,43 +20,224 @@ import numpy as np
 from ._checks import check_graph_params
 from .engine.graph import Graph
 
-__all__ = ["accuracy", "load_dataset", "zoo_manifest", "load_zoo_model", "Progress"]
+__all__ = ["accuracy", "logits", "load_dataset", "zoo_manifest", "load_zoo_model", "Progress", "BACKENDS",
+           "check_backend"]
+
+BACKENDS = ("engine", "onnxruntime")
+"""Where :func:`accuracy` and :func:`logits` run the graph: the project's engine (default) or onnxruntime."""
+
+ORT_INSTALL = 'pip install -e ".[ort]"'
+"""How to get the onnxruntime backend (the optional extra ``ort``), named in the error when it is missing."""
+
+DELAY_SECONDS = 2.0
+"""A progress bar left to decide for itself (``progress=None``) appears only after this many seconds."""
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):      # no isatty, or a closed stream
+        return False
 
 
 class Progress:
-    """A minimal progress bar on stderr (shown only when stderr is a terminal, unless forced)."""
+    """A progress bar on stderr (tqdm), for evaluations and distillations that take more than a moment.
 
-    def __init__(self, total: int, label: str = "", enabled: bool | None = None, stream=None):
+    Parameters
+    ----------
+    total : int
+        Units of work (images, steps).
+    label : str
+        Shown before the bar.
+    enabled : bool or None
+        True: shown at once; False: silent; None: only when ``stream`` is a terminal, and only once
+        the work has lasted :data:`DELAY_SECONDS` (a short job prints nothing).
+    stream : file, optional
+        Default: ``sys.stderr`` (never stdout, which carries results and ``--json``).
+    unit : str
+        Name of one unit of work (default ``"img"``).
+    leave : bool
+        Keep the finished bar on screen (default: cleared, so the result line follows on its own).
+
+    Example
+    -------
+    >>> import io
+    >>> s = io.StringIO()
+    >>> bar = Progress(4, "demo", enabled=True, stream=s)
+    >>> for done in (2, 4):
+    ...     bar.update(done)
+    >>> "demo" in s.getvalue() and "4/4" in s.getvalue()
+    True
+    >>> silent = io.StringIO()
+    >>> Progress(4, "demo", stream=silent).update(4)     # None + not a terminal: nothing
+    >>> silent.getvalue()
+    ''
+    """
+
+    def __init__(self, total: int, label: str = "", enabled: bool | None = None, stream=None,
+                 unit: str = "img", leave: bool = False):
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled = _isatty(self.stream) if enabled is None else bool(enabled)
         self.total, self.label, self.t0 = total, label, time.perf_counter()
+        self._bar = None
+        if self.enabled:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc=label or None, file=self.stream, unit=unit, leave=leave,
+                             delay=DELAY_SECONDS if enabled is None else 0.0, dynamic_ncols=True)
 
-    def update(self, done: int) -> None:
-        if not self.enabled:
+    def update(self, done: int, postfix: str | None = None) -> None:
+        """Move the bar to ``done`` units of ``total`` (an absolute count), with an optional note after it."""
+        bar = self._bar
+        if bar is None:
             return
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
-                          f" ({rate:.0f} img/s)")
+        if postfix is not None:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.update(done - bar.n)
         if done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+            bar.refresh()                 # the final count is always drawn once, however fast the job was
+            self.close()
+
+    def close(self) -> None:
+        """Finish the bar (idempotent); called by :meth:`update` at ``total`` and on leaving a ``with``."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
-def accuracy(graph: Graph, x: np.ndarray, y: np.ndarray, batch_size: int = 500, progress=None, label: str = "") -> float:
-    """Top-1 accuracy: the fraction of ``argmax graph.run(x) == y``.
+def check_backend(backend: str) -> str:
+    """Check a backend name, and that its package is importable.
+
+    Raises
+    ------
+    ValueError
+        ``backend`` is not one of :data:`BACKENDS`.
+    ImportError
+        ``"onnxruntime"`` without the onnxruntime package (one line naming the extra to install).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":
+        _onnxruntime()
+    return backend
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"backend 'onnxruntime' needs the onnxruntime package, which is not installed: "
+                          f"{ORT_INSTALL} (the optional extra 'ort')") from exc
+    return onnxruntime
+
+
+def _runner(graph: Graph, backend: str, batch_size: int):
+    """A function from one batch (B, C, H, W) float32 to the graph's output (B, ...) on ``backend``."""
+    check_backend(backend)
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError(f"graph: expected one input and one output (logits), got inputs {graph.inputs} "
+                         f"and outputs {graph.outputs}")
+    if backend == "engine":
+        return lambda xb: graph.run(xb, batch_size=batch_size)
+    ort = _onnxruntime()
+    from .interop import to_onnx
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3                        # errors only: no warnings on the user's stderr
+    session = ort.InferenceSession(to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    name, out = graph.inputs[0], graph.outputs[0]
+
+    def run(xb):
+        if not isinstance(xb, np.ndarray) or xb.dtype != np.float32:
+            raise TypeError(f"x: expected a float32 ndarray, got {getattr(xb, 'dtype', type(xb).__name__)}")
+        return session.run([out], {name: np.ascontiguousarray(xb)})[0]
+    return run
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def logits(graph: Graph, x: np.ndarray, batch_size: int = 500, backend: str = "engine", progress=None,
+           label: str = "") -> np.ndarray:
+    """The graph's output on every image, ``batch_size`` images at a time, on the engine or onnxruntime.
 
     Parameters
     ----------
     graph : Graph
-        Every parameter finite, every BN variance >= 0 (checked first).
+        One input, one output. Every parameter finite, every BN variance >= 0 (checked first).
+    x : ndarray, shape (N, C, H, W), float32, N >= 1
+    batch_size : int >= 1
+        Images per call of the backend.
+    backend : {"engine", "onnxruntime"}
+        The project's engine (default, the reference) or onnxruntime on the in-memory ONNX export.
+        The two agree within the engine's tolerance to onnxruntime, max |Δlogit| <= 1e-4 · max |logit|
+        (``tests/test_backends.py``).
+    progress : bool or None
+        Progress bar on stderr (None: only on a terminal, after :data:`DELAY_SECONDS`).
+    label : str
+        Name shown with the bar.
+
+    Returns
+    -------
+    ndarray, shape (N, classes), float32
+
+    Raises
+    ------
+    ValueError
+        No images, ``batch_size`` < 1, unknown ``backend``, a graph with several inputs or outputs, a
+        NaN/Inf parameter or a negative BN variance (naming the node), or a graph the ONNX exporter
+        refuses (``backend="onnxruntime"``).
+    ImportError
+        ``backend="onnxruntime"`` without onnxruntime installed (names the extra ``ort``).
+
+    Example
+    -------
+    >>> from dfmpc.engine.builders import resnet_cifar
+    >>> g = resnet_cifar(8, seed=0)
+    >>> x = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32)
+    >>> bool(np.allclose(logits(g, x, batch_size=3, progress=False), g.run(x), atol=1e-5))   # engine, by batches
+    True
+    """
+    check_graph_params(graph)
+    batch_size = _check_batch_size(batch_size)
+    if len(x) == 0:
+        raise ValueError(f"x: expected at least one image, got shape {np.shape(x)}")
+    run = _runner(graph, backend, batch_size)
+    out = []
+    with Progress(len(x), label, progress) as bar:
+        for i in range(0, len(x), batch_size):
+            out.append(run(x[i:i + batch_size]))
+            bar.update(min(i + batch_size, len(x)))
+    return np.concatenate(out)
+
+
+def accuracy(graph: Graph, x: np.ndarray, y: np.ndarray, batch_size: int = 500, progress=None, label: str = "",
+             backend: str = "engine") -> float:
+    """Top-1 accuracy: the fraction of ``argmax logits == y``, the logits from the engine or onnxruntime.
+
+    Parameters
+    ----------
+    graph : Graph
+        One input, one output. Every parameter finite, every BN variance >= 0 (checked first).
     x : ndarray, shape (N, C, H, W), float32, N >= 1
     y : ndarray, shape (N,), integer labels in ``[0, classes)``
     batch_size : int >= 1
-        Images per call of the engine.
+        Images per call of the backend.
     progress : bool or None
-        Show a progress bar on stderr (None: only when stderr is a terminal).
+        Show a progress bar on stderr (None: only when stderr is a terminal, after
+        :data:`DELAY_SECONDS`).
+    label : str
+        Name shown with the bar.
+    backend : {"engine", "onnxruntime"}
+        As in :func:`logits`: the project's engine (default, the reference) or onnxruntime.
 
     Returns
     -------
@@ -62,14 +246,23 @@ def accuracy(graph: Graph, x: np.ndarray, y: np.ndarray, batch_size: int = 500, 
     Raises
     ------
     ValueError
-        No images; ``batch_size`` < 1; ``y`` not one integer label per image, negative, or not below
-        the model's number of classes; logits not of shape (N, classes); a NaN/Inf parameter or a
-        negative BN variance (naming the node).
+        No images; ``batch_size`` < 1; unknown ``backend``; ``y`` not one integer label per image,
+        negative, or not below the model's number of classes; logits not of shape (N, classes); a
+        NaN/Inf parameter or a negative BN variance (naming the node).
+    ImportError
+        ``backend="onnxruntime"`` without onnxruntime installed (names the extra ``ort``).
+
+    Example
+    -------
+    >>> from dfmpc.engine.builders import resnet_cifar
+    >>> g = resnet_cifar(8, seed=0)
+    >>> x = np.random.default_rng(0).normal(size=(6, 1, 28, 28)).astype(np.float32)
+    >>> y = g.run(x).argmax(axis=1)                      # labels the network gets right by construction
+    >>> accuracy(g, x, y, batch_size=4, progress=False)
+    1.0
     """
     check_graph_params(graph)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = _check_batch_size(batch_size)
     if len(x) == 0:
         raise ValueError(f"x: expected at least one image, got shape {np.shape(x)}")
     y = np.asarray(y)
@@ -79,17 +272,18 @@ def accuracy(graph: Graph, x: np.ndarray, y: np.ndarray, batch_size: int = 500, 
         raise ValueError(f"y: expected integer class labels, got dtype {y.dtype}")
     if y.min() < 0:
         raise ValueError(f"y: expected class labels >= 0, got {int(y.min())}")
-    bar = Progress(len(x), label, progress)
+    run = _runner(graph, backend, batch_size)
     correct = 0
-    for i in range(0, len(x), batch_size):
-        logits = graph.run(x[i:i + batch_size], batch_size=batch_size)
-        if logits.ndim != 2:
-            raise ValueError(f"model output: expected logits of shape (N, classes), got {logits.shape}")
-        if i == 0 and y.max() >= logits.shape[1]:
-            raise ValueError(f"y: expected class labels below {logits.shape[1]} (the model's number of classes), "
-                             f"got {int(y.max())}")
-        correct += int(np.sum(logits.argmax(axis=1) == y[i:i + batch_size]))
-        bar.update(min(i + batch_size, len(x)))
+    with Progress(len(x), label, progress) as bar:
+        for i in range(0, len(x), batch_size):
+            out = run(x[i:i + batch_size])
+            if out.ndim != 2:
+                raise ValueError(f"model output: expected logits of shape (N, classes), got {out.shape}")
+            if i == 0 and y.max() >= out.shape[1]:
+                raise ValueError(f"y: expected class labels below {out.shape[1]} (the model's number of classes), "
+                                 f"got {int(y.max())}")
+            correct += int(np.sum(out.argmax(axis=1) == y[i:i + batch_size]))
+            bar.update(min(i + batch_size, len(x)))
     return correct / len(x)
 
 
