@@ -134,7 +134,7 @@ def test_distill_history_and_batches(resnet20):
 
 
 def test_progress_line_only_when_asked(resnet20, capsys):
-    """progress=False is silent; progress=True writes one self-overwriting line to stderr, nothing to stdout."""
+    """progress=False is silent; progress=True draws a tqdm bar on stderr, nothing to stdout."""
     probes.probe_inputs(resnet20, n=2, kind="distilled", iterations=2, progress=False)
     out = capsys.readouterr()
     assert out.err == "" and out.out == ""

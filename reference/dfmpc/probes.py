@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -256,26 +255,6 @@ def _input_shape(graph, input_shape):
     return tuple(int(s) for s in shape)
 
 
-class _ProgressLine:
-    """One self-overwriting line on stderr: iteration, loss, seconds (nothing when disabled)."""
-
-    def __init__(self, total, enabled, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = (self.stream.isatty() if enabled is None else bool(enabled))
-        self.total, self.t0, self.first = total, time.perf_counter(), None
-
-    def update(self, k, loss):
-        if not self.enabled:
-            return
-        self.first = loss if self.first is None else self.first
-        width, done = 20, int(20 * k / max(self.total, 1))
-        self.stream.write(f"\rdistilling probe inputs [{'#' * done}{'.' * (width - done)}] {k}/{self.total} "
-                          f"BN loss {loss:.3g} (start {self.first:.3g}) {time.perf_counter() - self.t0:.1f} s")
-        if k >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR,
             batch_size: int | None = None, progress: bool | None = False) -> DistillationResult:
     """Adam on the images to minimise (D.1), each batch against the FP32 graph's BN statistics.
@@ -297,7 +276,8 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
         Images whose BN statistics are matched together (default: all N). Batches are optimised
         one after the other, each for ``iterations`` steps.
     progress : bool or None
-        A progress line on stderr (None: only when stderr is a terminal).
+        A progress bar (tqdm) on stderr; None: only when stderr is a terminal and the work lasts
+        more than a couple of seconds (:class:`dfmpc.evaluation.Progress`).
 
     Returns
     -------
@@ -329,7 +309,8 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     x = x0.copy()
     starts = list(range(0, N, batch_size))
     losses = np.zeros((len(starts), iterations + 1))
-    bar = _ProgressLine(iterations * len(starts), progress)
+    from .evaluation import Progress
+    bar = Progress(iterations * len(starts), "distilling probe inputs", enabled=progress, unit="step")
     program = _program(graph, targets)
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     for bi, s in enumerate(starts):
@@ -346,7 +327,7 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
             mhat = m / (1 - b1 ** (k + 1))
             vhat = v / (1 - b2 ** (k + 1))
             xb -= (step * mhat / (np.sqrt(vhat) + adam_eps)).astype(np.float32)
-            bar.update(bi * iterations + k + 1, loss)
+            bar.update(bi * iterations + k + 1, postfix=f"BN loss {loss:.3g}")
         losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False, program=program)[0]
     return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
 
@@ -378,7 +359,8 @@ def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, see
     input_shape : tuple (C, H, W), optional
         Overrides the graph's recorded input shape.
     progress : bool or None
-        Progress line on stderr while distilling (None: only when stderr is a terminal).
+        Progress bar (tqdm) on stderr while distilling; None: only when stderr is a terminal and the
+        work lasts more than a couple of seconds.
 
     Returns
     -------
