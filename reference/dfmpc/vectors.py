@@ -201,7 +201,8 @@ def closed_form_vector(seed: int = 4) -> Vector:
     W_hat[3] = 0.0                          # an all-zero quantized filter: den_3 = lambda1 yhat_3^2 + lambda2
     W_hat[4] = -W_hat[4]                    # anti-correlated filter: num_4 < 0, c_4 clipped to 0
     bn = _bn(rng, 6)
-    bn = bn.replace(beta=np.where(np.arange(6) == 3, bn.gamma * bn.mean / bn.sigma, bn.beta))   # y_3 = yhat_3 = 0
+    zero = np.arange(6) == 3
+    bn = bn.replace(beta=np.where(zero, 0.0, bn.beta), mean=np.where(zero, 0.0, bn.mean))   # y_3 = yhat_3 = 0 exactly
     bn_hat = absorb_scale(bn, alpha)
     den_direct, num_direct = _f([2.0, 1.0, 0.0, 0.0, 3.0]), _f([1.0, -3.0, 5.0, 0.0, -1e-300])
     inputs = {"W": W, "W_hat": W_hat, "alpha": _f(alpha), **_bn_arrays(bn, "bn/"), **_bn_arrays(bn_hat, "bn_hat/"),
@@ -216,7 +217,7 @@ def closed_form_vector(seed: int = 4) -> Vector:
     assert outputs["c"][4] == 0.0 and outputs["c_lambda1_0"][3] == 1.0 and den0[3] == 0.0
     return Vector("closed_form", "dfmpc.compensation_coefficients, dfmpc.closed_form", "Eq. (26)-(27)",
                   "c_j = max(0, num_j / den_j), c_j = 1 where den_j == 0 (L_j flat). W_hat is the ternary grid of W "
-                  "with filter 3 set to zero and filter 4 negated; bn has y_3 = 0, so den_3 = 0 at lambda1 = 0 "
+                  "with filter 3 set to zero and filter 4 negated; bn has beta_3 = mean_3 = 0 (y_3 = yhat_3 = 0 exactly), so den_3 = 0 at lambda1 = 0 "
                   "(c_3 = 1) and num_4 < 0 (c_4 = 0). c, den, num: lambda1 = 0.5, lambda2 = 0 with bn_hat = "
                   "absorb_scale(bn, alpha); *_lambda1_0: lambda1 = 0. c_fakequant: the same c from the dequantized "
                   "weights alpha W_hat with the trained bn (the pipeline's form). c_direct = closed_form(den_direct, "
