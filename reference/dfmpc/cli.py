@@ -136,6 +136,9 @@ def cmd_quantize(a) -> dict:
         raise ValueError(f"-o/--output: {a.output!r} is the input model; refusing to overwrite it")
     if os.path.splitext(a.output)[1].lower() not in (".onnx", ".npz"):
         raise ValueError(f"-o/--output: expected a .onnx or .npz path, got {a.output!r}")
+    if a.format == "qdq" and os.path.splitext(a.output)[1].lower() != ".onnx":
+        raise ValueError(f"--format qdq: writes ONNX (int8 weights + DequantizeLinear); expected a .onnx output, "
+                         f"got {a.output!r}")
     if os.path.exists(a.output) and not a.overwrite:
         raise ValueError(f"-o/--output: {a.output!r} exists; pass --overwrite to replace it")
     out_dir = os.path.dirname(os.path.abspath(a.output))
@@ -147,13 +150,17 @@ def cmd_quantize(a) -> dict:
     pairs = [tuple(p) for p in a.pair] if a.pair else None
     q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), pairs=pairs,
                               **_quant_kwargs(a))
-    save_model(q, a.output, overwrite=a.overwrite)
+    if a.format == "qdq":
+        from .interop.qdq import layer_bits
+        save_model(q, a.output, overwrite=a.overwrite, format="qdq", bits=layer_bits(q, rep))
+    else:
+        save_model(q, a.output, overwrite=a.overwrite)
     if not a.json:
         from .pairing import find_pairs
         print(find_pairs(g, pairs=pairs).describe(a.low, a.high))
         print(rep.summary())
         print(f"wrote {a.output}")
-    return {"model": a.model, "output": a.output, **rep.to_dict()}
+    return {"model": a.model, "output": a.output, "format": a.format, **rep.to_dict()}
 
 
 def cmd_evaluate(a) -> dict:
@@ -285,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-data", default=None, help="images for --recalibration data / --compensation oracle")
     q.add_argument("--calibration-images", type=int, default=500, help="how many calibration images (default 500)")
     q.add_argument("-o", "--output", required=True, help="output model (.onnx or .npz); never the input")
+    q.add_argument("--format", choices=("float", "qdq"), default="float",
+                   help="float: dequantized float32 weights; qdq: .onnx with int8 weights and a per-output-channel "
+                        "DequantizeLinear each (opset 13; c stays folded in BN) (default float)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     q.add_argument("--json", action="store_true", help="print one JSON object (the per-pair report) instead of text")
 

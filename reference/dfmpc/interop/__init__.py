@@ -11,6 +11,7 @@ Example
 >>> g = dfmpc.load_model("resnet20.onnx")                      # doctest: +SKIP
 >>> logits = g.run(images.astype(np.float32))                  # doctest: +SKIP
 >>> dfmpc.save_model(g, "resnet20_copy.onnx")                  # doctest: +SKIP
+>>> dfmpc.save_model(q, "resnet20_mp26.onnx", format="qdq")   # int8 weights + DequantizeLinear  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def load_model(path: str | os.PathLike) -> Graph:
     raise ValueError(f"unknown model suffix {suffix!r} for {os.fspath(path)!r}: use .onnx or .npz")
 
 
-def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False) -> None:
+def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False, format: str = "float",
+               bits: dict | None = None) -> None:
     """Save ``graph`` by suffix (``.onnx`` or ``.npz``), atomically.
 
     Parameters
@@ -66,13 +68,19 @@ def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False) -
     path : str or PathLike
     overwrite : bool
         Replace an existing file; by default an existing file is never overwritten.
+    format : {"float", "qdq"}
+        ``.onnx`` only: ``"qdq"`` writes each Conv / Gemm weight as int8 with a per-output-channel
+        ``DequantizeLinear`` (opset 13; :mod:`dfmpc.interop.qdq`), for a quantized graph.
+    bits : dict of str to int, optional
+        ``"qdq"``: layer name -> bit-width; a layer may hold at most ``2^bits`` levels.
 
     Raises
     ------
     TypeError
         ``graph`` is not a Graph.
     ValueError
-        Unknown suffix, or the graph cannot be exported (nothing is written).
+        Unknown suffix or format (``"qdq"`` with ``.npz``), or the graph cannot be exported, e.g.
+        a weight on no int8 grid (nothing is written).
     FileExistsError
         ``path`` exists and ``overwrite`` is False.
     """
@@ -80,7 +88,10 @@ def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False) -
         raise TypeError(f"graph must be a dfmpc Graph, got {type(graph).__name__}")
     suffix = _suffix(path)
     if suffix == ".onnx":
-        return save_onnx(graph, path, overwrite)
+        return save_onnx(graph, path, overwrite, format, bits)
+    if format != "float":
+        raise ValueError(f"format: {format!r} is an ONNX format; {os.fspath(path)!r} is {suffix or 'not'} .onnx "
+                         "(the .npz format stores float32 weights only)")
     if suffix == ".npz":
         return save_npz(graph, path, overwrite)
     raise ValueError(f"unknown model suffix {suffix!r} for {os.fspath(path)!r}: use .onnx or .npz")

@@ -1,10 +1,18 @@
-"""Graph -> ONNX (opset 11), checked with ``onnx.checker`` before anything is written.
+"""Graph -> ONNX (opset 11, or 13 for QDQ), checked with ``onnx.checker`` before anything is written.
 
 Each parameter becomes an initializer named ``<node name>.<param name>``;
 activation tensor names are kept.  ``Gemm`` is written with ``transB=1``
 (W is (out, in)); BatchNormalization stays a BatchNormalization node.  Opset
 11 is used because its Softmax ("over all axes from ``axis`` on") is exactly
 the engine's.  The batch axis of every input is symbolic (``"N"``).
+
+``format="qdq"`` writes every Conv / Gemm weight as an int8 initializer ``<node>.W_quantized``
+with a per-output-channel ``DequantizeLinear`` (``axis=0``, float32 ``<node>.W_scale``, int8 zero
+point 0) whose output ``<node>.W`` feeds the node: the grid and scale are recovered from the
+dequantized weights and verified by :func:`dfmpc.interop.qdq.integer_grid` (TWN {-1, 0, 1} with
+alpha in the scale; DoReFa odd integers with ``max|W| / (2^k - 1)``; c stays folded in the low
+layer's BN). Per-axis ``DequantizeLinear`` needs opset 13, whose Softmax is over the last axis
+only, so a Softmax is exported there only when its axis is the last one.
 """
 
 from __future__ import annotations
@@ -17,17 +25,28 @@ from onnx import helper, numpy_helper
 
 from ..engine.graph import Graph
 from ._atomic import write_atomically
+from .qdq import integer_grid
 
 OPSET = 11
 IR_VERSION = 6
+#: QDQ export: per-axis DequantizeLinear exists from opset 13 (IR version 7).
+OPSET_QDQ = 13
+IR_VERSION_QDQ = 7
+#: ``format`` values of :func:`to_onnx`: dequantized float32 weights, or int8 weights + DequantizeLinear.
+FORMATS = ("float", "qdq")
 
 
-def to_onnx(graph: Graph) -> onnx.ModelProto:
+def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None) -> onnx.ModelProto:
     """Convert a :class:`Graph` into a checked ``onnx.ModelProto``.
 
     Parameters
     ----------
     graph : Graph
+    format : {"float", "qdq"}
+        ``"float"``: float32 weights, opset 11. ``"qdq"``: int8 Conv / Gemm weights, each with a
+        per-output-channel ``DequantizeLinear``, opset 13 (see the module docstring).
+    bits : dict of str to int, optional
+        ``"qdq"`` only: layer name -> bit-width; such a layer may hold at most ``2^bits`` levels.
 
     Returns
     -------
@@ -36,8 +55,14 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     Raises
     ------
     ValueError
-        The resulting model fails ``onnx.checker`` (names the problem).
+        Unknown ``format``; the resulting model fails ``onnx.checker`` (names the problem); for
+        ``"qdq"``, a weight on no int8 grid or with too many levels, or a Softmax not over the last
+        axis (each names the node).
     """
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    qdq = format == "qdq"
+    bits = dict(bits or {})
     nodes, inits = [], []
 
     def init(node, key, array):
@@ -45,12 +70,24 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
         return name
 
+    def weight(node):
+        if not qdq:
+            return init(node, "W", node.params["W"])
+        q, scale = integer_grid(node.params["W"], name=f"node {node.name!r}", bits=bits.get(node.name))
+        name = f"{node.name}.W"
+        inits.extend([numpy_helper.from_array(q, f"{name}_quantized"),
+                      numpy_helper.from_array(scale, f"{name}_scale"),
+                      numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                                      [name], name=f"{name}_dequantize", axis=0))
+        return name
+
     for n in graph.nodes:
         a, p = n.attrs, n.params
         ins, extra = list(n.inputs), {}
         op = n.op
         if op == "Conv":
-            ins += [init(n, "W", p["W"])] + ([init(n, "B", p["B"])] if "B" in p else [])
+            ins += [weight(n)] + ([init(n, "B", p["B"])] if "B" in p else [])
             extra = {k: list(a[k]) if isinstance(a.get(k), tuple) else a[k]
                      for k in ("kernel_shape", "strides", "dilations", "group") if k in a}
             extra.update(_pads(a))
@@ -83,7 +120,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                 extra["count_include_pad"] = int(a.get("count_include_pad", 0))
             extra.update(_pads(a))
         elif op == "Gemm":
-            ins += [init(n, "W", p["W"])] + ([init(n, "B", p["B"])] if "B" in p else [])
+            ins += [weight(n)] + ([init(n, "B", p["B"])] if "B" in p else [])
             extra = {"transB": 1}
         elif op in ("Concat", "Flatten", "Softmax"):
             extra = {"axis": int(a.get("axis", 1 if op == "Flatten" else -1))}
@@ -96,10 +133,12 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     g = helper.make_graph(nodes, graph.name,
                           [value_info(i, graph.input_shapes.get(i)) for i in graph.inputs],
                           [value_info(o, None) for o in graph.outputs], initializer=inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET_QDQ if qdq else OPSET)],
                               producer_name="dfmpc")
-    model.ir_version = IR_VERSION
+    model.ir_version = IR_VERSION_QDQ if qdq else IR_VERSION
     _fill_output_shapes(model)
+    if qdq:
+        _check_softmax_last_axis(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:
@@ -121,6 +160,20 @@ def _fill_output_shapes(model: onnx.ModelProto) -> None:
             raise ValueError(f"cannot infer the shape of graph output {out.name!r} for export")
 
 
+def _check_softmax_last_axis(model: onnx.ModelProto) -> None:
+    """Opset 13 Softmax is over one axis: the engine's "all axes from ``axis`` on" is that only for the last."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.value_info) + list(inferred.input)
+            if v.type.tensor_type.HasField("shape")}
+    for n in model.graph.node:
+        if n.op_type == "Softmax":
+            axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+            r = rank.get(n.input[0])
+            if axis != -1 and (r is None or axis % r != r - 1):
+                raise ValueError(f"format='qdq': Softmax node {n.name!r} is over axes {axis}.. of a rank-{r} tensor; "
+                                 "opset 13 (needed for per-channel DequantizeLinear) takes the last axis only")
+
+
 def _pads(a) -> dict:
     mode = a.get("auto_pad", "NOTSET")
     if mode in ("SAME_UPPER", "SAME_LOWER", "VALID"):
@@ -128,7 +181,8 @@ def _pads(a) -> dict:
     return {"pads": list(a.get("pads", (0, 0, 0, 0)))}
 
 
-def save_onnx(graph: Graph, path: str | os.PathLike, overwrite: bool = False) -> None:
+def save_onnx(graph: Graph, path: str | os.PathLike, overwrite: bool = False, format: str = "float",
+              bits: dict | None = None) -> None:
     """Write ``graph`` as an ONNX file, atomically (nothing is written on failure).
 
     Parameters
@@ -137,6 +191,11 @@ def save_onnx(graph: Graph, path: str | os.PathLike, overwrite: bool = False) ->
     path : str or PathLike
     overwrite : bool
         Replace an existing file (default: refuse with FileExistsError).
+    format : {"float", "qdq"}
+        Float32 weights, or int8 weights with per-channel DequantizeLinear (:func:`to_onnx`).
+    bits : dict of str to int, optional
+        ``"qdq"``: layer name -> bit-width, checked (at most ``2^bits`` levels).
     """
-    data = to_onnx(graph).SerializeToString()
+    model = to_onnx(graph) if format == "float" and bits is None else to_onnx(graph, format, bits)
+    data = model.SerializeToString()
     write_atomically(path, lambda f: f.write(data), overwrite)

@@ -6,8 +6,8 @@ What the importer does, in order:
 2. Shape inference (``onnx.shape_inference``), so static ``Shape`` nodes can be folded.
 3. Constant folding: every node whose inputs are all constants (initializers,
    ``Constant``, ``ConstantOfShape``, ``Unsqueeze`` of constants, ``Shape`` of a
-   statically shaped tensor, ...) is evaluated once with ``onnx.reference`` and
-   becomes a constant.  Unused initializers are dropped.
+   statically shaped tensor, the ``DequantizeLinear`` of int8 weights in a QDQ
+   export, ...) is evaluated once with ``onnx.reference`` and becomes a constant.  Unused initializers are dropped.
 4. Every remaining node must be in the engine's op set; otherwise the import is
    refused with the list of unsupported op types and node names.
 5. Conversion to IR nodes: constant inputs become named parameters
@@ -151,8 +151,12 @@ def _declared_shape(value_info):
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
 
 
+#: Initializer types that hold weights (float, or the int8 / uint8 of a QDQ export), never shapes or axes.
+_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
 def _skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
-    """The model with large float initializers turned into typed graph inputs.
+    """The model with large weight initializers (float, int8, uint8) turned into typed graph inputs.
 
     Checking and shape inference serialise the whole model; on VGG-sized
     weights that costs seconds.  Only initializer shapes matter to them, and
@@ -161,7 +165,7 @@ def _skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelPro
     g = model.graph
     small, big = [], []
     for t in g.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > max_elements:
+        if t.data_type in _WEIGHT_TYPES and int(np.prod(t.dims)) > max_elements:
             big.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             small.append(t)
@@ -230,6 +234,12 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
             const_names.update(o for o in n.output if o)
         else:
             keep.append(n)
+    for n in [n for n in fold if n.op_type == "DequantizeLinear" and all(i in consts for i in n.input if i)]:
+        if any(a.name == "block_size" and a.i for a in n.attribute):
+            raise ValueError(f"node {_node_name(n)!r}: blocked DequantizeLinear (block_size) is not supported")
+        consts[n.output[0]] = dequantize_linear(*(consts[i] if i else None for i in n.input),
+                                                **{k: v for k, v in _attrs(n).items() if k == "axis"})
+        fold.remove(n)
     if fold:
         needed = sorted({i for n in fold for i in n.input if i} - {o for n in fold for o in n.output})
         sub = helper.make_graph(
@@ -250,6 +260,50 @@ def fold_constants(model: onnx.ModelProto, shapes: dict | None = None):
         consts.update(zip(outs, (np.asarray(v) for v in values)))
     read = {i for n in keep for i in n.input} | {o.name for o in g.output}
     return {k: v for k, v in consts.items() if k in read}, keep
+
+
+def dequantize_linear(x, scale, zero_point=None, axis: int = 1) -> np.ndarray:
+    """ONNX ``DequantizeLinear`` (opsets 10-13, per-tensor or per-axis): ``y = (x - zero_point) * scale``.
+
+    ``onnx.reference`` implements the op from opset 19 only; a QDQ file (``dfmpc.save_model(...,
+    format="qdq")`` writes opset 13, as do most quantization tools) folds its constant weights here.
+
+    Parameters
+    ----------
+    x : ndarray of int8, uint8 or int32
+    scale : ndarray, float32, shape () / (1,) (per tensor) or (x.shape[axis],) (per axis)
+    zero_point : ndarray of x's dtype, same shape as scale, optional (default 0)
+    axis : int
+        The axis ``scale`` runs along when it is 1-D (ONNX default 1; negative counts from the end).
+
+    Returns
+    -------
+    ndarray, float32, shape of x
+        ``float32(x - zero_point) * scale``, computed in float32 as onnxruntime does.
+
+    Raises
+    ------
+    ValueError
+        A scale / zero point whose length is neither 1 nor ``x.shape[axis]``.
+
+    Examples
+    --------
+    >>> q = np.array([[-1, 0, 1], [3, -3, 1]], np.int8)
+    >>> dequantize_linear(q, np.array([0.5, 2.0], np.float32), np.zeros(2, np.int8), axis=0)
+    array([[-0.5,  0. ,  0.5],
+           [ 6. , -6. ,  2. ]], dtype=float32)
+    """
+    x = np.asarray(x)
+    scale = np.asarray(scale, dtype=np.float32)
+    zp = np.zeros_like(scale, dtype=np.int64) if zero_point is None else np.asarray(zero_point).astype(np.int64)
+    shape = [1] * x.ndim
+    if scale.size > 1 or scale.ndim == 1:
+        axis = axis % max(x.ndim, 1)
+        if scale.size not in (1, x.shape[axis]) or zp.size != scale.size:
+            raise ValueError(f"DequantizeLinear: scale of shape {scale.shape} / zero point of shape {zp.shape} "
+                             f"do not match axis {axis} of input {x.shape}")
+        shape[axis] = scale.size
+    return ((x.astype(np.int64) - zp.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
