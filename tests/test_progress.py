@@ -95,3 +95,10 @@ def test_cli_silent_under_json_shown_on_a_terminal(command, capsys, monkeypatch)
     assert tty.getvalue() == ""
     assert main(command) == 0
     assert ("20/20" if command[0] == "evaluate" else "30/30") in tty.getvalue()       # the bar's count
+
+
+def test_docstring_examples_of_evaluation():
+    """The examples of dfmpc.evaluation (Progress drawn when forced and silent off a terminal; logits, accuracy) hold."""
+    import doctest
+    result = doctest.testmod(evaluation, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 8
