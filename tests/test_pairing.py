@@ -82,10 +82,16 @@ def test_max_weight_choice_beats_greedy_on_a_path():
     assert [(q.low, q.high) for q in p.pairs] == [("conv2", "conv3")]
 
 
-def test_relu6_is_refused_with_reason():
-    """ReLU6 (Clip) is not positively homogeneous: no pair through it, and the reason is reported."""
+def test_relu6_pairs_in_the_eq7_form_or_is_refused_on_request():
+    """ReLU6 (Clip) is not positively homogeneous: chains through it pair in the Eq. (7) form (c on the high
+    conv's input channels, derivation 17), ReLU chains in the fold form; with through_clip=False they are
+    refused and the reason is reported, as before."""
     g = chain([8, 8, 8, 8], act="Clip")
     p = find_pairs(g)
+    assert [(q.low, q.high, q.form) for q in p.pairs] == [("conv2", "conv3", "eq7")]
+    assert "Eq. (7)" in p.describe(2, 6) and p.rejected == []
+    assert {q.form for q in find_pairs(chain([8, 8, 8, 8])).pairs} == {"fold"}
+    p = find_pairs(g, through_clip=False)
     assert p.pairs == []
     assert p.rejected and all("not positively homogeneous" in why for _, why in p.rejected)
     assert "not paired" in p.describe(2, 6)

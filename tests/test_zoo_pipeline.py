@@ -55,13 +55,15 @@ def test_bottleneck_pairs_3x3_low():
     assert all(g.node(q.high).params["W"].shape[2:] == (1, 1) for q in p.pairs)
 
 
-def test_mobilenet_relu6_refused():
-    """ReLU6 chains of the trained MobileNetV2-style net are reported and not paired."""
+def test_mobilenet_relu6_pairs_in_the_eq7_form():
+    """ReLU6 chains of the trained MobileNetV2-style net pair in the Eq. (7) form (derivation 17): every pair
+    goes through a Clip and carries c on its high conv's input channels; with through_clip=False they are
+    reported and not paired."""
     g = need("mobilenetv2_small")
     p = dfmpc.find_pairs(g)
-    assert p.rejected and all("positively homogeneous" in why for _, why in p.rejected)
-    acts = {g.node(q.act).op for q in p.pairs}
-    assert "Clip" not in acts
+    assert p.pairs and {g.node(q.act).op for q in p.pairs} == {"Clip"} and {q.form for q in p.pairs} == {"eq7"}
+    old = dfmpc.find_pairs(g, through_clip=False)
+    assert old.pairs == [] and all("positively homogeneous" in why for _, why in old.rejected)
 
 
 def _readme_demo_figures():

@@ -404,26 +404,49 @@ def fold_into_bn(bn, c):
     return bn.replace(gamma=c * bn.gamma, beta=c * bn.beta)
 
 
-def scale_input_channels(W_next, c):
+def scale_input_channels(W_next, c, group: int = 1):
     """Scale input channel j of layer l+1 by c_j: ``W~_{:, j} = c_j W_{:, j}`` (paper Eq. (7)).
+
+    Exact whatever the activation between the layers: convolving the activation ``A`` with ``W~``
+    equals convolving ``c_j A_j`` with ``W`` (derivation 17, E.1), so this is how c is applied
+    through a ReLU6 / Clip, where :func:`fold_into_bn` is not exact.
 
     Parameters
     ----------
-    W_next : array_like, shape (O', C, kh, kw) or (O', C)
+    W_next : array_like, shape (O', C / group, kh, kw) or (O', C)
         Weights of layer l+1 (usually already quantized, ``kQ(W^{l+1})``), any real dtype.
     c : array_like, shape (C,), all >= 0
+        One coefficient per channel of the tensor layer l+1 reads.
+    group : int
+        Conv groups of layer l+1 (``C`` / ``O'`` divisible by it): weight ``W[o, i]`` reads input channel
+        ``(o // (O' / group)) * (C / group) + i``; for a depthwise conv (``group = C``) that is channel o.
 
     Returns
     -------
     ndarray, same shape as W_next, float64
 
+    Raises
+    ------
+    ValueError
+        Wrong shapes, ``c_j < 0``, or ``group`` not dividing O'.
+
     Examples
     --------
     >>> scale_input_channels(np.ones((1, 3)), np.array([0.0, 1.0, 2.5]))
     array([[0. , 1. , 2.5]])
+    >>> scale_input_channels(np.ones((2, 1, 1, 1)), np.array([0.5, 3.0]), group=2).ravel()   # depthwise
+    array([0.5, 3. ])
     """
     W_next = as_float_array(W_next, "W_next", ndim=(2, 4),
                             layout="OIHW conv (4-D) or (out, in) Gemm (2-D) weights").astype(np.float64, copy=False)
-    c = _check_c(c, W_next.shape[1])
-    shape = (1, -1) + (1,) * (W_next.ndim - 2)
-    return W_next * c.reshape(shape)
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1 \
+            or W_next.shape[0] % group or (group > 1 and W_next.ndim != 4):
+        raise ValueError(f"group: expected a positive integer dividing the {W_next.shape[0]} output channels "
+                         f"of a 4-D conv weight, got {group!r} for shape {W_next.shape}")
+    O, Cg = W_next.shape[:2]
+    c = _check_c(c, Cg * group)
+    if group == 1:
+        shape = (1, -1) + (1,) * (W_next.ndim - 2)
+        return W_next * c.reshape(shape)                                     # Eq. (7)
+    channel = (np.arange(O)[:, None] // (O // group)) * Cg + np.arange(Cg)[None, :]   # input channel of W[o, i]
+    return W_next * c[channel][:, :, None, None]                             # Eq. (7), grouped

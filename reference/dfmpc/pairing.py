@@ -1,10 +1,17 @@
 """Which conv is low-bit and which compensates it: the mixed-precision policy (paper Fig. 2, Algorithm 1).
 
-A **candidate pair** is a chain ``conv A -> BatchNormalization -> Relu -> [pooling] -> conv B`` in
-which every tensor on the way has exactly one consumer: then scaling channel j of A's BN by
-``c_j >= 0`` is the same as scaling input channel j of B (ReLU is positively homogeneous, and so
-are MaxPool / AveragePool / Identity / Dropout per channel), which is what DF-MPC needs.
-A is quantized at the low bit-width, B at the high one and carries the compensation.
+A **candidate pair** is a chain ``conv A -> BatchNormalization -> act -> [pooling] -> conv B`` in
+which every tensor on the way has exactly one consumer and ``act`` is a ReLU or a Clip (ReLU6).
+A is quantized at the low bit-width, B at the high one and carries the compensation c. How c is
+applied depends on the activation (:attr:`Pair.form`):
+
+* ``"fold"`` (ReLU, or a Clip that is positively homogeneous such as ``Clip(0, inf)``): scaling
+  channel j of A's BN by ``c_j >= 0`` is the same as scaling input channel j of B (ReLU is
+  positively homogeneous, and so are MaxPool / AveragePool / Identity / Dropout per channel), so c
+  is folded into BN^A and B stays on its grid (derivation 08, F.a);
+* ``"eq7"`` (a Clip with a finite non-zero bound, e.g. ReLU6 = ``Clip(0, 6)``): ``ReLU6(c x) != c ReLU6(x)``,
+  so c cannot go into the BN; it is applied as the paper's Eq. (7), ``W~^{l+1}_{:,j} = c_j kQ(W^{l+1}_{:,j})``
+  on B's input channels, which is exact whatever the activation (derivation 17).
 
 Candidates form disjoint paths (a conv has one input and, in a candidate, one consumer), so a
 conv can be B of one candidate and A of the next. We choose non-overlapping pairs that
@@ -20,8 +27,11 @@ Our choices where the paper is silent (documented in the README):
 * The first conv (reading the graph input) is never low by default (``keep_first_high``), as is
   usual for the stem; convs in no pair (stem, shortcut convs, a conv feeding a residual add) and
   the fully connected layer stay at the high bit-width.
-* **ReLU6 (Clip) is refused**: ``ReLU6(c x) != c ReLU6(x)`` for ``c != 1``, so neither Lemma 2 nor
-  folding holds; such chains are listed in :attr:`Pairing.rejected` with the reason.
+* **ReLU6 (Clip) pairs in the Eq. (7) form** (derivation 17): Lemma 2 holds through a clip only with an
+  extra term, and folding does not hold at all, so c scales B's input channels instead of BN^A.
+  :func:`candidate_pairs` still refuses Clip chains unless asked (``through_clip=True``), because
+  callers that move a per-channel scale *into* the activation's input (DFQ's cross-layer
+  equalisation) need positive homogeneity; those chains are listed in :attr:`Pairing.rejected`.
 * **Every weight layer outside a pair gets a reason** (:attr:`Pairing.why_unpaired`): reads the graph
   input, no BN after it (VGG-19, SqueezeNet, a DenseNet transition conv feeding its pooling), an output
   read by several layers (an Inception branch point), a Concat after the activation (DenseNet's growth
@@ -42,20 +52,42 @@ import numpy as np
 
 from .engine.graph import Graph, Node
 
-__all__ = ["Pair", "Pairing", "candidate_pairs", "find_pairs", "merge_affine_into_bn"]
+__all__ = ["Pair", "Pairing", "FORMS", "candidate_pairs", "find_pairs", "merge_affine_into_bn",
+           "positively_homogeneous"]
 
 #: Ops between the ReLU and conv B that commute with a per-channel scale c_j >= 0.
 PASS_THROUGH = ("MaxPool", "AveragePool", "Identity", "Dropout")
+#: How c is applied (:attr:`Pair.form`): folded into BN^A (derivation 08, F.a) or Eq. (7) on conv B (derivation 17).
+FORMS = ("fold", "eq7")
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One DF-MPC pair: ``low`` conv -> ``bn`` -> ``act`` -> ... -> ``high`` conv (node names)."""
+    """One DF-MPC pair: ``low`` conv -> ``bn`` -> ``act`` -> ... -> ``high`` conv (node names).
+
+    ``form`` is how c is applied exactly: ``"fold"`` into BN^A (the activation is positively
+    homogeneous: ReLU) or ``"eq7"`` on B's input channels (a clip such as ReLU6; derivation 17).
+    """
 
     low: str
     bn: str
     act: str
     high: str
+    form: str = "fold"
+
+
+def positively_homogeneous(node: Node) -> bool:
+    """Whether activation ``node`` satisfies ``f(c x) = c f(x)`` for every ``c >= 0`` (derivation 17, H.1).
+
+    ReLU is; ``Clip(lo, hi)`` is exactly when each bound is 0 or infinite (missing), so ReLU6 =
+    ``Clip(0, 6)`` is not.
+    """
+    if node.op == "Relu":
+        return True
+    if node.op != "Clip":
+        return False
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    return all(b is None or b == 0 or np.isinf(b) for b in (lo, hi))
 
 
 @dataclass
@@ -99,7 +131,8 @@ class Pairing:
         hb = "high" if high_bits is None else f"{high_bits}-bit"
         rows = []
         for p in self.pairs:
-            rows.append(f"  pair  {p.low:<28} {lb:<16} -> {p.high:<28} {hb} (carries c)")
+            how = "carries c" if p.form == "fold" else "carries c on its input channels, Eq. (7)"
+            rows.append(f"  pair  {p.low:<28} {lb:<16} -> {p.high:<28} {hb} ({how})")
         for name in self.unpaired:
             why = self.why_unpaired.get(name)
             rows.append(f"  alone {name:<28} {hb}" + (f"  ({why})" if why else ""))
@@ -129,11 +162,12 @@ def _per_channel_constant(node: Node, channels: int) -> bool:
     return shape is not None and shape[0] == 1 and shape[1] in (1, channels) and shape[2:] == (1, 1)
 
 
-def _chain(graph: Graph, A: Node):
+def _chain(graph: Graph, A: Node, through_clip: bool = False):
     """Follow conv A -> BN -> act -> [pass-through] -> conv B.
 
     Returns ``(pair, reason, refused)``: the candidate Pair (reason None), or None with the reason
-    A cannot be the low layer of a pair; ``refused`` marks chains that match except for the activation.
+    A cannot be the low layer of a pair; ``refused`` marks chains that match except for the activation
+    (a Clip that is not positively homogeneous, when ``through_clip`` is False).
     """
     out = A.outputs[0]
     if out in graph.outputs:
@@ -172,34 +206,42 @@ def _chain(graph: Graph, A: Node):
         return None, (f"the activation's output is {where}: c would change every reader, and DF-MPC "
                       "compensates in one next conv"), False
     if nxt.op != "Conv":
-        kind = {"Concat": " (a concatenation: its channels reach several later layers)",
+        kind = {"Concat": (" (a concatenation: c would scale only a slice of the input channels of whatever "
+                           "reads it, and DenseNet / Inception concatenations reach several later layers)"),
                 "Gemm": " (a fully connected layer, not a conv)"}.get(nxt.op, "")
         return None, f"after the activation comes {nxt.op} {nxt.name!r}{kind}, not a conv", False
-    if act.op == "Clip":
-        lo, hi = act.attrs.get("min"), act.attrs.get("max")
-        return None, (f"activation {act.name!r} is Clip(min={lo}, max={hi}) (e.g. ReLU6), "
-                      "not positively homogeneous: c cannot pass through it"), True
-    return Pair(A.name, bn.name, act.name, nxt.name), None, False
+    if positively_homogeneous(act):
+        return Pair(A.name, bn.name, act.name, nxt.name, "fold"), None, False
+    if through_clip:
+        return Pair(A.name, bn.name, act.name, nxt.name, "eq7"), None, False
+    lo, hi = act.attrs.get("min"), act.attrs.get("max")
+    return None, (f"activation {act.name!r} is Clip(min={lo}, max={hi}) (e.g. ReLU6), "
+                  "not positively homogeneous: c cannot pass through it"), True
 
 
-def candidate_pairs(graph: Graph, reasons: dict | None = None):
-    """All chains conv A -> BN -> ReLU -> [MaxPool/AveragePool/Identity/Dropout] -> conv B with single consumers.
+def candidate_pairs(graph: Graph, reasons: dict | None = None, through_clip: bool = False):
+    """All chains conv A -> BN -> act -> [MaxPool/AveragePool/Identity/Dropout] -> conv B with single consumers.
 
     Parameters
     ----------
     graph : Graph
     reasons : dict, optional
         If given, filled with ``{conv name: why it is not the low conv of a candidate}``.
+    through_clip : bool
+        Also accept a Clip that is not positively homogeneous (ReLU6), as a Pair of form ``"eq7"``
+        (c applied to conv B's input channels, Eq. (7); derivation 17). Default False: only chains
+        through which a per-channel scale passes (ReLU), as DFQ's equalisation needs.
 
     Returns
     -------
     candidates : list of Pair
     rejected : list of (str, str)
-        Chains that match except for the activation (ReLU6 / other Clip), with the reason.
+        Chains that match except for the activation (ReLU6 / other Clip, when ``through_clip`` is
+        False), with the reason.
     """
     candidates, rejected = [], []
     for A in graph.nodes_of("Conv"):
-        pair, why, refused = _chain(graph, A)
+        pair, why, refused = _chain(graph, A, through_clip)
         if pair is not None:
             candidates.append(pair)
             continue
@@ -214,7 +256,7 @@ def _weights(graph: Graph, name: str) -> int:
     return int(graph.node(name).params["W"].size)
 
 
-def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True) -> Pairing:
+def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True, through_clip: bool = True) -> Pairing:
     """Choose the DF-MPC pairs of a graph (or validate a user's choice).
 
     Parameters
@@ -225,6 +267,9 @@ def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True) -> Pairin
         and no conv may appear twice. Default: the automatic choice.
     keep_first_high : bool
         Never make a conv that reads the graph input low (automatic choice only).
+    through_clip : bool
+        Pair through a Clip / ReLU6 in the Eq. (7) form (``Pair.form == "eq7"``, derivation 17);
+        False refuses such chains and lists them in :attr:`Pairing.rejected`, as before.
 
     Returns
     -------
@@ -236,7 +281,7 @@ def find_pairs(graph: Graph, pairs=None, keep_first_high: bool = True) -> Pairin
         An explicit pair that is not a valid chain, or a conv used twice.
     """
     reasons = {}
-    cands, rejected = candidate_pairs(graph, reasons)
+    cands, rejected = candidate_pairs(graph, reasons, through_clip)
     weight_layers = [n.name for n in graph.nodes if n.op in ("Conv", "Gemm")]
     if pairs is not None:
         by_ends = {(p.low, p.high): p for p in cands}

@@ -11,8 +11,10 @@ never mutated) and a :class:`QuantizationReport`. The driver runs these stages, 
    BN with the named mode (``dfmpc.recalibration.RECALIBRATION_MODES``: ``sequential``,
    ``analytic``, ``absorb``, ``data``), which sees the network as quantized so far;
 4. :func:`compensate`: for the low conv of a pair, c (Eq. (27), c = 1, or the data-aware oracle);
-5. fold c into that BN (exact, because c >= 0 and ReLU is positively homogeneous), so the high
-   conv stays on its grid, and :func:`write_bn`;
+5. :func:`apply_c`: fold c into that BN where the activation is a ReLU (exact, because c >= 0 and
+   ReLU is positively homogeneous; the high conv stays on its grid), or scale the high conv's input
+   channels, Eq. (7), where it is a clip such as ReLU6 (exact whatever the activation; derivation 17);
+   then :func:`write_bn`;
 6. the :class:`QuantizationReport` (one :class:`PairReport` per pair).
 
 Weights are stored dequantized (``scale * grid``, the fake-quant form): with ``absorb`` this is
@@ -29,18 +31,21 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._checks import check_bits, check_graph_params, check_scalar
-from .compensation import closed_form, fold_into_bn, quadratic_coefficients
+from .compensation import closed_form, fold_into_bn, quadratic_coefficients, scale_input_channels
 from .engine.graph import Graph
-from .pairing import Pairing, find_pairs, merge_affine_into_bn
+from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
 from .probes import DEFAULT_KIND, DEFAULT_N, PROBE_KINDS, probe_inputs
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
 __all__ = ["quantize_network", "quantize_weights", "QuantizationReport", "PairReport", "COMPENSATIONS",
-           "prepare", "quantize_layers", "recalibration_sites", "compensate", "write_bn"]
+           "prepare", "quantize_layers", "recalibration_sites", "compensate", "apply_c", "write_bn", "C_FORMS"]
 
 COMPENSATIONS = ("dfmpc", "none", "oracle")
+#: How c is applied (``c_form``): ``auto`` folds into BN^A through a ReLU and uses Eq. (7) on conv B through a
+#: clip (ReLU6); ``eq7`` uses Eq. (7) for every pair (the same network through a ReLU, up to float32 rounding).
+C_FORMS = ("auto", "eq7")
 #: The defaults of quantize_network and ``dfmpc quantize`` (measured in benchmarks/accuracy.py):
 #: sequential re-calibration (derivation 15) on distilled probes (derivation 16), the best data-free mode.
 DEFAULT_RECALIBRATION = "sequential"
@@ -100,7 +105,8 @@ class PairReport:
     c_zero: int
     loss_before: float   # sum_j L_j(1): no compensation
     loss_after: float    # sum_j L_j(c)
-    c: list[float] = field(default_factory=list)   # c_j per output channel of the low layer, as folded into its BN
+    c: list[float] = field(default_factory=list)   # c_j per output channel of the low layer
+    form: str = "fold"   # "fold": c folded into the low layer's BN; "eq7": c on the high conv's input channels, Eq. (7)
 
 
 @dataclass
@@ -128,7 +134,8 @@ class QuantizationReport:
                 f"recalibration={self.recalibration}{'' if self.probes is None else ' on ' + self.probes}, lambda1={self.lambda1}, lambda2={self.lambda2}: "
                 f"{len(self.pairs)} pairs, {len(self.unpaired)} unpaired, {self.seconds:.2f} s")
         rows = [f"  {p.low} -> {p.high}: c in [{p.c_min:.3f}, {p.c_max:.3f}] mean {p.c_mean:.3f}"
-                f" ({p.c_zero} zero), data-free loss {p.loss_before:.4g} -> {p.loss_after:.4g}" for p in self.pairs]
+                f" ({p.c_zero} zero), data-free loss {p.loss_before:.4g} -> {p.loss_after:.4g}"
+                + ("" if p.form == "fold" else ", c applied by Eq. (7) on the high conv") for p in self.pairs]
         return "\n".join([head] + rows)
 
 
@@ -223,6 +230,37 @@ def compensate(site: Site, bn_hat, pair, compensation: str, lambda1: float, lamb
                          int(np.sum(c == 0)), L(ones), L(c), [float(v) for v in c])
 
 
+def apply_c(g: Graph, pair: Pair, bn_hat, c, form: str):
+    """Stage 5: apply c to the network being quantized, in the pair's form; returns BN^A to write.
+
+    ``form="fold"``: ``gammahat_j <- c_j gammahat_j``, ``betahat_j <- c_j betahat_j`` (derivation 08, F.a;
+    exact through a ReLU only), and conv B is left on its grid. ``form="eq7"``: conv B's weights in ``g``
+    become ``W~_{:,j} = c_j kQ(W_{:,j})`` (paper Eq. (7), :func:`dfmpc.scale_input_channels`, grouped
+    convs included; exact whatever the activation, derivation 17, E.1) and BN^A is returned unchanged.
+    The new weight array *replaces* the old one (never written in place), so a re-calibration
+    :class:`~dfmpc.recalibration.Site` made earlier keeps B's plain grid as ``W_q``, as it does with folding.
+
+    Parameters
+    ----------
+    g : Graph, modified (conv ``pair.high``'s ``W`` for ``"eq7"``)
+    pair : Pair
+    bn_hat : BatchNorm, BN^A re-calibrated (before c)
+    c : ndarray (C,), >= 0
+    form : {"fold", "eq7"}
+
+    Returns
+    -------
+    BatchNorm
+    """
+    if form == "fold":
+        return fold_into_bn(bn_hat, c)                                            # (F.a) = Eq. (7) on conv B
+    if form != "eq7":
+        raise ValueError(f"form: expected 'fold' or 'eq7', got {form!r}")
+    B = g.node(pair.high)
+    B.params["W"] = scale_input_channels(B.params["W"], c, B.attrs.get("group", 1)).astype(np.float32)   # Eq. (7)
+    return bn_hat
+
+
 def write_bn(g: Graph, name: str, bn) -> None:
     """Stage 5's last step: store a BatchNorm record into node ``name`` of ``g`` (float32)."""
     g.node(name).params.update({k: getattr(bn, k).astype(np.float32) for k in ("gamma", "beta", "mean", "var")})
@@ -279,7 +317,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
-                     progress=None, low_quantizer: str = "auto"):
+                     progress=None, low_quantizer: str = "auto", c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
@@ -301,7 +339,12 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         on ``calibration_data`` (not data-free).
     compensation : {"dfmpc", "none", "oracle"}
         Closed-form c (Eq. (27)), c = 1 (the paper's "without compensation"), or the data-aware
-        oracle c (non-negative least squares of Eq. (9) on ``calibration_data``).
+        oracle c (non-negative least squares of Eq. (9) on ``calibration_data``; ReLU pairs only).
+    c_form : {"auto", "eq7"}
+        How c is applied (named per pair in ``report.pairs[i].form``): ``auto`` folds it into BN^A
+        where the activation is a ReLU (conv B stays on its grid) and scales conv B's input channels,
+        Eq. (7), where it is a clip such as ReLU6 (conv B carries a per-input-channel factor; derivation
+        17); ``eq7`` uses Eq. (7) for every pair.
     pairs : list of (low, high) names, optional
         Explicit pairing; default :func:`dfmpc.pairing.find_pairs`.
     calibration_data : ndarray (N, C, H, W) float32, optional
@@ -335,7 +378,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         ``graph`` is not a Graph, ``weight_quantizer`` not callable (programming errors).
     ValueError
         Non-finite weights or negative BN variances (naming the node), bits out of range or
-        ``low_bits > high_bits``, unknown mode, negative lambdas, missing or malformed
+        ``low_bits > high_bits``, unknown mode or ``c_form``, negative lambdas, missing or malformed
         calibration data or probes, an invalid explicit pairing.
     """
     t0 = time.perf_counter()
@@ -349,6 +392,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         raise ValueError(f"recalibration: expected one of {RECALIBRATIONS}, got {recalibration!r}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation: expected one of {COMPENSATIONS}, got {compensation!r}")
+    if c_form not in C_FORMS:
+        raise ValueError(f"c_form: expected one of {C_FORMS}, got {c_form!r}")
     if recalibration == "data" or compensation == "oracle":
         calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
@@ -377,7 +422,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
             oracle = lambda: _oracle(fp, pair, site.W_q, bn_hat, oracle_acts[fp.node(site.conv).inputs[0]],
                                      high_bits, quantize)
             c, line = compensate(site, bn_hat, pair, compensation, lambda1, lambda2, oracle)   # 4. compensate
-            bn_hat = fold_into_bn(bn_hat, c)              # 5. fold: = Eq. (7) on conv B, by (F.a)
+            line.form = "eq7" if c_form == "eq7" else pair.form
+            bn_hat = apply_c(g, pair, bn_hat, c, line.form)   # 5. fold (F.a) or Eq. (7) on conv B (derivation 17)
             report.pairs.append(line)                     # 6. report
         write_bn(g, site.bn_node, bn_hat)
     report.seconds = time.perf_counter() - t0
@@ -409,6 +455,9 @@ def _sym_pads(node):
 def _oracle(fp, pair, W_q, bn_hat, A, high_bits, quantize):
     """Oracle c for one pair (Eq. (9) on real activations A of the full-precision network)."""
     lo, hi = fp.node(pair.low), fp.node(pair.high)
+    if fp.node(pair.act).op != "Relu":
+        raise ValueError(f"compensation='oracle': pair {pair.low} -> {pair.high} has activation "
+                         f"{fp.node(pair.act).op} {pair.act!r}; the verification code (dfmpc.oracle_coefficients) models ReLU only")
     if fp.producer(hi.inputs[0]).name != pair.act:
         raise ValueError(f"compensation='oracle': pair {pair.low} -> {pair.high} has pooling between ReLU and conv B, "
                          "which the verification code does not model")
