@@ -62,3 +62,24 @@ def test_summary_without_low_layers_says_so():
     assert "no low layers" in Diagnosis([rec], s).table()
     assert _summary([])["median_abs_log_ratio"] is None
     assert "nothing was re-calibrated" in Diagnosis([], _summary([])).table()
+
+
+def test_fp_floor_is_zero_when_the_trained_statistics_are_those_of_the_images(model_and_images):
+    """``trained_log_ratio`` compares the FP network's trained BN with its conv output on the images.
+    Set every BN's running mean/var, layer by layer, to the statistics measured on those images: the floor is 0 (< 1e-3,
+    float32 accumulation). Negative control: the shipped statistics (from augmented training batches)
+    are not exactly those of 64 test images, so the floor is > 1e-3 somewhere."""
+    from dfmpc.pipeline import prepare
+    from dfmpc.recalibration import channel_moments
+    g, x = model_and_images
+    d0 = diagnose(g, x, recalibration="absorb", compensation="none")
+    assert max(abs(r.trained_log_ratio) for r in d0.layers) > 1e-3
+    assert d0.summary["max_abs_log_ratio_trained"] == pytest.approx(max(abs(r.trained_log_ratio) for r in d0.layers))
+    fitted = prepare(g)
+    for r in d0.layers:                            # in topological order: each fit sees the ones before it
+        m, v = channel_moments(fitted.run(x, output=fitted.node(r.conv).outputs[0]))
+        fitted.node(r.bn).params["mean"] = m.astype(np.float32)
+        fitted.node(r.bn).params["var"] = v.astype(np.float32)
+    d1 = diagnose(fitted, x, recalibration="absorb", compensation="none")
+    assert max(abs(r.trained_log_ratio) for r in d1.layers) < 1e-3
+    assert "FP floor" in d1.table()

@@ -9,6 +9,11 @@ layer, how far a data-free estimate is from the truth:
 mean over its channels, ``log_ratio`` its log; the mean error is reported in units of the measured
 standard deviation. The summary gives the median and the maximum of ``|log_ratio|`` over layers.
 
+The floor: even the full-precision network's trained statistics are not those of the given images
+(they were averaged over augmented training batches). ``trained_log_ratio`` is the same log ratio for
+the trained BN of the full-precision network against its conv output measured on the same images;
+a re-calibration cannot be expected to do better than that (the summary's ``*_trained`` entries).
+
 This is a verification tool: it reads images, and nothing it measures flows back into the model.
 """
 
@@ -40,6 +45,7 @@ class LayerDiagnosis:
     log_ratio: float            # log(ratio)
     max_abs_log_ratio_channel: float
     mean_error_sigma: float     # median over channels of |muhat - mean| / sqrt(var + eps)
+    trained_log_ratio: float = 0.0  # the floor: log geometric mean of (trained var + eps) / (var + eps) in the FP network
 
 
 @dataclass
@@ -56,10 +62,10 @@ class Diagnosis:
 
     def table(self) -> str:
         """Human-readable: one line per layer, then the summary."""
-        rows = [f"  {'conv':<42} {'bits':>4} {'var ratio':>10} {'|log|':>7} {'mean err (sigma)':>17}"]
+        rows = [f"  {'conv':<42} {'bits':>4} {'var ratio':>10} {'|log|':>7} {'mean err (sigma)':>17} {'FP floor |log|':>15}"]
         for r in self.layers:
             rows.append(f"  {r.conv:<42} {'low' if r.low else 'high':>4} {r.ratio:10.3f} {abs(r.log_ratio):7.3f} "
-                        f"{r.mean_error_sigma:17.3f}")
+                        f"{r.mean_error_sigma:17.3f} {abs(r.trained_log_ratio):15.3f}")
         s = self.summary
         if s["layers"] == 0:
             rows.append("  no conv followed by BN: nothing was re-calibrated")
@@ -68,6 +74,8 @@ class Diagnosis:
                f"low layers: median {s['median_abs_log_ratio_low']:.3f}, max {s['max_abs_log_ratio_low']:.3f}")
         rows.append(f"  median |log ratio| {s['median_abs_log_ratio']:.3f}, max {s['max_abs_log_ratio']:.3f} "
                     f"(over {s['layers']} layers; {low})")
+        rows.append(f"  FP floor (trained statistics of the full-precision network on these images): median "
+                    f"{s['median_abs_log_ratio_trained']:.3f}, max {s['max_abs_log_ratio_trained']:.3f}")
         return "\n".join(rows)
 
 
@@ -132,9 +140,11 @@ def diagnose(graph: Graph, images: np.ndarray, low_bits: int = 2, high_bits: int
         raise ValueError(f"images: expected a non-empty float32 array (N, C, H, W), got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
     q, report = quantize_network(graph, low_bits, high_bits, **quantize_kwargs)
-    sites = recalibration_sites(prepare(graph), q)
+    fp = prepare(graph)
+    sites = recalibration_sites(fp, q)
     low = {p.low for p in report.pairs}
     measured = q.run_many(images, outputs=[q.node(s.conv).outputs[0] for s in sites], batch_size=batch_size)
+    measured_fp = fp.run_many(images, outputs=[fp.node(s.conv).outputs[0] for s in sites], batch_size=batch_size)
     out = Diagnosis(report=report)
     for s in sites:
         p = q.node(s.bn_node).params
@@ -142,8 +152,10 @@ def diagnose(graph: Graph, images: np.ndarray, low_bits: int = 2, high_bits: int
         mm, mv = channel_moments(measured[q.node(s.conv).outputs[0]])
         pm, pv = p["mean"].astype(np.float64), p["var"].astype(np.float64)
         ratio, log_ratio, worst, mean_err = compare_statistics(pm, pv, mm, mv, eps)
+        fm, fv = channel_moments(measured_fp[fp.node(s.conv).outputs[0]])
+        trained = compare_statistics(s.bn.mean, s.bn.var, fm, fv, eps)[1]
         out.layers.append(LayerDiagnosis(s.conv, s.bn_node, s.conv in low, pm.tolist(), pv.tolist(), mm.tolist(),
-                                         mv.tolist(), ratio, log_ratio, worst, mean_err))
+                                         mv.tolist(), ratio, log_ratio, worst, mean_err, trained))
     out.summary = _summary(out.layers)
     return out
 
@@ -154,5 +166,7 @@ def _summary(layers):
         a = np.abs(np.asarray(values, dtype=np.float64))
         return (float(np.median(a)), float(a.max())) if a.size else (None, None)
     (med, mx), (med_lo, mx_lo) = stats([r.log_ratio for r in layers]), stats([r.log_ratio for r in layers if r.low])
+    med_t, mx_t = stats([r.trained_log_ratio for r in layers])
     return {"layers": len(layers), "median_abs_log_ratio": med, "max_abs_log_ratio": mx,
-            "median_abs_log_ratio_low": med_lo, "max_abs_log_ratio_low": mx_lo}
+            "median_abs_log_ratio_low": med_lo, "max_abs_log_ratio_low": mx_lo,
+            "median_abs_log_ratio_trained": med_t, "max_abs_log_ratio_trained": mx_t}
