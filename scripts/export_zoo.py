@@ -10,7 +10,12 @@ For every architecture trained in ``--staging`` (``<arch>.onnx`` + ``<arch>.json
    onnxruntime);
 3. write ``reference/dfmpc/zoo/<arch>.npz`` (dfmpc's native format; or copy the
    ``.onnx`` with ``--format onnx``);
-4. write ``reference/dfmpc/zoo/models.json`` describing every shipped model.
+4. write ``reference/dfmpc/zoo/models.json`` describing every shipped model,
+   with the row of the paper's tables it stands for (``PAPER_ROWS``; listed by
+   ``dfmpc zoo``). Models not re-exported keep their entry; their description
+   and paper row are refreshed from the tables here.
+
+``python scripts/export_zoo.py --arch`` (no names) only refreshes those fields.
 
 Example
 -------
@@ -47,6 +52,48 @@ ARCHITECTURES = {
     "mobilenetv2_small": "small MobileNetV2: stem conv3x3(16)-BN-ReLU6, inverted residuals "
                          "(t,c,n,s) = (1,16,1,1) (6,24,2,2) (6,32,2,2) (6,64,2,1) (6,96,1,1), "
                          "depthwise 3x3, ReLU6, conv1x1(256)-BN-ReLU6, GAP, linear",
+    "resnet18": "CIFAR-style ResNet-18: stem conv3x3-BN-ReLU (stride 1), basic blocks [2,2,2,2] at "
+                "16/32/64/128 channels (the paper's 64/128/256/512 at 1/4 width, for size and "
+                "training time), strides 1/2/2/2, option-B shortcuts, GAP, linear",
+    "vgg16": "CIFAR VGG-16-BN: 13 conv3x3-BN-ReLU in blocks of 2/2/3/3/3 at 16/32/64/128/128 "
+             "channels (the paper's 64..512 at 1/4 width), max-pools after blocks 1, 2, 3 and 5 "
+             "(none after block 4: 28x28 has four halvings, 28->14->7->3->1), flatten, linear",
+    "densenet": "DenseNet-BC-40 (growth 12, compression 0.5): stem conv3x3(24), three dense "
+                "blocks of 6 pre-activation layers BN-ReLU-conv1x1(48)-BN-ReLU-conv3x3(12) whose "
+                "outputs are concatenated, transitions BN-ReLU-conv1x1-avgpool2, BN-ReLU, GAP, "
+                "linear (full width)",
+    "mobilenetv2": "MobileNetV2: the paper's 17 inverted residuals (t,c,n,s) = (1,16,1,1) "
+                   "(6,24,2,2) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1) with "
+                   "ReLU6 and depthwise 3x3, channels at width multiplier 0.5 and the last "
+                   "conv1x1 at 640 instead of 1280 (size and training time), stem conv3x3 at "
+                   "stride 1 (28x28 input), GAP, linear",
+}
+
+#: The row of the paper's tables (Chen et al. 2023) each model stands for
+#: (None: the model has no counterpart there). ``dfmpc zoo`` lists these.
+PAPER_ROWS = {
+    "resnet20": None,
+    "resnet56": {"model": "ResNet-56", "dataset": "CIFAR-10", "setting": "MP2/6"},
+    "vgg_small": {"model": "VGG-16", "dataset": "CIFAR-10", "setting": "MP2/6",
+                  "note": "6-conv stand-in; vgg16 has the 13 convs"},
+    "resnet_bottleneck": {"model": "ResNet-50 / ResNet-101", "dataset": "ImageNet", "setting": "MP2/6",
+                          "note": "bottleneck blocks, far smaller"},
+    "mobilenetv2_small": {"model": "MobileNetV2", "dataset": "ImageNet", "setting": "MP6/6",
+                          "note": "10-block stand-in; mobilenetv2 has the 17 blocks"},
+    "resnet18": {"model": "ResNet-18", "dataset": "CIFAR-10", "setting": "MP2/6"},
+    "vgg16": {"model": "VGG-16", "dataset": "CIFAR-10", "setting": "MP2/6"},
+    "densenet": {"model": "DenseNet-121", "dataset": "ImageNet", "setting": "MP3/6",
+                 "note": "DenseNet-BC-40 stands in"},
+    "mobilenetv2": {"model": "MobileNetV2", "dataset": "ImageNet", "setting": "MP6/6"},
+}
+
+#: Models trained from the weights of an earlier shipped model (``train_zoo.py
+#: --init-from``): where those weights come from, so the chain can be re-run.
+INIT_SOURCES = {
+    "resnet56": {"file": "resnet56_4ep.npz",
+                 "obtain": "git show 1664163:reference/dfmpc/zoo/resnet56.npz > /work/zoo_staging/resnet56_4ep.npz",
+                 "trained_by": "python scripts/train_zoo.py --arch resnet56 --epochs 4",
+                 "fp32_test_accuracy_engine": 0.9211},
 }
 
 
@@ -89,6 +136,7 @@ def main(argv=None):
         entry = {
             "arch": arch,
             "description": ARCHITECTURES[arch],
+            "paper_row": PAPER_ROWS[arch],
             "file": f"{arch}.{args.format}",
             "parameters": rec["parameters"],
             "fp32_test_accuracy_torch": rec["fp32_test_accuracy_torch"],
@@ -116,11 +164,20 @@ def main(argv=None):
             "onnx_check": rec["onnx_check"],
             "command": rec["command"],
         })
+        if rec["training"].get("init_from"):
+            src = INIT_SOURCES[arch]
+            if src["file"] != rec["training"]["init_from"]["file"]:
+                raise RuntimeError(f"{arch}: trained from {rec['training']['init_from']['file']}, "
+                                   f"INIT_SOURCES names {src['file']}")
+            entry["training"]["init_from"] = rec["training"]["init_from"] | src
         old[arch] = entry
         print(json.dumps({k: entry.get(k) for k in (
             "arch", "parameters", "fp32_test_accuracy_torch", "fp32_test_accuracy_onnxruntime",
             "fp32_test_accuracy_engine", "engine_vs_onnxruntime_max_abs_logit_diff")}), flush=True)
 
+    for arch, entry in old.items():       # descriptions and paper rows of models not re-exported
+        entry["description"] = ARCHITECTURES[arch]
+        entry["paper_row"] = PAPER_ROWS[arch]
     models = [old[a] for a in ARCHITECTURES if a in old]
     manifest = {
         "format_version": 1,

@@ -245,12 +245,168 @@ class MobileNetV2Small(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (He et al. 2016 basic blocks, [2, 2, 2, 2]).
+
+    Stem conv3x3(w)-BN-ReLU at stride 1 (CIFAR-style, no 7x7 / max-pool),
+    four stages of two basic blocks at w / 2w / 4w / 8w channels with strides
+    1 / 2 / 2 / 2 (spatial 28 -> 14 -> 7 -> 4), option-B shortcuts, GAP,
+    linear. The paper's ResNet-18 has w = 64; ``width`` reduces it.
+    """
+
+    def __init__(self, width: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(1, width, 3), nn.ReLU(inplace=True))
+        layers, cin = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            for j in range(2):
+                layers.append(BasicBlock(cin, width * mult, 2 if (i > 0 and j == 0) else 1))
+                cin = width * mult
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class VGG16(nn.Module):
+    """CIFAR VGG-16-BN: 13 [conv3x3-BN-ReLU] in five blocks (2, 2, 3, 3, 3), max-pools, linear.
+
+    Channels (64, 128, 256, 512, 512) scaled by ``width / 64``. The CIFAR
+    layout pools after every block (32 -> 1); a 28x28 input has only four
+    halvings to 1x1 (28 -> 14 -> 7 -> 3 -> 1), so the pool after block 4 is
+    left out: blocks 4 and 5 both run at 3x3 and the pool after block 5 takes
+    3x3 to 1x1 (floor). Classifier as the CIFAR VGG: flatten the 1x1 map,
+    one linear layer.
+    """
+
+    BLOCKS = ((1, 2), (2, 2), (4, 3), (8, 3), (8, 3))   # (channel multiple, convs)
+    POOL_AFTER = (True, True, True, False, True)
+
+    def __init__(self, width: int = 64, num_classes: int = 10):
+        super().__init__()
+        layers, cin = [], 1
+        for (mult, n), pool in zip(self.BLOCKS, self.POOL_AFTER):
+            for _ in range(n):
+                layers += conv_bn(cin, width * mult, 3) + [nn.ReLU(inplace=True)]
+                cin = width * mult
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC layer: BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, 1, 0, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return torch.cat([x, out], 1)
+
+
+class Transition(nn.Module):
+    """DenseNet-BC transition: BN-ReLU-conv1x1(compression)-avgpool2."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class DenseNetBC(nn.Module):
+    """DenseNet-BC for CIFAR (Huang et al. 2017): depth L, growth k, compression 0.5.
+
+    Stem conv3x3(2k) (no BN after it: pre-activation), three dense blocks of
+    (L - 4) / 6 bottleneck layers each, transitions between them (spatial
+    28 -> 14 -> 7), final BN-ReLU, GAP, linear.
+    """
+
+    def __init__(self, depth: int = 40, growth: int = 12, num_classes: int = 10):
+        super().__init__()
+        n = (depth - 4) // 6
+        cin = 2 * growth
+        layers = [nn.Conv2d(1, cin, 3, 1, 1, bias=False)]
+        for b in range(3):
+            for _ in range(n):
+                layers.append(DenseLayer(cin, growth))
+                cin += growth
+            if b < 2:
+                layers.append(Transition(cin, cin // 2))
+                cin //= 2
+        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` (MobileNetV2 reference code's rule)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018, Table 2) for 28x28 inputs.
+
+    The paper's 17 inverted residual blocks with its settings (t, c, n, s) =
+    (1,16,1,1) (6,24,2,2) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2)
+    (6,320,1,1), stem conv3x3(32)-BN-ReLU6 and last conv1x1(1280)-BN-ReLU6,
+    GAP, linear. Only the stem's stride changes (1 instead of 2: a 28x28
+    input is ImageNet's 224 after three halvings), so the spatial size runs
+    28 -> 14 -> 7 -> 4 -> 2. Channels (not the last conv's) are scaled by
+    ``width_mult`` and rounded to multiples of 8 as in the reference code;
+    ``last`` sets the last conv's width.
+    """
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, width_mult: float = 1.0, last: int = 1280, num_classes: int = 10):
+        super().__init__()
+        cin = _make_divisible(32 * width_mult)
+        layers = conv_bn(1, cin, 3) + [nn.ReLU6(inplace=True)]
+        for t, c, n, s in self.SETTINGS:
+            cout = _make_divisible(c * width_mult)
+            for j in range(n):
+                layers.append(InvertedResidual(cin, cout, s if j == 0 else 1, t))
+                cin = cout
+        layers += conv_bn(cin, last, 1) + [nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 ARCHS = {
     "resnet20": lambda: ResNet(BasicBlock, 3),
     "resnet56": lambda: ResNet(BasicBlock, 9),
     "vgg_small": lambda: VGGSmall(),
     "resnet_bottleneck": lambda: ResNet(Bottleneck, 1),
     "mobilenetv2_small": lambda: MobileNetV2Small(),
+    "resnet18": lambda: ResNet18(width=16),
+    "vgg16": lambda: VGG16(width=16),
+    "densenet": lambda: DenseNetBC(depth=40, growth=12),
+    "mobilenetv2": lambda: MobileNetV2(width_mult=0.5, last=640),
 }
 
 
@@ -400,6 +556,33 @@ def _inline_identity_initializers(proto) -> int:
 # Training
 # --------------------------------------------------------------------------------------
 
+def state_dict_from_npz(path: Path) -> dict:
+    """A ``state_dict`` from a shipped zoo ``.npz`` (dfmpc format, ONNX node names).
+
+    The exporter names nodes ``/<module path with '/'>/<Op>`` (e.g.
+    ``/layers/layers.0/conv1/Conv`` for module ``layers.0.conv1``); Conv/Gemm carry ``W`` (``B``), BatchNormalization
+    ``gamma``/``beta``/``mean``/``var``.
+    """
+    sys.path.insert(0, str(REPO / "reference"))
+    import dfmpc
+
+    keys = {"W": "weight", "B": "bias", "gamma": "weight", "beta": "bias",
+            "mean": "running_mean", "var": "running_var"}
+    sd = {}
+    for node in dfmpc.load_model(path).nodes:
+        parts = []
+        for c in node.name.strip("/").split("/")[:-1]:     # "layers", "layers.0", "conv1"
+            if parts and c.startswith(parts[-1] + "."):
+                parts[-1] = c                              # "layers.0" refines "layers"
+            else:
+                parts.append(c)
+        module = ".".join(parts)                           # "layers.0.conv1"
+        for pname, arr in node.params.items():
+            if pname in keys:
+                sd[f"{module}.{keys[pname]}"] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    return sd
+
+
 def make_optimizer(model, args, steps_per_epoch):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=args.weight_decay)
@@ -422,6 +605,9 @@ def main(argv=None):
     p.add_argument("--time-batches", type=int, default=0,
                    help="only time this many training batches and exit")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from the weights of a zoo .npz (continued training) instead of "
+                        "the random initialisation; its sha256 is recorded")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -431,6 +617,17 @@ def main(argv=None):
 
     model = ARCHS[args.arch]()
     init_weights(model)
+    init_record = None
+    if args.init_from is not None:
+        import hashlib
+        sd = state_dict_from_npz(args.init_from)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            sys.exit(f"--init-from {args.init_from}: missing {missing}, unexpected {unexpected}")
+        init_record = {"file": args.init_from.name,
+                       "sha256": hashlib.sha256(args.init_from.read_bytes()).hexdigest()}
+        print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.arch}: {n_params} parameters", flush=True)
 
@@ -507,6 +704,7 @@ def main(argv=None):
             "lr_schedule": f"OneCycleLR max_lr={args.lr} pct_start=0.25 cos div_factor=25 final_div_factor=1e3",
             "augmentation": "random crop 28 from zero-pad 2, random horizontal flip",
             "loss": "cross-entropy", "seed": args.seed, "threads": args.threads,
+            "init_from": init_record,
             "train_seconds": round(train_seconds, 1),
             "torch": torch.__version__, "python": platform.python_version(),
         },

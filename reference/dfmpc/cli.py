@@ -1,4 +1,4 @@
-"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``, ``diagnose``, ``vectors``.
+"""The ``dfmpc`` command: ``demo``, ``quantize``, ``evaluate``, ``compare``, ``diagnose``, ``vectors``, ``zoo``.
 
 Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout
 (accuracies as fractions, timings in seconds); human-readable text otherwise. Errors print
@@ -246,6 +246,14 @@ def cmd_vectors(a) -> dict:
             "format_version": manifest["format_version"]}
 
 
+def cmd_zoo(a) -> dict:
+    from .zoo.catalog import format_table, summaries
+    rows = summaries()
+    if not a.json:
+        print(format_table(rows))
+    return {"models": rows}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc", description="DF-MPC: data-free mixed-precision compensation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,6 +356,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-zoo", action="store_true", help="only the array-level steps (skip the ResNet-20 entries)")
     v.add_argument("--overwrite", action="store_true", help="replace vector files already in DIR")
     v.add_argument("--json", action="store_true", help="print one JSON object (output, entries) instead of text")
+    z = sub.add_parser("zoo", help="the shipped models: architecture, parameters, FP32 accuracy, paper row, "
+                                   "training command")
+    z.add_argument("--json", action="store_true",
+                   help="print one JSON object {\"models\": [{name, architecture, parameters, fp32_accuracy, "
+                        "paper_row, command, file}, ...]} instead of text")
     return p
 
 
@@ -355,7 +368,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         out = {"demo": cmd_demo, "quantize": cmd_quantize, "evaluate": cmd_evaluate,
-               "compare": cmd_compare, "diagnose": cmd_diagnose, "vectors": cmd_vectors}[args.command](args)
+               "compare": cmd_compare, "diagnose": cmd_diagnose, "vectors": cmd_vectors,
+               "zoo": cmd_zoo}[args.command](args)
     except (ValueError, OSError) as exc:     # user errors; anything else is a bug and shows its traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dfmpc {args.command}: error: {msg}", file=sys.stderr)
