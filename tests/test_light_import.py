@@ -65,9 +65,9 @@ print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {"numba", "onnx
 
 
 def _names_used_in_the_project() -> set[str]:
-    """Every ``dfmpc.<name>`` written in the README, the notebooks, tests, benchmarks, scripts, examples, docs."""
-    files = [ROOT / "README.md", *ROOT.glob("*.md")]
-    for folder in ("notebooks", "tests", "benchmarks", "scripts", "examples", "docs", "data_free_derivations"):
+    """Every ``dfmpc.<name>`` written in the README, the notebooks, the tests and the benchmarks."""
+    files = [ROOT / "README.md"]
+    for folder in ("notebooks", "tests", "benchmarks"):
         files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".ipynb", ".md")]
     pattern = re.compile(r"(?<![\w./-])dfmpc\.([A-Za-z_]\w*)")
     return {m for p in files if p.is_file() for m in pattern.findall(p.read_text(errors="replace"))}
