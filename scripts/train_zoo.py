@@ -6,8 +6,9 @@ never an unpinned torch) and Debian's ``dataset-fashion-mnist`` for the 60k
 train set (``apt-get install -y dataset-fashion-mnist``). The 10k test set is
 read from the copy shipped in ``reference/dfmpc/zoo/``.
 
-Architectures (all: input 1x28x28, 10 classes, BatchNorm after every conv,
-no conv bias in front of a BN, head = global average pool -> flatten -> linear)
+Architectures (all: input 1x28x28, 10 classes, BatchNorm after every conv
+(DenseNet: before), no conv bias next to a BN, head = global average pool ->
+flatten -> linear (VGG-16: max-pool to 1x1 -> flatten -> linear))
 
 ``resnet20`` / ``resnet56``
     CIFAR-style ResNet (He et al. 2016, section 4.2): stem conv3x3(16)-BN-ReLU,
@@ -30,6 +31,36 @@ no conv bias in front of a BN, head = global average pool -> flatten -> linear)
     (t, c, n, s) = (1,16,1,1) (6,24,2,2) (6,32,2,2) (6,64,2,1) (6,96,1,1)
     (spatial 28 -> 14 -> 7), last conv1x1(256)-BN-ReLU6, global average pool,
     linear.
+
+The paper's networks (issue 12; the paper's topology -- block type, depth, BN
+placement, shortcut type, classifier -- with the width reduced where size and
+CPU training time call for it):
+
+``resnet18``
+    CIFAR-style ResNet-18: stem conv3x3-BN-ReLU at stride 1, basic blocks
+    [2, 2, 2, 2] with strides 1 / 2 / 2 / 2 (28 -> 14 -> 7 -> 4), option-B
+    shortcuts, GAP, linear. **Width 16 / 32 / 64 / 128** (the paper's 64 .. 512
+    at 1/4: 0.70 M parameters instead of 11.2 M).
+``vgg16``
+    CIFAR VGG-16-BN: 13 conv3x3-BN-ReLU in blocks of 2 / 2 / 3 / 3 / 3,
+    max-pools, flatten, one linear layer. **Width 16 .. 128** (1/4 of 64 .. 512).
+    28x28 allows four halvings, not five: the pool after block 4 is left out
+    (28 -> 14 -> 7 -> 3, blocks 4 and 5 at 3x3, the last pool 3 -> 1).
+``densenet``
+    DenseNet-BC-40, growth 12, compression 0.5 (full width): stem conv3x3(24),
+    three dense blocks of 6 pre-activation layers BN-ReLU-conv1x1(48)-BN-ReLU-
+    conv3x3(12) concatenated to their input, transitions BN-ReLU-conv1x1-
+    avgpool2, final BN-ReLU, GAP, linear. (Pre-activation: BN *before* each
+    conv, unlike the other models.)
+``mobilenetv2``
+    MobileNetV2 with the paper's 17 inverted residuals and strides; only the
+    stem's stride is 1 (28 -> 14 -> 7 -> 4 -> 2). **Width multiplier 0.5**
+    and the last conv1x1 at 640 instead of 1280.
+
+``--init-from`` starts from a shipped ``.npz`` instead of the random
+initialisation (continued training; the file's sha256 is recorded). The
+retrained ``resnet56`` continues the 4-epoch model (``export_zoo.py``'s
+``INIT_SOURCES`` says how to obtain that file).
 
 Training (the same recipe for every model; all settings are recorded)
     SGD momentum 0.9, Nesterov, weight decay 5e-4 (all parameters), batch 128,
@@ -62,6 +93,14 @@ time under ``nice`` on a shared 2-core machine; ``models.json`` records each)::
     nice python scripts/train_zoo.py --arch mobilenetv2_small --epochs 3
     nice python scripts/train_zoo.py --arch resnet56 --epochs 4
     python scripts/export_zoo.py        # -> reference/dfmpc/zoo/*.npz, models.json
+
+Issue 12's models (1 thread each under ``nice -n 19`` on the same machine,
+heavily shared; the epochs are what fitted, see models.json for each history)::
+
+    nice -n 19 python scripts/train_zoo.py --arch resnet18 --epochs 3
+    git show 1664163:reference/dfmpc/zoo/resnet56.npz > /work/zoo_staging/resnet56_4ep.npz
+    nice -n 19 python scripts/train_zoo.py --arch resnet56 --epochs 2 --lr 0.03 \
+        --init-from /work/zoo_staging/resnet56_4ep.npz
 
 The epoch counts are what fitted the time available, not tuned optima.
 """
