@@ -260,39 +260,41 @@ def _pair_case(seed):
 
 
 def recalibration_vector(mode: str, seed: int = 6) -> Vector:
-    """One pair's low conv re-calibrated under a data-free mode, then c (Eq. (27)) and the folded BN."""
+    """One pair's low conv re-calibrated under a data-free mode (:func:`dfmpc.recalibrate_bn`), then c (Eq. (27))
+    and the folded BN."""
     from . import recalibration as R
+    from .pair_recalibration import recalibrate_bn
     rng, A, W, W_q, bn, _ = _pair_case(seed)
     inputs = {"W": W, "W_q": W_q, **_bn_arrays(bn, "bn/")}
-    outputs, params, fn = {}, {"stride": 1, "padding": 1, "groups": 1, "lambda1": 0.5, "lambda2": 0.0}, ""
+    outputs, params = {}, {"stride": 1, "padding": 1, "groups": 1, "lambda1": 0.5, "lambda2": 0.0}
     if mode == "absorb":
-        bn_hat, fn = bn, "the trained BN unchanged (fake-quant form)"
+        bn_hat = recalibrate_bn(bn, W, W_q, "absorb")
         text = "absorb: in the fake-quant form (W_q = s W_grid dequantized) the re-calibrated BN is the trained one."
     elif mode == "analytic":
         in_mean, in_var = A.mean(axis=(0, 2, 3)), A.var(axis=(0, 2, 3))
         inputs.update(in_mean=in_mean, in_var=in_var)
-        bn_hat, fn = R.analytic_bn(bn, W, W_q, 1, in_mean, in_var), "dfmpc.recalibration.analytic_bn"
+        bn_hat = recalibrate_bn(bn, W, W_q, "analytic", in_mean=in_mean, in_var=in_var)
         text = ("analytic (derivation 10, R.3-R.4): muhat = mu + sum_i (sum_uv (W_q - W)[o, i]) in_mean_i, "
                 "varhat = (var + eps) * sum_i ||W_q[o,i]||^2 in_var_i / sum_i ||W[o,i]||^2 in_var_i - eps.")
     elif mode == "sequential":
         X_fp = A
         X_q = np.maximum(A + rng.normal(0.0, 0.1, size=A.shape), 0.0)   # the input as the quantized-so-far net sees it
-        Z_fp, Z_q = conv2d(X_fp, W, padding=1), conv2d(X_q, W_q, padding=1)
-        m_fp, v_fp = R.channel_moments(Z_fp)
-        m_q, v_q = R.channel_moments(Z_q)
+        m_fp, v_fp = R.channel_moments(conv2d(X_fp, W, padding=1))
+        m_q, v_q = R.channel_moments(conv2d(X_q, W_q, padding=1))
         inputs.update(X_fp=X_fp, X_q=X_q)
         outputs.update(m_fp=m_fp, v_fp=v_fp, m_q=m_q, v_q=v_q)
-        bn_hat, fn = R.ratio_bn(bn, m_q, v_q, m_fp, v_fp), "dfmpc.recalibration.channel_moments, ratio_bn"
+        bn_hat = recalibrate_bn(bn, W, W_q, "sequential", X_fp=X_fp, X_q=X_q, padding=1)
         text = ("sequential (derivation 15, S.1-S.2): Z_fp = conv(X_fp, W), Z_q = conv(X_q, W_q) (3x3, stride 1, "
-                "padding 1); m, v = per-channel mean and biased variance over (N, H, W); muhat = mu + m_q - m_fp, "
-                "varhat = (var + eps) v_q / v_fp - eps.")
+                "padding 1); m, v = per-channel mean and biased variance over (N, H, W) (intermediate outputs); "
+                "muhat = mu + m_q - m_fp, varhat = (var + eps) v_q / v_fp - eps.")
     else:
         raise ValueError(f"mode: expected absorb, analytic or sequential, got {mode!r}")
     c = compensation_coefficients(W, W_q, bn, bn_hat, 0.5, 0.0)
     bn_f = fold_into_bn(bn_hat, c)
     outputs.update({"bn_hat/mean": bn_hat.mean, "bn_hat/var": bn_hat.var, "c": c,
                     "folded/gamma": bn_f.gamma, "folded/beta": bn_f.beta})
-    return Vector(f"recalibration_{mode}", f"{fn}; dfmpc.compensation_coefficients; dfmpc.fold_into_bn",
+    return Vector(f"recalibration_{mode}",
+                  f"dfmpc.recalibrate_bn(mode='{mode}'); dfmpc.compensation_coefficients; dfmpc.fold_into_bn",
                   "derivation 10/15 (re-calibration), Eq. (27), Sec. 4.3",
                   text + " Then c = Eq. (27) on (W, W_q, bn, bn_hat) and c folded into bn_hat.",
                   seed, "float64", inputs, outputs, F64, params=params)
