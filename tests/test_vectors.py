@@ -67,6 +67,13 @@ def test_cli_regenerates_the_whole_shipped_copy(shipped, tmp_path):
     assert problems == []
 
 
+def test_docstring_examples():
+    """The module's examples run: Eq. (3) on the shipped TWN vector, Eq. (27) without the c >= 0 clip is reported."""
+    import doctest
+    result = doctest.testmod(V, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 8
+
+
 def test_manifest_describes_every_array(shipped):
     manifest, data = shipped
     assert manifest["format_version"] == V.FORMAT_VERSION

@@ -388,7 +388,19 @@ def zoo_vectors(modes=("absorb", "analytic", "sequential")) -> list[Vector]:
 
 
 def generate(zoo: bool = True) -> list[Vector]:
-    """All vectors: :func:`array_vectors` and, with ``zoo``, :func:`zoo_vectors` (a few seconds, uses the engine)."""
+    """All vectors, from fixed seeds: :func:`array_vectors` and, with ``zoo``, :func:`zoo_vectors`.
+
+    Parameters
+    ----------
+    zoo : bool
+        Include the ResNet-20 entries (a few seconds; they load the engine, numba).
+
+    Returns
+    -------
+    list of Vector
+        In manifest order. Equal calls give bit-identical arrays on one machine; across machines the zoo
+        entries move within their float32 tolerance.
+    """
     return array_vectors() + (zoo_vectors() if zoo else [])
 
 
@@ -445,7 +457,34 @@ def write(directory, vectors: list[Vector], overwrite: bool = False) -> dict:
 
 
 def load(directory=None) -> tuple[dict, dict]:
-    """Read vectors: ``(manifest, {name: {"inputs": {...}, "outputs": {...}}})``; default the shipped copy."""
+    """Read the vectors written by :func:`write` (default: the shipped copy, :func:`shipped_dir`).
+
+    Parameters
+    ----------
+    directory : str or PathLike, optional
+        A directory holding ``manifest.json`` and the ``.npz`` files it names.
+
+    Returns
+    -------
+    manifest : dict
+        The parsed ``manifest.json`` (``entries``: one dict per step).
+    data : dict
+        ``{entry name: {"inputs": {array name: ndarray}, "outputs": {array name: ndarray}}}``.
+
+    Raises
+    ------
+    OSError
+        A missing or unreadable file.
+
+    Examples
+    --------
+    The shipped TWN vector obeys Eq. (3): ``W_hat = sign(W) [|W| > 0.7 mean|W|]``.
+
+    >>> manifest, data = load()
+    >>> W, W_hat = data["twn"]["inputs"]["random/W"], data["twn"]["outputs"]["random/W_hat"]
+    >>> bool(np.array_equal(W_hat, np.sign(W) * (np.abs(W) > 0.7 * np.abs(W).mean())))
+    True
+    """
     directory = shipped_dir() if directory is None else os.fspath(directory)
     with open(os.path.join(directory, "manifest.json")) as f:
         manifest = json.load(f)
@@ -463,10 +502,36 @@ def shipped_dir() -> str:
 
 
 def compare(entry: dict, expected: dict, actual: dict) -> list[str]:
-    """Mismatches of ``actual`` against ``expected`` (name -> array) under a manifest ``entry``'s tolerances.
+    """Mismatches of ``actual`` against ``expected`` under a manifest ``entry``'s tolerances.
 
     Every expected array must be present in ``actual`` with the same shape; numbers must satisfy
-    :data:`COMPARISON`; string arrays (names) must be equal. Returns one line per mismatch (empty: agrees).
+    :data:`COMPARISON` (``|actual - expected| <= atol + rtol |expected|``, the entry's ``tolerance`` or its
+    ``tolerance_overrides`` for that array); string arrays (names) must be equal.
+
+    Parameters
+    ----------
+    entry : dict
+        One item of ``manifest["entries"]``.
+    expected, actual : dict of str to array_like
+        Arrays by name (``actual`` may hold more).
+
+    Returns
+    -------
+    list of str
+        One line per mismatching array (empty: ``actual`` agrees).
+
+    Examples
+    --------
+    Eq. (27) clipped at 0: a port that forgets the clipping is reported.
+
+    >>> manifest, data = load()
+    >>> entry = next(e for e in manifest["entries"] if e["name"] == "closed_form")
+    >>> den, num = data["closed_form"]["outputs"]["den"], data["closed_form"]["outputs"]["num"]
+    >>> c_expected = {"c": data["closed_form"]["outputs"]["c"]}
+    >>> compare(entry, c_expected, {"c": np.maximum(np.where(den == 0, 1.0, num / np.where(den == 0, 1, den)), 0)})
+    []
+    >>> len(compare(entry, c_expected, {"c": np.where(den == 0, 1.0, num / np.where(den == 0, 1, den))}))
+    1
     """
     problems = []
     for key, exp in expected.items():
