@@ -282,3 +282,32 @@ def test_bad_c_form_and_oracle_through_clip_refused():
     x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="expand -> dw has activation Clip"):
         quantize_network(g, 2, 6, recalibration="absorb", compensation="oracle", calibration_data=x)
+
+
+# ------------------------------------------------------------------------------- the zoo MobileNetV2
+
+@pytest.mark.slow
+def test_zoo_mobilenet_pairs_grid_and_onnxruntime_e1(tmp_path):
+    """E.1 on the trained mobilenetv2_small at MP2/6 (default re-calibration on 32 noise probes, to bound the time):
+    8 ReLU6 pairs of form 'eq7' with c != 1; each high conv holds its 6-bit DoReFa grid times c on its input
+    channels (W~_{:,j} / c_j = kQ(W)_{:,j}, float32 rounding; negative control: W~ itself is off that grid);
+    the saved ONNX model gives the engine's top-1 on 256 shipped test images in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    from dfmpc.evaluation import load_dataset, load_zoo_model
+    g = load_zoo_model("mobilenetv2_small")
+    q, rep = quantize_network(g, 2, 6, probes="noise", probe_images=32)
+    assert len(rep.pairs) == 8 and {p.form for p in rep.pairs} == {"eq7"}
+    for p in rep.pairs:
+        c, B = np.array(p.c), q.node(p.high)
+        assert np.abs(c - 1).max() > 0.05
+        grid = quantize_weights(g.node(p.high).params["W"], 6)
+        group = B.attrs.get("group", 1)
+        assert np.allclose(B.params["W"], scale_input_channels(grid, c, group), rtol=1e-6, atol=0)
+        assert not np.allclose(B.params["W"], grid, rtol=1e-3, atol=0)
+    path = tmp_path / "mnv2_mp26.onnx"
+    dfmpc.save_model(q, path)
+    x = load_dataset("fashion-mnist")[0][:256]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, ref = sess.run(None, {q.inputs[0]: x})[0], q.run(x)
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
