@@ -239,3 +239,14 @@ def test_zoo_resnet20_mp26_qdq_predicts_as_the_float_export_on_the_test_set(tmp_
     for name, (t, _, _) in _weight_inits(onnx.load(tmp_path / "q.onnx")).items():
         assert t.data_type == onnx.TensorProto.INT8
         assert np.unique(numpy_helper.to_array(t)).size <= (3 if name in {p.low for p in report.pairs} else 64)
+
+
+def test_docstring_examples():
+    """integer_grid's examples check Eq. (3)-(4) and (6); dequantize_linear's checks y = (x - zero_point) * scale."""
+    import doctest
+
+    import dfmpc.interop.onnx_import
+    import dfmpc.interop.qdq
+    for module in (dfmpc.interop.qdq, dfmpc.interop.onnx_import):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
