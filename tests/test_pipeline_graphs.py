@@ -62,6 +62,34 @@ def test_every_op_graph_quantizes_in_every_mode(recalibration):
     assert not np.allclose(y, g.run(x), rtol=1e-3, atol=1e-3)           # something was quantized
 
 
+def _relu6_everywhere(g):
+    """every_op_graph with each Relu replaced by ReLU6 = Clip(0, 6) and BN outputs scaled up so the clip acts."""
+    for n in g.nodes:
+        if n.op == "Relu":
+            n.op, n.attrs = "Clip", {"min": 0.0, "max": 6.0}
+        if n.op == "BatchNormalization":
+            n.params["gamma"] = (4.0 * n.params["gamma"]).astype(np.float32)
+    return g
+
+
+@pytest.mark.parametrize("recalibration", DATA_FREE + ("data",))
+def test_relu6_graph_pairs_by_eq7_in_every_mode(recalibration, tmp_path):
+    """Derivation 17, E.1: with ReLU6 in place of every ReLU the generated graph pairs the same convs, every
+    pair of form 'eq7' (c on the high conv's input channels, grouped and depthwise included) in every
+    re-calibration mode; the saved ONNX model gives our engine's outputs in onnxruntime (1e-4 relative)."""
+    g = _relu6_everywhere(every_op_graph())
+    x = np.random.default_rng(1).normal(size=(16, 3, 16, 16)).astype(np.float32)
+    q, rep = quantize_network(g, 2, 6, recalibration=recalibration, calibration_data=x, probes=x)
+    _, rep_relu = quantize_network(every_op_graph(), 2, 6, recalibration="absorb")
+    assert [(p.low, p.high) for p in rep.pairs] == [(p.low, p.high) for p in rep_relu.pairs]
+    assert rep.pairs and {p.form for p in rep.pairs} == {"eq7"} and {p.form for p in rep_relu.pairs} == {"fold"}
+    path = tmp_path / "relu6.onnx"
+    save_model(q, path)
+    ref = q.run(x)
+    got = ort_run(onnx.load(str(path)), {"x": x})[0]
+    assert np.all(np.isfinite(got)) and float(np.abs(got - ref).max() / np.abs(ref).max()) < REL_TOL
+
+
 LIGHT_MODELS = ["vgg19", "densenet121", "inception_v2", "resnet50", "squeezenet"]
 
 
