@@ -3,7 +3,7 @@
 A small DenseNet-BC is built in PyTorch (random init; BN running statistics set by a few batches of
 random images in train mode, so they look trained: not 0 / 1), exported to ONNX and imported. What is
 checked: the pairs are exactly the 1x1 -> 3x3 of each dense layer (the 1x1 low), every other conv says
-why it is in no pair, the moments that reach a 1x1 through a Concat are the concatenated moments, and
+why it is in no pair, the moments that reach a 1x1 through a Concat restart at the BN after it, and
 quantize_network runs end to end in every re-calibration mode, with an ONNX export onnxruntime agrees with.
 """
 
