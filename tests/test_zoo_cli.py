@@ -97,3 +97,9 @@ def test_module_entry_point_prints_one_json_object():
                          check=True)
     assert len(res.stdout.strip().splitlines()) == 1
     assert [r["name"] for r in json.loads(res.stdout)["models"]] == [m["arch"] for m in RECORDS]
+
+
+def test_catalog_docstring_examples():
+    import doctest
+    result = doctest.testmod(catalog, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
