@@ -250,3 +250,22 @@ def test_docstring_examples():
     for module in (dfmpc.interop.qdq, dfmpc.interop.onnx_import):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_qdq_softmax_only_over_the_last_axis(tmp_path):
+    """Opset 13 (per-axis DequantizeLinear) Softmax takes one axis: exported when it is the last, refused otherwise."""
+    from dfmpc.engine.graph import Graph, Node
+    rng = np.random.default_rng(0)
+    W_fc = quantize_weights(rng.normal(size=(3, 4)), 6)
+    g = Graph([Node("fc", "Gemm", ["x"], ["y"], {}, {"W": W_fc}), Node("sm", "Softmax", ["y"], ["p"], {"axis": 1})],
+              ["x"], ["p"], {"x": (4,)})
+    save_model(g, tmp_path / "ok.onnx", format="qdq")
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    s = ort.InferenceSession(str(tmp_path / "ok.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(s.run(None, {"x": x})[0], g.run(x), rtol=1e-6, atol=1e-7)
+    W_conv = quantize_weights(rng.normal(size=(2, 1, 3, 3)), 2)
+    g4 = Graph([Node("conv", "Conv", ["x"], ["y"], {"kernel_shape": (3, 3), "pads": (1, 1, 1, 1)}, {"W": W_conv}),
+                Node("sm", "Softmax", ["y"], ["p"], {"axis": 1})], ["x"], ["p"], {"x": (1, 6, 6)})
+    with pytest.raises(ValueError, match="Softmax node 'sm'.*last axis"):
+        save_model(g4, tmp_path / "bad.onnx", format="qdq")
+    assert not (tmp_path / "bad.onnx").exists()
