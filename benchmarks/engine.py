@@ -37,8 +37,9 @@ def _args():
     p.add_argument("--threads", type=int, default=2, help="threads for every engine and for BLAS")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=16, help="dfmpc engine chunk size (images)")
-    p.add_argument("--conv-matmul", choices=["numba", "blas"], default="numba",
-                   help="dense-conv kernels of the engine: Numba (default) or im2col + numpy/BLAS matmul")
+    p.add_argument("--conv-kernel", choices=["auto", "direct", "im2col_blas", "winograd_f2", "winograd_f4"],
+                   default="auto", help="dense-conv kernel of the engine: measured per shape (auto, default) "
+                   "or one for every conv")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args()
 
@@ -127,13 +128,13 @@ def main():
     import onnxruntime as ort
 
     from dfmpc.engine import conv as engine_conv
-    engine_conv.MATMUL = ARGS.conv_matmul
+    engine_conv.KERNEL = ARGS.conv_kernel
     graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
     x = np.random.default_rng(1).normal(size=(ARGS.batch, 1, 28, 28)).astype(np.float32)
     flops = conv_flops(graph, (1, 28, 28)) * ARGS.batch
     result = {"model": graph.name, "input_shape": list(x.shape), "dtype": "float32",
               "threads": ARGS.threads, "repeats": ARGS.repeats, "engine_chunk": ARGS.chunk,
-              "engine_conv_matmul": ARGS.conv_matmul,
+              "engine_conv_kernel": ARGS.conv_kernel,
               "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
               "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
               "gflop_per_batch": flops / 1e9}

@@ -1,6 +1,6 @@
 """Fast kernels against their twins: the engine convolution (NHWC im2col + BLAS, the Numba direct and
 grouped kernels) against the float64 reference convolution dfmpc.conv2d, the matmul and the vectorised
-pooling against their plain loops."""
+pooling against their plain loops.  Winograd and the measured kernel choice: tests/test_engine_winograd.py."""
 
 import numba
 import numpy as np
@@ -50,18 +50,21 @@ def test_conv2d_f32_matches_reference(case):
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
     wt = rng.normal(size=(o, c // groups) + k).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32) if bias else None
-    got = conv2d_f32(x, wt, b, s, pads, d, groups)
     want = reference_conv2d(x, wt, s, pads, groups, dilation=d, bias=b)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    saved = conv_module.COLS_BYTES
-    try:                                  # one image per im2col slice: the slicing loop is exercised
-        conv_module.COLS_BYTES = 1
-        res = np.random.default_rng(seed + 1).normal(size=want.shape).astype(np.float32)
-        got1 = conv2d_f32(x, wt, b, s, pads, d, groups, relu=True, residual=res)
+    res = np.random.default_rng(seed + 1).normal(size=want.shape).astype(np.float32)
+    saved = conv_module.COLS_BYTES, conv_module.KERNEL
+    try:
+        for kernel in ("auto", "direct", "im2col_blas"):     # Winograd: tests/test_engine_winograd.py
+            conv_module.KERNEL = kernel
+            conv_module.COLS_BYTES = saved[0]
+            got = conv2d_f32(x, wt, b, s, pads, d, groups)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+            conv_module.COLS_BYTES = 1    # one image per im2col slice: the slicing loop is exercised
+            got1 = conv2d_f32(x, wt, b, s, pads, d, groups, relu=True, residual=res)
+            np.testing.assert_allclose(got1, np.maximum(want + res, 0), atol=ATOL, rtol=0)
     finally:
-        conv_module.COLS_BYTES = saved
-    np.testing.assert_allclose(got1, np.maximum(want + res, 0), atol=ATOL, rtol=0)
+        conv_module.COLS_BYTES, conv_module.KERNEL = saved
 
 
 def _thread_counts():
@@ -122,14 +125,18 @@ def test_conv3rows_kernel_matches_reference(case):
             np.testing.assert_allclose(out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2),
                                        np.maximum(expect, 0) if relu else expect, atol=ATOL, rtol=0)
         with _numba_threads(threads):
-            got = conv2d_f32(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
+            conv_module.KERNEL, saved = "direct", conv_module.KERNEL
+            try:
+                got = conv2d_f32(x, wt, b, s, pads, (dh, 1), relu=relu, residual=res)
+            finally:
+                conv_module.KERNEL = saved
         np.testing.assert_allclose(got, np.maximum(want + res, 0) if relu else want + res, atol=ATOL, rtol=0)
-    saved = conv_module.MATMUL
+    saved = conv_module.KERNEL
     try:                                  # the BLAS path (im2col + np.matmul) gives the same
-        conv_module.MATMUL = "blas"
+        conv_module.KERNEL = "im2col_blas"
         np.testing.assert_allclose(conv2d_f32(x, wt, b, s, pads, (dh, 1)), want, atol=ATOL, rtol=0)
     finally:
-        conv_module.MATMUL = saved
+        conv_module.KERNEL = saved
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,31 +15,48 @@ input.  ``cols @ Wm.T`` with the weight matrix ``Wm`` of shape (O, kh*kw*C)
 (:func:`dense_weight`) is then the output in NHWC, which is returned as an
 (N, O, oh, ow) view: no transposes on the way in or out.
 
-Which kernel runs (``MATMUL = "numba"``, the default):
+Which kernel runs (:data:`KERNEL`, default ``"auto"``): for each conv shape the fastest of
+the applicable kernels below, measured on the machine at hand the first time the shape is
+seen and remembered on disk per CPU (:mod:`dfmpc.engine.kernel_choice`):
 
-- 3 kernel rows, column dilation 1, ``kw*C >= 16`` (3x3 convs on >= 6 channels):
-  :func:`~dfmpc.engine.kernels_numba.conv3rows_nhwc` reads the runs straight
-  from the padded input, so ``cols`` is never written;
-- otherwise (1x1, other kernel heights): im2col by one strided NumPy copy,
-  a few images at a time so that ``cols`` stays small (``COLS_BYTES``) and in
-  cache, then :func:`~dfmpc.engine.kernels_numba.matmul_nt`.
+- ``"direct"``, the Numba kernels: for 3 kernel rows, column dilation 1 and ``kw*C >= 16``
+  (3x3 convs on >= 6 channels), :func:`~dfmpc.engine.kernels_numba.conv3rows_nhwc` reads the
+  runs straight from the padded input, so ``cols`` is never written; otherwise (1x1, other
+  kernel heights) im2col by one strided NumPy copy, a few images at a time so that ``cols``
+  stays small (``COLS_BYTES``) and in cache, then :func:`~dfmpc.engine.kernels_numba.matmul_nt`;
+- ``"im2col_blas"``: im2col as above + ``np.matmul`` (BLAS);
+- ``"winograd_f2"``, ``"winograd_f4"`` (3x3, stride 1, dilation 1 only): Winograd
+  F(2x2, 3x3) / F(4x4, 3x3), :mod:`dfmpc.engine.winograd`, with the filters' transform
+  cached per weight array.
 
-With ``MATMUL = "blas"`` every dense conv is im2col + ``np.matmul`` (BLAS).
+Threads: the kernels use ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``);
+the direct kernels through Numba's pool, Winograd by running half of its tile blocks on a
+second Python thread (its kernels and ``np.matmul`` release the GIL), im2col + BLAS through
+the BLAS library's threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import kernel_choice, winograd
 from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt
 
-#: dense-conv kernels: "numba" (compiled for the host CPU's vector width; epilogue fused) or
-#: "blas" (im2col + ``np.matmul``).  With OPENBLAS_CORETYPE=Haswell (this project's CI setting)
-#: OpenBLAS runs AVX2 kernels; on the AVX-512 benchmark machine the Numba kernels ran
-#: ResNet-20's conv shapes 1.3-1.6x faster than that BLAS (benchmarks/engine.py --conv-matmul).
-MATMUL = "numba"
+#: dense-conv kernel: "auto" (measured per shape, :mod:`dfmpc.engine.kernel_choice`), or one of
+#: :data:`DENSE_KERNELS` for every dense conv (a Winograd name falls back to "direct" where it
+#: does not apply).  Benchmarks and tests set it; ``benchmarks/engine.py --conv-kernel``.
+KERNEL = "auto"
+
+#: the dense-conv kernels, in the order they are measured ("direct" first: the others are
+#: checked against it)
+DENSE_KERNELS = ("direct", "im2col_blas", "winograd_f2", "winograd_f4")
 
 #: target size of one im2col buffer; measured on ResNet-20 (2-core Zen 5, OpenBLAS):
 #: 1-4 MB keep cols in L2/L3 next to the matmul; 14 MB (32 images at 28x28x16) ran 1.5x slower
@@ -141,9 +158,9 @@ def dense_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1), dtype=np.float32)
 
 
-def _matmul(cols, wm, b, relu, res, out):
-    """out (P, O) = act(cols (P, K) @ wm (O, K).T + b (+ res))."""
-    if MATMUL == "numba":
+def _matmul(cols, wm, b, relu, res, out, blas):
+    """out (P, O) = act(cols (P, K) @ wm (O, K).T + b (+ res)), by Numba or (``blas``) np.matmul."""
+    if not blas:
         matmul_nt(cols, wm, b, relu, res, out)
         return
     np.matmul(cols, wm.T, out=out)
@@ -184,43 +201,134 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
     return out
 
 
+#: convs with fewer multiply-adds per call than this run "direct" without measuring (the
+#: measurement and the compilation of new kernels would cost more than they can save)
+MEASURE_MIN_MACS = 1 << 22
+
+
+def applicable_kernels(kernel, strides, dilations, out_hw=None) -> tuple[str, ...]:
+    """The dense-conv kernels that can compute a conv of this geometry.
+
+    Winograd applies to 3x3, stride 1, dilation 1.  With ``out_hw`` given (the measured
+    candidates), F(2x2, 3x3) is only tried where F(4x4, 3x3)'s tiles overhang the output by 20 %
+    more than its own (e.g. 14 x 14: 16 x 16 vs 14 x 14), so that fewer kernels are compiled.
+    """
+    if not (tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)):
+        return DENSE_KERNELS[:2]
+    if out_hw is None:
+        return DENSE_KERNELS
+    oh, ow = out_hw
+    area = [-(-oh // m) * m * -(-ow // m) * m for m in (2, 4)]
+    return DENSE_KERNELS if area[1] > 1.2 * area[0] else DENSE_KERNELS[:2] + DENSE_KERNELS[3:]
+
+
 def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, residual=None):
-    """groups == 1: im2col (NHWC) + float32 matmul with bias (+ReLU), a slice of images at a time;
-    returns an NCHW view of NHWC memory."""
+    """groups == 1: the kernel chosen for this shape (:data:`KERNEL`); returns an NCHW view of
+    NHWC memory."""
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    pt, pl, pb, pr = pads
-    wt = dense_weight(w) if wt is None else wt
     b = np.zeros(o, np.float32) if b is None else np.asarray(b, np.float32)
-    xn = x.transpose(0, 2, 3, 1)                            # NHWC view
-    out = np.empty((n, oh, ow, o), np.float32)
     res = None
-    if residual is not None:                                # (P, O); free if it is NHWC memory
+    if residual is not None:                                # NHWC; free if it is NHWC memory
         if residual.shape != (n, o, oh, ow):
             raise ValueError(f"residual has shape {residual.shape}, expected {(n, o, oh, ow)}")
-        res = np.ascontiguousarray(residual.transpose(0, 2, 3, 1), dtype=np.float32).reshape(-1, o)
+        res = np.ascontiguousarray(residual.transpose(0, 2, 3, 1), dtype=np.float32)
+    if n == 0:
+        return np.empty((0, oh, ow, o), np.float32).transpose(0, 3, 1, 2)
+    xn = x.transpose(0, 2, 3, 1)                            # NHWC view
+    names = applicable_kernels((kh, kw), strides, dilations)
+    threads = numba.get_num_threads()
+
+    def run(name):
+        return _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, threads)
+
+    if KERNEL != "auto":
+        return run(KERNEL if KERNEL in names else "direct").transpose(0, 3, 1, 2)
+    if n * oh * ow * o * c * kh * kw < MEASURE_MIN_MACS:
+        return run("direct").transpose(0, 3, 1, 2)
+    key = kernel_choice.shape_key(x.shape, w.shape, strides, pads, dilations, threads)
+    name = kernel_choice.lookup(key)
+    if name in names:
+        return run(name).transpose(0, 3, 1, 2)
+    names = applicable_kernels((kh, kw), strides, dilations, (oh, ow))
+    # first time this shape is seen: measure; candidates must agree with "direct" to within a
+    # bound far above float32 rounding (see tests/test_engine_winograd.py) yet far below a bug
+    scale = float(np.abs(x).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
+    name, y = kernel_choice.choose(key, {k: (lambda k=k: run(k)) for k in names}, "direct", 1e-3 * scale)
+    return y.transpose(0, 3, 1, 2)
+
+
+def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, threads):
+    """One dense conv by kernel ``name``; returns the output (N, oh, ow, O), NHWC, C-contiguous."""
+    n, h, wd, c = xn.shape
+    o, _, kh, kw = w.shape
+    pt, pl, pb, pr = pads
+    if name.startswith("winograd"):
+        m = 2 if name == "winograd_f2" else 4
+        return winograd.conv3x3(xn, _winograd_weight(w, m), b, pads, (oh, ow), m, relu, res,
+                                pool=_pool() if threads > 1 else None)
+    blas = name == "im2col_blas"
+    wt = dense_weight(w) if wt is None else wt
+    out = np.empty((n, oh, ow, o), np.float32)
+    res2 = None if res is None else res.reshape(-1, o)
     if kh == kw == 1 and not any(pads):                     # 1x1: the (strided) input is cols
         xs = xn[:, ::strides[0], ::strides[1], :][:, :oh, :ow, :]
-        _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, res, out.reshape(-1, o))
+        _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, res2, out.reshape(-1, o), blas)
+        return out
+    if any(pads):
+        xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
+        xp[:, pt:pt + h, pl:pl + wd, :] = xn
     else:
-        if any(pads):
-            xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
-            xp[:, pt:pt + h, pl:pl + wd, :] = xn
-        else:
-            xp = xn
-        # no im2col: rows read in place; a run shorter than a SIMD vector (e.g. a 1-channel
-        # stem: 3 floats) is faster through im2col + matmul_nt (measured 0.48 vs 0.33 ms)
-        if kh == 3 and dilations[1] == 1 and kw * c >= 16 and MATMUL == "numba":
-            xp = np.ascontiguousarray(xp)
-            conv3rows_nhwc(xp.reshape(-1), xp.shape, wt, strides, dilations[0], (oh, ow), b, relu, res,
-                           out.reshape(-1, o))
-            return out.transpose(0, 3, 1, 2)
-        row_bytes = oh * ow * kh * kw * c * 4
-        step = max(1, min(n, COLS_BYTES // max(row_bytes, 1)))
-        buf = np.empty((step * oh * ow, kh * kw * c), np.float32)
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            cols = im2col_nhwc(xp[s:s + m], (kh, kw), strides, dilations, oh, ow, buf[:m * oh * ow])
-            rows = slice(s * oh * ow, (s + m) * oh * ow)
-            _matmul(cols, wt, b, relu, None if res is None else res[rows], out.reshape(-1, o)[rows])
-    return out.transpose(0, 3, 1, 2)
+        xp = xn
+    # no im2col: rows read in place; a run shorter than a SIMD vector (e.g. a 1-channel
+    # stem: 3 floats) is faster through im2col + matmul_nt (measured 0.48 vs 0.33 ms)
+    if kh == 3 and dilations[1] == 1 and kw * c >= 16 and not blas:
+        xp = np.ascontiguousarray(xp)
+        conv3rows_nhwc(xp.reshape(-1), xp.shape, wt, strides, dilations[0], (oh, ow), b, relu, res2,
+                       out.reshape(-1, o))
+        return out
+    row_bytes = oh * ow * kh * kw * c * 4
+    step = max(1, min(n, COLS_BYTES // max(row_bytes, 1)))
+    buf = np.empty((step * oh * ow, kh * kw * c), np.float32)
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        cols = im2col_nhwc(xp[s:s + m], (kh, kw), strides, dilations, oh, ow, buf[:m * oh * ow])
+        rows = slice(s * oh * ow, (s + m) * oh * ow)
+        _matmul(cols, wt, b, relu, None if res2 is None else res2[rows], out.reshape(-1, o)[rows], blas)
+    return out
+
+
+# Winograd filter transforms, one per weight array and tile size.  Keyed by the array's id and
+# checked against a copy of the weights, so that an array changed in place is transformed anew.
+_U_CACHE: dict = {}
+_U_LOCK = threading.Lock()
+
+
+def _winograd_weight(w, m):
+    """:func:`dfmpc.engine.winograd.weight_transform` of ``w``, cached while ``w`` lives and is unchanged."""
+    key = (id(w), m)
+    with _U_LOCK:
+        hit = _U_CACHE.get(key)
+    if hit is not None:
+        ref, w_copy, U = hit
+        if ref() is w and np.array_equal(w_copy, w):
+            return U
+    U = winograd.weight_transform(w, m)
+    try:
+        ref = weakref.ref(w, lambda _, key=key: _U_CACHE.pop(key, None))
+    except TypeError:                                       # not weak-referenceable: no caching
+        return U
+    with _U_LOCK:
+        _U_CACHE[key] = (ref, np.array(w, np.float32, copy=True), U)
+    return U
+
+
+_POOL = None
+
+
+def _pool():
+    """One extra worker thread for the kernels that split their work in two (Winograd)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfmpc-conv")
+    return _POOL

@@ -1,4 +1,4 @@
-"""Plain-loop NumPy twins of the fast pooling and matmul kernels, used only by tests.
+"""Plain-loop NumPy twins of the fast pooling, matmul and Winograd kernels, used only by tests.
 
 Written for obviousness, not speed: one Python loop per output element,
 float64 accumulation.  Geometry as in ONNX: ``pads = (top, left, bottom, right)``.
@@ -97,4 +97,52 @@ def matmul_nt_loops(a, b, bias=None, relu=False, res=None):
             if res is not None:
                 acc += float(res[p, o])
             out[p, o] = max(acc, 0.0) if relu else acc
+    return out
+
+
+def winograd_conv_loops(x, w, pads=(1, 1, 1, 1), m=4, bias=None):
+    """3x3 stride-1 conv by Winograd F(m x m, 3 x 3), tile by tile, in float64 (twin of
+    :func:`dfmpc.engine.winograd.conv3x3`).
+
+    Each ``m x m`` output tile of channel ``o`` is ``sum_c A^T [(G g G^T) * (B^T d B)] A``
+    (Lavin & Gray 2016, Eq. (8)) with ``g = w[o, c]`` and ``d`` the ``(m+2) x (m+2)`` input
+    tile of channel ``c``, written with the matrices of :mod:`dfmpc.engine.winograd`; outputs
+    beyond the conv's size are dropped.  In exact arithmetic this is the convolution.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    w : ndarray, shape (O, C, 3, 3)
+    pads : (int, int, int, int)
+        ``(top, left, bottom, right)``.
+    m : {2, 4}
+    bias : ndarray, shape (O,), optional
+
+    Returns
+    -------
+    ndarray, shape (N, O, H + top + bottom - 2, W + left + right - 2), float64
+    """
+    from .winograd import AT, BT, G
+
+    bt, g, at = BT[m], G[m], AT[m]
+    n_img, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    pt, pl, pb, pr = pads
+    oh, ow = h + pt + pb - 2, wd + pl + pr - 2
+    th, tw = -(-oh // m), -(-ow // m)
+    xp = np.zeros((n_img, c_in, th * m + 2, tw * m + 2))
+    xp[:, :, pt:pt + h, pl:pl + wd] = x
+    out = np.zeros((n_img, c_out, th * m, tw * m))
+    for n in range(n_img):
+        for ty in range(th):
+            for tx in range(tw):
+                for o in range(c_out):
+                    acc = np.zeros((m + 2, m + 2))
+                    for c in range(c_in):
+                        d = xp[n, c, ty * m:ty * m + m + 2, tx * m:tx * m + m + 2]
+                        acc += (g @ w[o, c].astype(np.float64) @ g.T) * (bt @ d @ bt.T)
+                    out[n, o, ty * m:(ty + 1) * m, tx * m:(tx + 1) * m] = at @ acc @ at.T
+    out = out[:, :, :oh, :ow]
+    if bias is not None:
+        out += np.asarray(bias, np.float64)[None, :, None, None]
     return out

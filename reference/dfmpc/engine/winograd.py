@@ -1,0 +1,432 @@
+"""Winograd minimal filtering F(m x m, 3 x 3) for dense 3x3 stride-1 convs, NHWC, float32.
+
+A 3x3 conv of an ``(m+2) x (m+2)`` input tile ``d`` (one channel) with a filter ``g`` is
+(Lavin & Gray 2016, Eq. (8)):
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A            (``*``: element-wise, over an alpha x alpha grid)
+
+with ``alpha = m + 2`` and constant matrices ``B, G, A`` (:data:`BT`, :data:`G`, :data:`AT`).
+Summed over input channels, the element-wise products become, for each of the alpha^2 grid
+points ``xi``, one matrix product over channels:
+
+    M[xi] (T, O) = V[xi] (T, C) @ U[xi] (C, O)     V = B^T d B per tile,  U = G g G^T per filter
+
+which this module hands to BLAS as one batched ``np.matmul`` (alpha^2 products).  The input
+transform (``V``) and the output transform (``Y = A^T M A``, with the bias, a residual and ReLU
+applied as each output is written) are Numba kernels vectorised over the channels, which are
+contiguous in NHWC memory.  Multiplies per output pixel and channel pair: 9 direct,
+``alpha^2 / m^2`` here: 4 for F(2x2, 3x3) (2.25x fewer), 2.25 for F(4x4, 3x3) (4x fewer).
+
+Rounding: the transforms' constants grow with m, and so does the float32 error. Measured against
+the float64 reference :func:`dfmpc.conv2d` (``tests/test_engine_winograd.py`` states the bounds):
+F(2x2, 3x3) stays within ~2x, F(4x4, 3x3) within ~5-10x of the direct float32 kernel's error.
+
+Twin: :func:`dfmpc.engine.reference_kernels.winograd_conv_loops` (plain loops, float64) and the
+reference convolution :func:`dfmpc.conv2d`.
+
+References
+----------
+A. Lavin and S. Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+#: B^T, G, A^T of F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.1 and 4.2),
+#: interpolation points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), plus infinity.
+BT = {
+    2: np.array([[1, 0, -1, 0],
+                 [0, 1, 1, 0],
+                 [0, -1, 1, 0],
+                 [0, 1, 0, -1]], np.float64),
+    4: np.array([[4, 0, -5, 0, 1, 0],
+                 [0, -4, -4, 1, 1, 0],
+                 [0, 4, -4, -1, 1, 0],
+                 [0, -2, -1, 2, 1, 0],
+                 [0, 2, -1, -2, 1, 0],
+                 [0, 4, 0, -5, 0, 1]], np.float64),
+}
+G = {
+    2: np.array([[1, 0, 0],
+                 [1 / 2, 1 / 2, 1 / 2],
+                 [1 / 2, -1 / 2, 1 / 2],
+                 [0, 0, 1]], np.float64),
+    4: np.array([[1 / 4, 0, 0],
+                 [-1 / 6, -1 / 6, -1 / 6],
+                 [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6],
+                 [1 / 24, -1 / 12, 1 / 6],
+                 [0, 0, 1]], np.float64),
+}
+AT = {
+    2: np.array([[1, 1, 1, 0],
+                 [0, 1, -1, -1]], np.float64),
+    4: np.array([[1, 1, 1, 1, 1, 0],
+                 [0, 1, -1, 2, -2, 0],
+                 [0, 1, 1, 4, 4, 0],
+                 [0, 1, -1, 8, -8, 1]], np.float64),
+}
+
+
+def weight_transform(w: np.ndarray, m: int) -> np.ndarray:
+    """``U[xi] = (G g G^T)`` for every filter, as alpha^2 matrices (C, O), float32.
+
+    Parameters
+    ----------
+    w : ndarray, shape (O, C, 3, 3)
+    m : {2, 4}
+        Output tile size.
+
+    Returns
+    -------
+    ndarray, shape ((m+2)**2, C, O), float32
+        ``U[i*alpha + j, c, o] = (G w[o, c] G^T)[i, j]``, computed in float64.
+    """
+    g = G[m]
+    u = np.einsum("ik,ockl,jl->ijco", g, np.asarray(w, np.float64), g, optimize=True)
+    a = m + 2
+    return np.ascontiguousarray(u.reshape(a * a, w.shape[1], w.shape[0]), dtype=np.float32)
+
+
+def tile_counts(oh: int, ow: int, m: int) -> tuple[int, int]:
+    """Tiles per image along each axis: ``ceil(oh / m), ceil(ow / m)``."""
+    return -(-oh // m), -(-ow // m)
+
+
+# ----------------------------------------------------------------------------------------------
+# F(2x2, 3x3): alpha = 4
+
+@njit
+def _bt4(d):
+    """B^T d for one column d of 4 (F(2x2, 3x3))."""
+    d0, d1, d2, d3 = d
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit
+def _at4(m):
+    """A^T m for one column m of 4 (F(2x2, 3x3))."""
+    m0, m1, m2, m3 = m
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+# F(4x4, 3x3): alpha = 6
+
+@njit
+def _bt6(d):
+    """B^T d for one column d of 6 (F(4x4, 3x3))."""
+    d0, d1, d2, d3, d4, d5 = d
+    return (np.float32(4) * d0 - np.float32(5) * d2 + d4,
+            d3 + d4 - np.float32(4) * (d1 + d2),
+            d4 - d3 + np.float32(4) * (d1 - d2),
+            d4 - d2 + np.float32(2) * (d3 - d1),
+            d4 - d2 - np.float32(2) * (d3 - d1),
+            np.float32(4) * d1 - np.float32(5) * d3 + d5)
+
+
+@njit
+def _at6(m):
+    """A^T m for one column m of 6 (F(4x4, 3x3))."""
+    m0, m1, m2, m3, m4, m5 = m
+    a, b = m1 + m2, m1 - m2
+    c, d = m3 + m4, m3 - m4
+    return (m0 + a + c,
+            b + np.float32(2) * d,
+            a + np.float32(4) * c,
+            b + np.float32(8) * d + m5)
+
+
+
+@njit
+def _tile_origin(t, th, tw, m):
+    """Image and top-left output pixel of tile ``t`` (tiles numbered image by image, row-major)."""
+    n, r = t // (th * tw), t % (th * tw)
+    return n, (r // tw) * m, (r % tw) * m
+
+
+@njit
+def _act(v, relu):
+    return max(v, np.float32(0)) if relu else v
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.  The channel count is a compile-time constant (one kernel per m and C, made by the
+# factories below and cached by Numba on disk): every access of the inner channel loop is then a
+# constant distance from a few base pointers, so LLVM vectorises that loop after a handful of
+# run-time overlap checks (with C a run-time value it gave up: "too many memory checks needed").
+# Layouts: ``xf`` the zero-padded NHWC input, flat; ``vf`` the transformed tiles (T, alpha^2, C),
+# flat, tile-major; ``mf`` the products (T, alpha^2, O), flat; ``out`` / ``res`` NHWC, flat.
+
+_KERNELS = {}
+_NO_RES = np.empty(0, np.float32)        # "no residual" for the output kernels (one compiled variant)
+
+
+def input_kernel(m: int, c: int):
+    """The compiled input transform of F(m x m, 3x3) for ``c`` channels (see :func:`_input_f43`)."""
+    key = ("in", m, c)
+    if key not in _KERNELS:
+        _KERNELS[key] = (_input_f23 if m == 2 else _input_f43)(c)
+    return _KERNELS[key]
+
+
+def output_kernel(m: int, o: int):
+    """The compiled output transform of F(m x m, 3x3) for ``o`` channels (see :func:`_output_f43`)."""
+    key = ("out", m, o)
+    if key not in _KERNELS:
+        _KERNELS[key] = (_output_f23 if m == 2 else _output_f43)(o)
+    return _KERNELS[key]
+
+
+def _input_f43(C):
+    """F(4x4, 3x3) input transform for C channels:
+    ``kernel(xf, shape, th, tw, t0, t1, vf)`` sets ``vf[q, 6*k + l, c] = (B^T d B)[k, l]`` for
+    the tiles ``t = t0 + q < t1``, where ``d = xp[n, 4*ty : 4*ty + 6, 4*tx : 4*tx + 6, c]`` and
+    ``xp`` (shape ``(N, Hp, Wp, C)``, ``Hp >= 4*th + 2``, ``Wp >= 4*tw + 2``) is ``xf`` reshaped."""
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def kernel(xf, shape, th, tw, t0, t1, vf):
+        hp, wp = shape[1], shape[2]
+        rs, run, a2c = wp * C, 6 * C, 36 * C
+        s = np.empty(a2c, np.float32)                      # B^T d, order (k, j, c)
+        for q in range(t1 - t0):
+            n, y, x = _tile_origin(t0 + q, th, tw, 4)
+            b = ((n * hp + y) * wp + x) * C
+            r0, r1, r2 = xf[b:b + run], xf[b + rs:b + rs + run], xf[b + 2 * rs:b + 2 * rs + run]
+            r3, r4, r5 = xf[b + 3 * rs:b + 3 * rs + run], xf[b + 4 * rs:b + 4 * rs + run], xf[b + 5 * rs:b + 5 * rs + run]
+            for j in range(6):                             # columns: B^T d[:, j]
+                for c in range(C):
+                    u = j * C + c
+                    t = _bt6((r0[u], r1[u], r2[u], r3[u], r4[u], r5[u]))
+                    for k in range(6):
+                        s[(6 * k + j) * C + c] = t[k]
+            v = vf[q * a2c:(q + 1) * a2c]
+            for k in range(6):                             # rows: (B^T d)[k, :] B
+                w = s[6 * k * C:6 * (k + 1) * C]
+                for c in range(C):
+                    t = _bt6((w[c], w[C + c], w[2 * C + c], w[3 * C + c], w[4 * C + c], w[5 * C + c]))
+                    for l in range(6):
+                        v[(6 * k + l) * C + c] = t[l]
+    return kernel
+
+
+def _input_f23(C):
+    """F(2x2, 3x3) input transform for C channels; as :func:`_input_f43` with 4 x 4 input tiles
+    ``d = xp[n, 2*ty : 2*ty + 4, 2*tx : 2*tx + 4, c]`` (``Hp >= 2*th + 2``, ``Wp >= 2*tw + 2``)."""
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def kernel(xf, shape, th, tw, t0, t1, vf):
+        hp, wp = shape[1], shape[2]
+        rs, run, a2c = wp * C, 4 * C, 16 * C
+        s = np.empty(a2c, np.float32)
+        for q in range(t1 - t0):
+            n, y, x = _tile_origin(t0 + q, th, tw, 2)
+            b = ((n * hp + y) * wp + x) * C
+            r0, r1 = xf[b:b + run], xf[b + rs:b + rs + run]
+            r2, r3 = xf[b + 2 * rs:b + 2 * rs + run], xf[b + 3 * rs:b + 3 * rs + run]
+            for j in range(4):
+                for c in range(C):
+                    u = j * C + c
+                    t = _bt4((r0[u], r1[u], r2[u], r3[u]))
+                    for k in range(4):
+                        s[(4 * k + j) * C + c] = t[k]
+            v = vf[q * a2c:(q + 1) * a2c]
+            for k in range(4):
+                w = s[4 * k * C:4 * (k + 1) * C]
+                for c in range(C):
+                    t = _bt4((w[c], w[C + c], w[2 * C + c], w[3 * C + c]))
+                    for l in range(4):
+                        v[(4 * k + l) * C + c] = t[l]
+    return kernel
+
+
+def _output_f43(O):
+    """F(4x4, 3x3) output transform for O channels:
+    ``kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)`` writes, for the tiles
+    ``t = t0 + q < t1``, ``out[n, 4*ty + i, 4*tx + j, o] = act((A^T M A)[i, j] + bias[o] (+ res))``
+    with ``M = mf[q, :, o]`` as a 6 x 6 grid; ``out`` and ``res`` are flat NHWC of shape
+    ``(N, oh, ow, O)`` (``res`` empty: no residual), ``out_hw = (oh, ow)``; pixels beyond
+    ``oh, ow`` are not written."""
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out):
+        oh, ow = out_hw
+        a2o = 36 * O
+        s = np.empty(24 * O, np.float32)                   # A^T M, order (i, j, o)
+        e = np.empty(16 * O, np.float32)                   # one edge tile's outputs
+        for q in range(t1 - t0):
+            n, y, x = _tile_origin(t0 + q, th, tw, 4)
+            mq = mf[q * a2o:(q + 1) * a2o]
+            for j in range(6):                             # columns: A^T M[:, j]
+                for o in range(O):
+                    t = _at6((mq[j * O + o], mq[(6 + j) * O + o], mq[(12 + j) * O + o],
+                              mq[(18 + j) * O + o], mq[(24 + j) * O + o], mq[(30 + j) * O + o]))
+                    for i in range(4):
+                        s[(6 * i + j) * O + o] = t[i]
+            full = y + 4 <= oh and x + 4 <= ow
+            for i in range(4):                             # rows: (A^T M)[i, :] A
+                w = s[6 * i * O:6 * (i + 1) * O]
+                if full:
+                    b = ((n * oh + y + i) * ow + x) * O
+                    dst = out[b:b + 4 * O]
+                    if res.size == 0:
+                        for o in range(O):
+                            t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
+                            for j in range(4):
+                                dst[j * O + o] = _act(t[j] + bias[o], relu)
+                    else:
+                        rr = res[b:b + 4 * O]
+                        for o in range(O):
+                            t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
+                            for j in range(4):
+                                dst[j * O + o] = _act(t[j] + bias[o] + rr[j * O + o], relu)
+                else:
+                    for o in range(O):
+                        t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
+                        for j in range(4):
+                            e[(4 * i + j) * O + o] = t[j]
+            if not full:
+                for i in range(min(4, oh - y)):
+                    for j in range(min(4, ow - x)):
+                        b = ((n * oh + y + i) * ow + x + j) * O
+                        for o in range(O):
+                            v = e[(4 * i + j) * O + o] + bias[o]
+                            if res.size:
+                                v += res[b + o]
+                            out[b + o] = _act(v, relu)
+    return kernel
+
+
+def _output_f23(O):
+    """F(2x2, 3x3) output transform for O channels; as :func:`_output_f43` with 2 x 2 output
+    tiles from a 4 x 4 grid ``M = mf[q, :, o]``."""
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out):
+        oh, ow = out_hw
+        a2o = 16 * O
+        s = np.empty(8 * O, np.float32)
+        e = np.empty(4 * O, np.float32)
+        for q in range(t1 - t0):
+            n, y, x = _tile_origin(t0 + q, th, tw, 2)
+            mq = mf[q * a2o:(q + 1) * a2o]
+            for j in range(4):
+                for o in range(O):
+                    t = _at4((mq[j * O + o], mq[(4 + j) * O + o], mq[(8 + j) * O + o], mq[(12 + j) * O + o]))
+                    for i in range(2):
+                        s[(4 * i + j) * O + o] = t[i]
+            full = y + 2 <= oh and x + 2 <= ow
+            for i in range(2):
+                w = s[4 * i * O:4 * (i + 1) * O]
+                if full:
+                    b = ((n * oh + y + i) * ow + x) * O
+                    dst = out[b:b + 2 * O]
+                    if res.size == 0:
+                        for o in range(O):
+                            t = _at4((w[o], w[O + o], w[2 * O + o], w[3 * O + o]))
+                            for j in range(2):
+                                dst[j * O + o] = _act(t[j] + bias[o], relu)
+                    else:
+                        rr = res[b:b + 2 * O]
+                        for o in range(O):
+                            t = _at4((w[o], w[O + o], w[2 * O + o], w[3 * O + o]))
+                            for j in range(2):
+                                dst[j * O + o] = _act(t[j] + bias[o] + rr[j * O + o], relu)
+                else:
+                    for o in range(O):
+                        t = _at4((w[o], w[O + o], w[2 * O + o], w[3 * O + o]))
+                        for j in range(2):
+                            e[(2 * i + j) * O + o] = t[j]
+            if not full:
+                for i in range(min(2, oh - y)):
+                    for j in range(min(2, ow - x)):
+                        b = ((n * oh + y + i) * ow + x + j) * O
+                        for o in range(O):
+                            v = e[(2 * i + j) * O + o] + bias[o]
+                            if res.size:
+                                v += res[b + o]
+                            out[b + o] = _act(v, relu)
+    return kernel
+
+
+def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=None, pool=None):
+    """Dense 3x3 stride-1 conv of an NHWC batch by F(m x m, 3x3), block of tiles by block of tiles.
+
+    Parameters
+    ----------
+    xn : ndarray, shape (N, H, W, C), float32
+        Input in NHWC order (any strides).
+    U : ndarray, shape ((m+2)**2, C, O), float32
+        :func:`weight_transform` of the filters.
+    bias : ndarray, shape (O,), float32
+    pads : (int, int, int, int)
+        ``(top, left, bottom, right)``.
+    out_hw : (int, int)
+        ``(oh, ow) = (H + top + bottom - 2, W + left + right - 2)``.
+    m : {2, 4}
+    relu : bool
+    res : ndarray, shape (N, oh, ow, O), float32, C-contiguous, optional
+        Added before the activation.
+    out : ndarray, shape (N, oh, ow, O), float32, C-contiguous, optional
+        Written (allocated when None).
+    block : int, optional
+        Tiles per block (input transform, products and output transform run block by block, so
+        that the transformed tiles stay in cache); default :func:`default_block`.
+    pool : concurrent.futures.Executor, optional
+        When given, the blocks are split in two halves and one half runs on ``pool`` (the kernels
+        release the GIL, and so does ``np.matmul``).
+
+    Returns
+    -------
+    ndarray, shape (N, oh, ow, O), float32
+    """
+    n, h, wd, c = xn.shape
+    a2, o = U.shape[0], U.shape[2]
+    oh, ow = out_hw
+    th, tw = tile_counts(oh, ow, m)
+    pt, pl = pads[0], pads[1]
+    xp = np.zeros((n, th * m + 2, tw * m + 2, c), np.float32)   # covers H + pads, and every tile
+    xp[:, pt:pt + h, pl:pl + wd, :] = xn
+    xf = xp.reshape(-1)
+    if out is None:
+        out = np.empty((n, oh, ow, o), np.float32)
+    of = out.reshape(-1)
+    rf = _NO_RES if res is None else res.reshape(-1)
+    kin, kout = input_kernel(m, c), output_kernel(m, o)
+    n_t = n * th * tw
+    tb = block or default_block(m, c, o)
+    if pool is not None:
+        # two threads each calling sgemm: keep every product below OpenBLAS's threshold for
+        # threading it (M*N*K <= 4 * 65536), or both threads wait for the one BLAS worker
+        # (measured: F(2x2, 3x3) at C = O = 64 and 128-tile blocks ran 300x slower)
+        tb = min(tb, max(8, BLAS_SERIAL_MNK // (c * o)))
+    tb = min(n_t, tb)
+
+    def run(t_lo, t_hi):
+        V = np.empty((tb, a2, c), np.float32)
+        M = np.empty((tb, a2, o), np.float32)
+        vf, mf = V.reshape(-1), M.reshape(-1)
+        for t0 in range(t_lo, t_hi, tb):
+            t1 = min(t0 + tb, t_hi)
+            k = t1 - t0
+            kin(xf, xp.shape, th, tw, t0, t1, vf)
+            np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))     # M[xi] = V[xi] U[xi]
+            kout(mf, th, tw, t0, t1, (oh, ow), bias, rf, relu, of)
+
+    n_blocks = -(-n_t // tb)
+    if pool is None or n_blocks < 2:
+        run(0, n_t)
+    else:
+        half = (n_blocks // 2) * tb
+        job = pool.submit(run, half, n_t)
+        run(0, half)
+        job.result()
+    return out
+
+
+#: OpenBLAS runs a matrix product on one thread when M*N*K <= this (SMP_THRESHOLD_MIN *
+#: GEMM_MULTITHREAD_THRESHOLD, interface/gemm.c)
+BLAS_SERIAL_MNK = 4 * 65536
+
+
+def default_block(m: int, c: int, o: int) -> int:
+    """Tiles per block: the transformed tiles and their products (``(m+2)^2 (C + O)`` floats per
+    tile) take about 1 MB, and at least 16 tiles."""
+    return max(16, (1 << 20) // ((m + 2) ** 2 * (c + o) * 4))

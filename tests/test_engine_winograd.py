@@ -1,0 +1,177 @@
+"""Winograd F(2x2, 3x3) / F(4x4, 3x3) and the measured kernel choice (dfmpc.engine.winograd,
+dfmpc.engine.kernel_choice).
+
+Twins: the plain-loop float64 Winograd of dfmpc.engine.reference_kernels (the same algorithm, tile by
+tile, with the transform matrices) and the float64 reference convolution dfmpc.conv2d.
+
+Rounding (float32): measured against dfmpc.conv2d and expressed relative to
+S = max over outputs of sum |w| |x| (the largest sum of absolute products, which is what float32
+rounding of a dot product scales with), over random data at C = 8..64:
+direct kernel <= 6e-8 S (about one float32 epsilon), F(2x2, 3x3) <= 1.3e-7 S (about 2x the direct
+kernel), F(4x4, 3x3) <= 1.7e-6 S (about 25x: its transforms multiply by up to 8 and 1/24).
+The tests allow 1e-6 S (F(2x2)) and 1e-5 S (F(4x4)), ~6x above those figures.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dfmpc import conv2d as reference_conv2d
+from dfmpc.engine import conv as conv_module
+from dfmpc.engine import kernel_choice, winograd
+from dfmpc.engine.conv import conv2d_f32
+from dfmpc.engine.reference_kernels import winograd_conv_loops
+
+#: allowed error relative to S = max sum |w||x| (see the module docstring), per tile size m
+REL_TOL = {2: 1e-6, 4: 1e-5}
+
+# Channel counts are drawn from small sets: every (m, C) and (m, O) is one compiled kernel.
+CHANNELS_IN = [1, 3, 8]
+CHANNELS_OUT = [2, 8]
+
+
+@st.composite
+def winograd_cases(draw):
+    n = draw(st.integers(1, 3))
+    c, o = draw(st.sampled_from(CHANNELS_IN)), draw(st.sampled_from(CHANNELS_OUT))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, 3 - pads[0] - pads[2]), 11))
+    w = draw(st.integers(max(1, 3 - pads[1] - pads[3]), 11))
+    return n, c, h, w, o, pads, draw(st.sampled_from([2, 4])), draw(st.booleans()), draw(st.booleans()), \
+        draw(st.sampled_from([None, 1, 3])), draw(st.integers(0, 2**16))
+
+
+def _scale(x, w, pads):
+    """S: the largest sum of absolute products of any output (float64)."""
+    return float(reference_conv2d(np.abs(x), np.abs(w), 1, pads).max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(winograd_cases())
+def test_winograd_conv_matches_twins(case):
+    """conv3x3 (blocks of 1, 3 or all tiles; one thread or two) equals the float64 plain-loop Winograd
+    and dfmpc.conv2d, with bias, residual and ReLU; splitting across threads changes no bit."""
+    n, c, h, wd, o, pads, m, relu, with_res, block, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, c, h, wd)).astype(np.float32)
+    w = rng.normal(size=(o, c, 3, 3)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    want = reference_conv2d(x, w, 1, pads, bias=b)
+    oh, ow = want.shape[2:]
+    res = rng.normal(size=(n, oh, ow, o)).astype(np.float32) if with_res else None
+    if res is not None:
+        want = want + res.transpose(0, 3, 1, 2)
+    if relu:
+        want = np.maximum(want, 0)
+    xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    U = winograd.weight_transform(w, m)
+    got = winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, block=block)
+    tol = REL_TOL[m] * _scale(x, w, pads)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, atol=tol, rtol=0)
+    twin = winograd_conv_loops(x, w, pads, m, b)
+    if res is not None:
+        twin = twin + res.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), np.maximum(twin, 0) if relu else twin, atol=tol, rtol=0)
+    split = winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, block=block or 1, pool=conv_module._pool())
+    np.testing.assert_array_equal(split, winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, block=block or 1))
+
+
+def test_winograd_twin_is_the_convolution():
+    """The plain-loop Winograd is exact up to float64 rounding (it defines the algorithm, not an approximation)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(2, 3, 7, 6)), rng.normal(size=(4, 3, 3, 3))
+    for m in (2, 4):
+        np.testing.assert_allclose(winograd_conv_loops(x, w, (1, 0, 2, 1), m),
+                                   reference_conv2d(x, w, 1, (1, 0, 2, 1)), atol=1e-12, rtol=0)
+
+
+def test_winograd_negative_control():
+    """A wrong transform is caught: swapping two rows of B^T breaks the twin comparison by far more than the tolerance."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(1, 2, 6, 6)), rng.normal(size=(2, 2, 3, 3))
+    saved = winograd.BT[4].copy()
+    try:
+        winograd.BT[4][[1, 2]] = winograd.BT[4][[2, 1]]
+        err = np.abs(winograd_conv_loops(x, w, (1, 1, 1, 1), 4) - reference_conv2d(x, w, 1, 1)).max()
+    finally:
+        winograd.BT[4][...] = saved
+    assert err > 1e3 * REL_TOL[4] * _scale(x, w, (1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("kernel", ["winograd_f2", "winograd_f4"])
+def test_conv2d_f32_winograd_through_the_engine(kernel):
+    """conv2d_f32 with a Winograd kernel forced: 3x3 stride 1 runs it (NCHW view of NHWC input, residual,
+    ReLU); other geometry falls back to the direct kernel; the cached filter transform follows in-place edits."""
+    rng = np.random.default_rng(2)
+    x = np.ascontiguousarray(rng.normal(size=(2, 9, 10, 8)).astype(np.float32)).transpose(0, 3, 1, 2)
+    w = rng.normal(size=(8, 8, 3, 3)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    res = rng.normal(size=(2, 8, 9, 10)).astype(np.float32)
+    m = 2 if kernel == "winograd_f2" else 4
+    saved = conv_module.KERNEL
+    try:
+        conv_module.KERNEL = kernel
+        for _ in range(2):                                    # second time: the filter transform is cached
+            got = conv2d_f32(x, w, b, pads=(1, 1, 1, 1), relu=True, residual=res)
+            want = np.maximum(reference_conv2d(x, w, 1, 1, bias=b) + res, 0)
+            np.testing.assert_allclose(got, want, atol=REL_TOL[m] * _scale(x, w, 1), rtol=0)
+            w *= -1                                           # in place: the cache must notice
+        got = conv2d_f32(x, w, b, strides=(2, 2), pads=(1, 1, 1, 1))   # not Winograd's: direct
+        np.testing.assert_allclose(got, reference_conv2d(x, w, 2, 1, bias=b), atol=1e-4, rtol=0)
+    finally:
+        conv_module.KERNEL = saved
+
+
+def test_choose_keeps_the_fastest_that_agrees(tmp_path, monkeypatch):
+    """kernel_choice.choose: a faster but wrong candidate is rejected (negative control), the fastest
+    correct one is kept, written to the cache file under DFMPC_CACHE_DIR and read back after forget()."""
+    monkeypatch.setenv("DFMPC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_memory", {})
+    monkeypatch.setattr(kernel_choice, "_loaded", True)
+    y = np.arange(6.0)
+
+    def slow():
+        s = 0
+        for i in range(200_000):
+            s += i
+        return y.copy()
+
+    cands = {"ref": slow, "wrong_fast": lambda: y + 1.0, "right_fast": lambda: y + 1e-9}
+    name, out = kernel_choice.choose("shape-a", cands, "ref", tolerance=1e-6)
+    assert name == "right_fast" and np.array_equal(out, y + 1e-9)
+    entry = kernel_choice.table()["shape-a"]
+    assert entry["rejected"] == ["wrong_fast"] and set(entry["ms"]) == set(cands)
+    path = kernel_choice.cache_path()
+    assert path.parent == tmp_path and path.exists()
+    kernel_choice.forget()
+    assert kernel_choice.lookup("shape-a") is None           # forgotten in memory ...
+    monkeypatch.setattr(kernel_choice, "_loaded", False)
+    assert kernel_choice.lookup("shape-a") == "right_fast"   # ... and read back from disk
+
+
+def test_cpu_signature_and_key():
+    sig = kernel_choice.cpu_signature()
+    assert set(sig) >= {"model", "llvm_cpu", "simd", "machine"}
+    assert all(f in kernel_choice.SIMD_FEATURES for f in sig["simd"])
+    assert str(kernel_choice.cache_path()).endswith(".json")
+    k = kernel_choice.shape_key((13, 8, 9, 9), (16, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2)
+    assert k.startswith("n8 c8 h9 w9 o16 k3x3") and k.endswith("t2")
+
+
+def test_auto_kernel_measures_once_and_agrees(tmp_path, monkeypatch):
+    """KERNEL = "auto" on a conv above MEASURE_MIN_MACS: the first call measures the candidates and returns
+    the chosen one's output, later calls reuse the choice; both equal dfmpc.conv2d."""
+    monkeypatch.setenv("DFMPC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_memory", {})
+    monkeypatch.setattr(kernel_choice, "_loaded", True)
+    monkeypatch.setattr(conv_module, "KERNEL", "auto")
+    monkeypatch.setattr(conv_module, "MEASURE_MIN_MACS", 1)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 8, 12, 12)).astype(np.float32)
+    w = rng.normal(size=(8, 8, 3, 3)).astype(np.float32)
+    want = reference_conv2d(x, w, 1, 1)
+    for _ in range(2):
+        np.testing.assert_allclose(conv2d_f32(x, w, pads=(1, 1, 1, 1)), want,
+                                   atol=REL_TOL[4] * _scale(x, w, 1), rtol=0)
+    (entry,) = kernel_choice.table().values()
+    assert entry["kernel"] in conv_module.DENSE_KERNELS and "direct" in entry["ms"]
