@@ -2,22 +2,28 @@
 
 Measures, in one run: images/s of the dfmpc engine, onnxruntime (CPU, same
 thread count) and PyTorch CPU (when installed) on ResNet-20 at 1x28x28, batch
-256, float32; the engine's achieved GFLOP/s (conv + linear multiply-adds, 2
-FLOP each) and numpy's float32 matmul GFLOP/s measured in the same run.
-Each figure is the median of ``--repeats`` timed runs after one warm-up run;
-the engines are timed round-robin so that load from other processes hits all alike.
+256, float32, at each thread count of ``--threads`` (default 1 and 2, each in
+its own child process, since thread pools are sized at import); the engine's
+achieved GFLOP/s (conv + linear multiply-adds, 2 FLOP each, as a direct conv
+counts them) and numpy's float32 matmul GFLOP/s measured in the same run; the
+machine (CPU model, LLVM's name for the core, SIMD features); the conv kernel
+the engine chose for each conv shape (with the times it measured); and the
+first-use cost: a child process with empty Numba and kernel-choice caches runs
+the network once (compiling the kernels and measuring the candidates) and then
+again.  Each speed figure is the median of ``--repeats`` timed runs after one
+warm-up run; the engines are timed round-robin so that load from other
+processes hits all alike.
 
 Usage::
 
     python benchmarks/engine.py --json            # one JSON object on stdout
+    python benchmarks/engine.py --json --out benchmarks/results/engine.json
     python benchmarks/engine.py --threads 2 --repeats 7
-    python benchmarks/engine.py --json --conv-matmul blas     # engine convs through numpy's BLAS
+    python benchmarks/engine.py --json --conv-kernel im2col_blas   # one kernel for every conv
 
 The JSON records OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: they select numpy's
-OpenBLAS kernels (this project's CI pins Haswell = AVX2), which matters for
-the "numpy matmul" reference figure and for ``--conv-matmul blas``.  To see
-OpenBLAS's own choice for the machine, unset both for one command:
-``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/engine.py --json``.
+OpenBLAS kernels, which matters for the "numpy matmul" reference figure and for
+the BLAS-based conv kernels (im2col + BLAS, Winograd's products).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -34,19 +42,23 @@ def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2, help="threads for every engine and for BLAS")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (for every engine and BLAS)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=16, help="dfmpc engine chunk size (images)")
     p.add_argument("--conv-kernel", choices=["auto", "direct", "im2col_blas", "winograd_f2", "winograd_f4"],
                    default="auto", help="dense-conv kernel of the engine: measured per shape (auto, default) "
                    "or one for every conv")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--out", help="also write the JSON object to this file")
+    p.add_argument("--no-first-use", action="store_true", help="skip the fresh-cache (compile time) run")
+    p.add_argument("--child", choices=["speed", "first_use"], help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 ARGS = _args()
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[var] = str(ARGS.threads)        # before numpy / numba / torch are imported
+if ARGS.child:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)    # before numpy / numba / torch are imported
 
 import numpy as np  # noqa: E402
 
@@ -124,23 +136,52 @@ def _torch_model(graph):
     return model.eval()
 
 
-def main():
+def _used_kernel_keys():
+    """Record the conv shape keys the engine looks up (to report the kernel chosen for each)."""
+    from dfmpc.engine import kernel_choice
+    used, lookup = [], kernel_choice.lookup
+
+    def recording(key):
+        if key not in used:
+            used.append(key)
+        return lookup(key)
+    kernel_choice.lookup = recording
+    return used
+
+
+def first_use():
+    """Child process with empty caches: seconds of the first run (compile + measure) and of the second."""
+    from dfmpc.engine import conv as engine_conv
+    engine_conv.KERNEL = ARGS.conv_kernel
+    t = time.perf_counter()
+    import dfmpc.engine.kernels_numba  # noqa: F401
+    t_import = time.perf_counter() - t
+    graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
+    x = np.random.default_rng(1).normal(size=(ARGS.batch, 1, 28, 28)).astype(np.float32)
+    t = time.perf_counter()
+    graph.run(x, batch_size=ARGS.chunk)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    graph.run(x, batch_size=ARGS.chunk)
+    second = time.perf_counter() - t
+    return {"threads": int(ARGS.threads), "import_s": t_import, "first_run_s": first, "second_run_s": second,
+            "first_use_cost_s": first - second}
+
+
+def speed():
     import onnxruntime as ort
 
     from dfmpc.engine import conv as engine_conv
+    from dfmpc.engine import kernel_choice
     engine_conv.KERNEL = ARGS.conv_kernel
+    used = _used_kernel_keys()
     graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
     x = np.random.default_rng(1).normal(size=(ARGS.batch, 1, 28, 28)).astype(np.float32)
     flops = conv_flops(graph, (1, 28, 28)) * ARGS.batch
-    result = {"model": graph.name, "input_shape": list(x.shape), "dtype": "float32",
-              "threads": ARGS.threads, "repeats": ARGS.repeats, "engine_chunk": ARGS.chunk,
-              "engine_conv_kernel": ARGS.conv_kernel,
-              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-              "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
-              "gflop_per_batch": flops / 1e9}
+    result = {"threads": int(ARGS.threads)}
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = ARGS.threads, 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = int(ARGS.threads), 1
     sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     runners = {"engine": lambda: graph.run(x, batch_size=ARGS.chunk),
                "onnxruntime": lambda: sess.run(None, {"input": x})[0]}
@@ -149,7 +190,7 @@ def main():
     except ImportError:
         torch = None
     if torch is not None:
-        torch.set_num_threads(ARGS.threads)
+        torch.set_num_threads(int(ARGS.threads))
         model, xt = _torch_model(graph), torch.from_numpy(x)
 
         def run_torch():
@@ -175,17 +216,68 @@ def main():
         result.update({"torch_img_per_s": None, "engine_vs_torch": None})
     flops_per_s = flops / times["engine"] / 1e9
     mm = _matmul_gflops(ARGS.repeats)
+    table = kernel_choice.table()
     result.update({"engine_gflop_per_s": flops_per_s, "numpy_matmul_gflop_per_s": mm,
                    "engine_fraction_of_matmul": flops_per_s / mm,
-                   "onnxruntime_version": ort.__version__, "numpy_version": np.__version__,
-                   "python": platform.python_version(), "machine": platform.machine(),
-                   "cpu_count": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
-                   "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])})
+                   "conv_kernels": {k: table.get(k, {"kernel": "direct (not measured: small)"}) for k in used},
+                   "onnxruntime_version": ort.__version__,
+                   "load_average_1min_at_end": os.getloadavg()[0]})
+    return result
+
+
+def _child(kind, threads, env=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--threads", str(threads),
+           "--batch", str(ARGS.batch), "--depth", str(ARGS.depth), "--repeats", str(ARGS.repeats),
+           "--chunk", str(ARGS.chunk), "--conv-kernel", ARGS.conv_kernel]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise SystemExit(f"{kind} run at {threads} threads failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    if ARGS.child:
+        print(json.dumps(speed() if ARGS.child == "speed" else first_use()))
+        return
+    from dfmpc.engine.kernel_choice import cpu_signature
+    threads = [int(t) for t in ARGS.threads.split(",")]
+    graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
+    result = {"model": graph.name, "input_shape": [ARGS.batch, 1, 28, 28], "dtype": "float32",
+              "repeats": ARGS.repeats, "engine_chunk": ARGS.chunk, "engine_conv_kernel": ARGS.conv_kernel,
+              "gflop_per_batch": conv_flops(graph, (1, 28, 28)) * ARGS.batch / 1e9,
+              "cpu": cpu_signature(), "cpu_count": os.cpu_count(),
+              "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+              "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+              "numpy_version": np.__version__, "python": platform.python_version(),
+              "load_average_1min_at_start": os.getloadavg()[0]}
+    runs = {str(t): _child("speed", t) for t in threads}
+    result["runs"] = runs
+    if len(threads) > 1:
+        lo, hi = str(min(threads)), str(max(threads))
+        result["engine_thread_speedup"] = runs[hi]["engine_img_per_s"] / runs[lo]["engine_img_per_s"]
+        result["onnxruntime_thread_speedup"] = runs[hi]["onnxruntime_img_per_s"] / runs[lo]["onnxruntime_img_per_s"]
+    if not ARGS.no_first_use:
+        with tempfile.TemporaryDirectory() as numba_dir, tempfile.TemporaryDirectory() as choice_dir:
+            result["first_use"] = _child("first_use", min(threads),
+                                         {"NUMBA_CACHE_DIR": numba_dir, "DFMPC_CACHE_DIR": choice_dir})
+    result["load_average_1min_at_end"] = os.getloadavg()[0]
+    result["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    text = json.dumps(result)
+    if ARGS.out:
+        with open(ARGS.out + ".tmp", "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        os.replace(ARGS.out + ".tmp", ARGS.out)
     if ARGS.json:
-        print(json.dumps(result))
+        print(text)
     else:
-        for k, v in result.items():
-            print(f"{k:36s} {v:.4g}" if isinstance(v, float) else f"{k:36s} {v}")
+        for t, r in runs.items():
+            print(f"threads {t}: engine {r['engine_img_per_s']:.0f} img/s, onnxruntime "
+                  f"{r['onnxruntime_img_per_s']:.0f} img/s, ratio {r['engine_vs_onnxruntime']:.2f}")
+            for k, v in r["conv_kernels"].items():
+                print(f"    {k:60s} {v['kernel']}")
+        for k in ("engine_thread_speedup", "onnxruntime_thread_speedup", "first_use"):
+            if k in result:
+                print(f"{k}: {result[k]}")
 
 
 if __name__ == "__main__":

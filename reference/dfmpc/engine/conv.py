@@ -202,8 +202,12 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
 
 
 #: convs with fewer multiply-adds per call than this run "direct" without measuring (the
-#: measurement and the compilation of new kernels would cost more than they can save)
-MEASURE_MIN_MACS = 1 << 22
+#: measurement and the compilation of new kernels would cost more than they can save);
+#: ResNet-20's convs on 16 images have 2**24.8 (and the 1-channel stem 2**20.8)
+MEASURE_MIN_MACS = 1 << 24
+
+#: the candidates are measured on the first images of the batch, about this many multiply-adds
+MEASURE_MACS = 1 << 25
 
 
 def applicable_kernels(kernel, strides, dilations, out_hw=None) -> tuple[str, ...]:
@@ -244,18 +248,25 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
 
     if KERNEL != "auto":
         return run(KERNEL if KERNEL in names else "direct").transpose(0, 3, 1, 2)
-    if n * oh * ow * o * c * kh * kw < MEASURE_MIN_MACS:
+    macs_per_image = oh * ow * o * c * kh * kw
+    if n * macs_per_image < MEASURE_MIN_MACS:
         return run("direct").transpose(0, 3, 1, 2)
     key = kernel_choice.shape_key(x.shape, w.shape, strides, pads, dilations, threads)
     name = kernel_choice.lookup(key)
-    if name in names:
-        return run(name).transpose(0, 3, 1, 2)
-    names = applicable_kernels((kh, kw), strides, dilations, (oh, ow))
-    # first time this shape is seen: measure; candidates must agree with "direct" to within a
-    # bound far above float32 rounding (see tests/test_engine_winograd.py) yet far below a bug
-    scale = float(np.abs(x).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
-    name, y = kernel_choice.choose(key, {k: (lambda k=k: run(k)) for k in names}, "direct", 1e-3 * scale)
-    return y.transpose(0, 3, 1, 2)
+    if name not in names:
+        # first time this shape is seen: measure on the first few images; the candidates must
+        # agree with "direct" to within a bound far above float32 rounding (Winograd F(4x4)'s
+        # is ~2e-6 of it, tests/test_engine_winograd.py) yet far below what a bug produces
+        k = max(1, min(n, MEASURE_MACS // macs_per_image))
+        xs, rs = xn[:k], None if res is None else res[:k]
+        scale = float(np.abs(xs).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
+        cands = {kn: (lambda kn=kn: _run_dense(kn, xs, w, wt, b, strides, pads, dilations, oh, ow, relu, rs,
+                                              threads))
+                 for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow))}
+        name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale)
+        if k == n:
+            return y.transpose(0, 3, 1, 2)
+    return run(name).transpose(0, 3, 1, 2)
 
 
 def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, threads):

@@ -173,8 +173,11 @@ def choose(key: str, candidates: dict, reference: str, tolerance) -> tuple[str, 
     """
     outputs = {name: f() for name, f in candidates.items()}   # untimed: compiles, warms caches
     times = dict.fromkeys(candidates, float("inf"))
-    for _ in range(REPEATS):                   # round-robin, so that load from elsewhere hits all alike
+    for r in range(REPEATS):                   # round-robin, so that load from elsewhere hits all alike
+        best = min(times.values())
         for name, f in candidates.items():
+            if r > 1 and times[name] > 3 * best:    # clearly slower twice: stop timing it
+                continue
             t = time.perf_counter()
             f()
             times[name] = min(times[name], time.perf_counter() - t)
