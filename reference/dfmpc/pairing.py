@@ -81,6 +81,15 @@ def positively_homogeneous(node: Node) -> bool:
 
     ReLU is; ``Clip(lo, hi)`` is exactly when each bound is 0 or infinite (missing), so ReLU6 =
     ``Clip(0, 6)`` is not.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> relu6 = Node("r6", "Clip", ["x"], ["y"], {"min": 0.0, "max": 6.0})
+    >>> positively_homogeneous(relu6), positively_homogeneous(Node("r", "Relu", ["x"], ["y"]))
+    (False, True)
+    >>> x = np.array([1.0, 4.0]); bool(np.array_equal(np.clip(2 * x, 0, 6), 2 * np.clip(x, 0, 6)))   # H.1 fails
+    False
     """
     if node.op == "Relu":
         return True

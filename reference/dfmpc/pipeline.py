@@ -251,6 +251,25 @@ def apply_c(g: Graph, pair: Pair, bn_hat, c, form: str):
     Returns
     -------
     BatchNorm
+
+    Raises
+    ------
+    ValueError
+        ``form`` is neither; ``c`` of the wrong length or with ``c_j < 0``.
+
+    Examples
+    --------
+    >>> import numpy as np, dfmpc
+    >>> from dfmpc.engine import Graph, Node
+    >>> from dfmpc.pairing import Pair
+    >>> B = Node("B", "Conv", ["x"], ["y"], {"group": 1}, {"W": np.ones((1, 2, 1, 1), np.float32)})
+    >>> g = Graph([B], ["x"], ["y"], {"x": (2, 1, 1)})
+    >>> bn = dfmpc.BatchNorm(gamma=[1.0, 1.0], beta=[0.0, 0.0], mean=[0.0, 0.0], var=[1.0, 1.0])
+    >>> bn_out = apply_c(g, Pair("A", "bn", "act", "B", "eq7"), bn, np.array([0.5, 2.0]), "eq7")
+    >>> g.node("B").params["W"].ravel().tolist()          # Eq. (7): W~_{:,j} = c_j W_{:,j}
+    [0.5, 2.0]
+    >>> bool(np.array_equal(bn_out.gamma, bn.gamma))     # BN^A unchanged
+    True
     """
     if form == "fold":
         return fold_into_bn(bn_hat, c)                                            # (F.a) = Eq. (7) on conv B
