@@ -266,3 +266,59 @@ def test_port_and_dfmpc_agree_on_zoo_resnet20_test_subset(vec, resnet20):
             pred_port = q(t(x)).argmax(1).numpy()
         assert int(np.sum(pred_ref != pred_port)) <= 2
         assert abs(np.mean(pred_ref == y) - np.mean(pred_port == y)) <= 0.002
+
+
+class _BiasPoolNet(torch.nn.Module):
+    """conv(bias) -> BN -> ReLU -> MaxPool -> conv: the pair passes through pooling and the bias moves into BN."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 12, 3, padding=1, bias=True), nn.BatchNorm2d(12)
+        self.pool = nn.MaxPool2d(2)
+        self.c2, self.b2 = nn.Conv2d(12, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.b0(self.c0(x)))
+        x = self.pool(F.relu(self.b1(self.c1(x))))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_port_and_dfmpc_agree_with_conv_bias_and_pooling_in_the_pair():
+    """A biased low conv and a MaxPool between ReLU and conv B: the port pairs c1 -> c2 like dfmpc.find_pairs and
+    gives dfmpc's c (Eq. (27)) and logits; negative control: leaving the bias out of BN's mean changes c."""
+    from dfmpc import quantize_network
+    from dfmpc.interop.torch_export import graph_from_torch
+    torch.manual_seed(0)
+    model = _BiasPoolNet()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.running_mean.normal_(0.0, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    model.eval()
+    g = graph_from_torch(model, (3, 8, 8))
+    probes = np.random.default_rng(0).standard_normal((8, 3, 8, 8), dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8), dtype=np.float32)
+    for mode in ("absorb", "sequential"):
+        qg, rep = quantize_network(g, 2, 6, recalibration=mode, probes=probes, progress=False)
+        q, c_of = P.dfmpc_quantize(model, 2, 6, recalibration=mode, probes=t(probes))
+        assert [V.module_name(p.low) for p in rep.pairs] == list(c_of) == ["c1"]
+        assert np.allclose(c_of["c1"].numpy(), rep.pairs[0].c, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            logits = q(t(x)).numpy()
+        ref = qg.run(x)
+        assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()
+    no_bias = _BiasPoolNet()
+    no_bias.load_state_dict(model.state_dict())
+    no_bias.c1.bias = None                          # the port's step 0 skipped: BN's mean keeps the bias in it
+    _, c_bad = P.dfmpc_quantize(no_bias.eval(), 2, 6, recalibration="absorb")
+    assert np.abs(c_bad["c1"].numpy() - quantize_network(g, 2, 6, recalibration="absorb")[1].pairs[0].c).max() > 1e-3
