@@ -17,7 +17,7 @@ import dfmpc
 from dfmpc.engine.builders import resnet_cifar
 from dfmpc.interop import load_model, save_model
 from dfmpc.interop.onnx_import import dequantize_linear
-from dfmpc.interop.qdq import DEQUANT_RTOL, integer_grid, layer_bits
+from dfmpc.interop.qdq import DEQUANT_RTOL, factored_grid, integer_grid, layer_bits
 from dfmpc.pipeline import quantize_weights
 from strategies import filters, seeds
 
@@ -269,3 +269,80 @@ def test_qdq_softmax_only_over_the_last_axis(tmp_path):
     with pytest.raises(ValueError, match="Softmax node 'sm'.*last axis"):
         save_model(g4, tmp_path / "bad.onnx", format="qdq")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------ c applied by Eq. (7)
+
+@settings(max_examples=50)
+@given(seed=seeds, k=st.integers(2, 7), depthwise=st.booleans(), zeros=st.booleans())
+def test_factored_grid_divides_c_out_of_eq7_weights(seed, k, depthwise, zeros):
+    """W~_{:,j} = c_j kQ(W)_{:,j} (Eq. (7)): the grid of kQ(W) comes back; c is folded into a depthwise conv's
+    scale, else kept as a per-input-channel factor; c_j = 0 columns hold a level of the grid (no new one)."""
+    rng = np.random.default_rng(seed)
+    O, C = (6, 6) if depthwise else (5, 4)
+    W = rng.normal(size=(O, 1 if depthwise else C, 3, 3))
+    c = rng.uniform(0.2, 1.8, C)
+    if zeros:
+        c[rng.integers(C)] = 0.0
+    group = C if depthwise else 1
+    W_tilde = dfmpc.scale_input_channels(quantize_weights(W, k, "dorefa"), c, group).astype(np.float32)
+    q, scale, factor = factored_grid(W_tilde, c, group, bits=k)
+    grid_q, _ = integer_grid(quantize_weights(W, k, "dorefa"), bits=k)
+    live = np.broadcast_to((c > 0).reshape((-1, 1, 1, 1) if depthwise else (1, -1, 1, 1)), q.shape)
+    np.testing.assert_array_equal(q[live], grid_q[live])
+    assert np.unique(q).size <= 2 ** k and np.all(q % 2 == 1)          # c_j = 0 columns add no level
+    if depthwise:
+        assert factor is None
+        assert np.all(scale[c == 0] == 0)
+        np.testing.assert_allclose(scale[c > 0], (c * np.abs(quantize_weights(W, k, "dorefa")).max() / (2 ** k - 1))[c > 0],
+                                   rtol=1e-6)
+    else:
+        assert factor.shape == (1, C, 1, 1)
+        np.testing.assert_array_equal(factor.ravel(), c.astype(np.float32))
+
+
+def test_factored_grid_refuses_weights_that_are_not_eq7_of_this_c():
+    W_tilde = quantize_weights(np.random.default_rng(0).normal(size=(4, 3, 3, 3)), 6)       # c = 1 applied
+    with pytest.raises(ValueError, match="c = 0"):
+        factored_grid(W_tilde, np.array([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="not on an integer grid|not reproduced"):
+        factored_grid(W_tilde, np.array([1.0, 0.37, 1.0]))
+
+
+def test_qdq_export_of_eq7_pairs_keeps_c_as_an_input_channel_factor(tmp_path):
+    """c_form='eq7': conv B carries c on its input channels; with report= the file has one Mul per pair after the
+    DequantizeLinear and runs as the float export; without report= the export is refused, naming the layer."""
+    q, report = dfmpc.quantize_network(resnet_cifar(8, seed=3), 2, 6, recalibration="absorb", c_form="eq7")
+    assert report.pairs and all(p.form == "eq7" for p in report.pairs)
+    with pytest.raises(ValueError, match=f"{report.pairs[0].high}.*pass report="):
+        save_model(q, tmp_path / "no.onnx", format="qdq")
+    save_model(q, tmp_path / "f.onnx")
+    save_model(q, tmp_path / "q.onnx", format="qdq", report=report)
+    model = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_input_factor_mul")]
+    assert sorted(n.output[0] for n in muls) == sorted(f"{p.high}.W" for p in report.pairs)
+    x = np.random.default_rng(1).normal(size=(16, 1, 28, 28)).astype(np.float32)
+    ref = q.run(x)
+
+    def ort_run(p):
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(ort_run(tmp_path / "q.onnx"), ort_run(tmp_path / "f.onnx"), rtol=0,
+                               atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(load_model(tmp_path / "q.onnx").run(x), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_clip_bounds_are_exported_as_scalars_and_read_back():
+    """ONNX Clip takes scalar min / max: a 0-d bound stays 0-d in the export, and the importer reads either form."""
+    from dfmpc.engine.graph import Graph, Node
+    from dfmpc.interop import from_onnx, to_onnx
+    W = quantize_weights(np.random.default_rng(0).normal(size=(2, 1, 3, 3)), 6)
+    g = Graph([Node("conv", "Conv", ["x"], ["y"], {"kernel_shape": (3, 3)}, {"W": W}),
+               Node("clip", "Clip", ["y"], ["z"], {"min": 0.0, "max": 6.0})], ["x"], ["z"], {"x": (1, 5, 5)})
+    for fmt in ("float", "qdq"):
+        model = to_onnx(g, fmt)
+        bounds = [t for t in model.graph.initializer if t.name.startswith("clip.")]
+        assert [list(t.dims) for t in bounds] == [[], []]
+        back = from_onnx(model)
+        assert back.node("clip").attrs == {"min": 0.0, "max": 6.0}

@@ -151,8 +151,7 @@ def cmd_quantize(a) -> dict:
     q, rep = quantize_network(g, compensation=a.compensation, calibration_data=_calibration(a), pairs=pairs,
                               **_quant_kwargs(a))
     if a.format == "qdq":
-        from .interop.qdq import layer_bits
-        save_model(q, a.output, overwrite=a.overwrite, format="qdq", bits=layer_bits(q, rep))
+        save_model(q, a.output, overwrite=a.overwrite, format="qdq", report=rep)
     else:
         save_model(q, a.output, overwrite=a.overwrite)
     if not a.json:

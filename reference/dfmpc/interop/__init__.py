@@ -59,7 +59,7 @@ def load_model(path: str | os.PathLike) -> Graph:
 
 
 def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False, format: str = "float",
-               bits: dict | None = None) -> None:
+               bits: dict | None = None, report=None) -> None:
     """Save ``graph`` by suffix (``.onnx`` or ``.npz``), atomically.
 
     Parameters
@@ -73,6 +73,9 @@ def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False, f
         ``DequantizeLinear`` (opset 13; :mod:`dfmpc.interop.qdq`), for a quantized graph.
     bits : dict of str to int, optional
         ``"qdq"``: layer name -> bit-width; a layer may hold at most ``2^bits`` levels.
+    report : QuantizationReport, optional
+        ``"qdq"``: the report of the :func:`dfmpc.quantize_network` run that made ``graph``: every layer's
+        bit-width, and the c of pairs applied by Eq. (7) (through a ReLU6), divided out of conv B's grid.
 
     Raises
     ------
@@ -88,7 +91,7 @@ def save_model(graph: Graph, path: str | os.PathLike, overwrite: bool = False, f
         raise TypeError(f"graph must be a dfmpc Graph, got {type(graph).__name__}")
     suffix = _suffix(path)
     if suffix == ".onnx":
-        return save_onnx(graph, path, overwrite, format, bits)
+        return save_onnx(graph, path, overwrite, format, bits, report)
     if format != "float":
         raise ValueError(f"format: {format!r} is an ONNX format; {os.fspath(path)!r} is {suffix or 'not'} .onnx "
                          "(the .npz format stores float32 weights only)")

@@ -11,7 +11,8 @@ with a per-output-channel ``DequantizeLinear`` (``axis=0``, float32 ``<node>.W_s
 point 0) whose output ``<node>.W`` feeds the node: the grid and scale are recovered from the
 dequantized weights and verified by :func:`dfmpc.interop.qdq.integer_grid` (TWN {-1, 0, 1} with
 alpha in the scale; DoReFa odd integers with ``max|W| / (2^k - 1)``; c stays folded in the low
-layer's BN). Per-axis ``DequantizeLinear`` needs opset 13, whose Softmax is over the last axis
+layer's BN, or, where the pipeline applied it by Eq. (7) (``report=``), is folded into a depthwise
+conv B's scale or kept as a per-input-channel ``Mul`` after the ``DequantizeLinear``). Per-axis ``DequantizeLinear`` needs opset 13, whose Softmax is over the last axis
 only, so a Softmax is exported there only when its axis is the last one.
 """
 
@@ -25,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from ..engine.graph import Graph
 from ._atomic import write_atomically
-from .qdq import integer_grid
+from .qdq import factored_grid, integer_grid, layer_bits, layer_input_factors
 
 OPSET = 11
 IR_VERSION = 6
@@ -36,7 +37,7 @@ IR_VERSION_QDQ = 7
 FORMATS = ("float", "qdq")
 
 
-def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None) -> onnx.ModelProto:
+def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None, report=None) -> onnx.ModelProto:
     """Convert a :class:`Graph` into a checked ``onnx.ModelProto``.
 
     Parameters
@@ -47,6 +48,11 @@ def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None) -> on
         per-output-channel ``DequantizeLinear``, opset 13 (see the module docstring).
     bits : dict of str to int, optional
         ``"qdq"`` only: layer name -> bit-width; such a layer may hold at most ``2^bits`` levels.
+    report : QuantizationReport, optional
+        ``"qdq"`` only: the report of :func:`dfmpc.quantize_network` that made ``graph``; gives every
+        layer's bit-width (``bits`` entries override) and the c of the pairs it applied by Eq. (7),
+        which :func:`dfmpc.interop.qdq.factored_grid` divides out of conv B. Needed when a pair went
+        through a ReLU6.
 
     Returns
     -------
@@ -62,24 +68,42 @@ def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None) -> on
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     qdq = format == "qdq"
+    factors = {}
+    if report is not None:
+        bits = {**layer_bits(graph, report), **(bits or {})}
+        factors = layer_input_factors(report)
     bits = dict(bits or {})
     nodes, inits = [], []
 
     def init(node, key, array):
         name = f"{node.name}.{key}"
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
+        a = np.asarray(array, dtype=np.float32)          # a 0-d Clip bound stays 0-d (ascontiguousarray makes it 1-D)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(a) if a.ndim else a, name))
         return name
 
     def weight(node):
         if not qdq:
             return init(node, "W", node.params["W"])
-        q, scale = integer_grid(node.params["W"], name=f"node {node.name!r}", bits=bits.get(node.name))
+        label, factor = f"node {node.name!r}", None
+        try:
+            if node.name in factors:                      # c applied by Eq. (7): divided out, folded or kept
+                q, scale, factor = factored_grid(node.params["W"], factors[node.name], node.attrs.get("group", 1),
+                                                 name=label, bits=bits.get(node.name))
+            else:
+                q, scale = integer_grid(node.params["W"], name=label, bits=bits.get(node.name))
+        except ValueError as err:
+            hint = "" if report is not None else " (if c was applied by Eq. (7), through a ReLU6, pass report=)"
+            raise ValueError(f"format='qdq': {err}{hint}") from err
         name = f"{node.name}.W"
+        deq = name if factor is None else f"{name}_dequantized"
         inits.extend([numpy_helper.from_array(q, f"{name}_quantized"),
                       numpy_helper.from_array(scale, f"{name}_scale"),
                       numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point")])
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                                      [name], name=f"{name}_dequantize", axis=0))
+                                      [deq], name=f"{name}_dequantize", axis=0))
+        if factor is not None:                            # Eq. (7): W~_{:,j} = c_j kQ(W)_{:,j}
+            inits.append(numpy_helper.from_array(factor, f"{name}_input_factor"))
+            nodes.append(helper.make_node("Mul", [deq, f"{name}_input_factor"], [name], name=f"{name}_input_factor_mul"))
         return name
 
     for n in graph.nodes:
@@ -182,7 +206,7 @@ def _pads(a) -> dict:
 
 
 def save_onnx(graph: Graph, path: str | os.PathLike, overwrite: bool = False, format: str = "float",
-              bits: dict | None = None) -> None:
+              bits: dict | None = None, report=None) -> None:
     """Write ``graph`` as an ONNX file, atomically (nothing is written on failure).
 
     Parameters
@@ -195,7 +219,10 @@ def save_onnx(graph: Graph, path: str | os.PathLike, overwrite: bool = False, fo
         Float32 weights, or int8 weights with per-channel DequantizeLinear (:func:`to_onnx`).
     bits : dict of str to int, optional
         ``"qdq"``: layer name -> bit-width, checked (at most ``2^bits`` levels).
+    report : QuantizationReport, optional
+        ``"qdq"``: bit-widths and the Eq. (7) c of the pipeline run that made ``graph`` (:func:`to_onnx`).
     """
-    model = to_onnx(graph) if format == "float" and bits is None else to_onnx(graph, format, bits)
+    model = to_onnx(graph) if format == "float" and bits is None and report is None else \
+        to_onnx(graph, format, bits, report)
     data = model.SerializeToString()
     write_atomically(path, lambda f: f.write(data), overwrite)

@@ -423,8 +423,8 @@ def _convert(n, name, consts, shapes, opset) -> Node:
         else:
             if len(acts) != 1:
                 raise ValueError("Clip bounds must be constants")
-            lo = float(cst[1]) if 1 in cst else None
-            hi = float(cst[2]) if 2 in cst else None
+            lo = float(np.asarray(cst[1]).reshape(-1)[0]) if 1 in cst else None     # a scalar, or a 1-element
+            hi = float(np.asarray(cst[2]).reshape(-1)[0]) if 2 in cst else None     # tensor some exporters write
         lo = None if lo is None or np.isneginf(lo) or lo <= -3.4e38 else float(lo)
         hi = None if hi is None or np.isposinf(hi) or hi >= 3.4e38 else float(hi)
         return Node(name, op, acts, out, {"min": lo, "max": hi})
