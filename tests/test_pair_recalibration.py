@@ -79,7 +79,8 @@ def test_agrees_with_quantize_network_at_every_resnet20_site(net, images, monkey
     computes there (before c). ``analytic``/``absorb`` run the same float64 formula: equal to 1e-12. ``sequential``/
     ``data``: the pipeline measures the engine's float32 conv output, recalibrate_bn the float64 dfmpc.conv2d of the
     same inputs; float32 rounding of an output (|rel| ~ 1e-6 for these 3x3x64 sums) moves a mean by ~1e-6 of the
-    output's scale: means agree to 1e-4 sigma and sigmahat^2 to 1e-4 relative (seen: 2.2e-6 sigma, 3.4e-7)."""
+    output's scale: means agree to 1e-4 sigma and sigmahat^2 to 1e-4 relative (seen: <= 5e-6 sigma, <= 2e-6 with
+    the engine's Winograd convs)."""
     records = _record(monkeypatch, mode)
     x = images[:8]                      # 8 images: the recording re-runs the network up to each site
     q, report = dfmpc.quantize_network(net, recalibration=mode, probes=x, calibration_data=x)
