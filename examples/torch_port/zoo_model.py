@@ -51,7 +51,7 @@ _KEYS = {"W": "weight", "B": "bias", "gamma": "weight", "beta": "bias", "mean": 
 
 
 def resnet20_from_zoo() -> ResNet20:
-    """ResNet20 in eval mode with the weights of ``dfmpc.load_zoo_model("resnet20")``."""
+    """ResNet20 in eval mode with the weights of ``dfmpc.evaluation.load_zoo_model("resnet20")``."""
     from dfmpc.evaluation import load_zoo_model
     from dfmpc.vectors import module_name
     g = load_zoo_model("resnet20")
