@@ -12,6 +12,9 @@ kernel), F(4x4, 3x3) <= 1.7e-6 S (about 25x: its transforms multiply by up to 8 
 The tests allow 1e-6 S (F(2x2)) and 1e-5 S (F(4x4)), ~6x above those figures.
 """
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -176,3 +179,13 @@ def test_auto_kernel_measures_once_and_agrees(tmp_path, monkeypatch):
                                    atol=REL_TOL[4] * _scale(x, w, 1), rtol=0)
     (entry,) = kernel_choice.table().values()
     assert entry["kernel"] in conv_module.DENSE_KERNELS and "direct" in entry["ms"]
+
+
+def test_cache_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch):
+    """The choice file lives in the package's __pycache__ when writable, else under $XDG_CACHE_HOME/dfmpc."""
+    monkeypatch.delenv("DFMPC_CACHE_DIR", raising=False)
+    if os.access(Path(kernel_choice.__file__).parent, os.W_OK):
+        assert kernel_choice.cache_dir() == Path(kernel_choice.__file__).resolve().parent / "__pycache__"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel_choice.os, "access", lambda path, mode: False)
+    assert kernel_choice.cache_dir() == tmp_path / "dfmpc"
