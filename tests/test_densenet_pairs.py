@@ -209,3 +209,34 @@ def test_densenet_export_runs_in_onnxruntime_d3(densenet, tmp_path):
     ref = q.run(x)
     got = ort_run(model, {q.inputs[0]: x})[0]
     assert np.abs(got - ref).max() <= REL_TOL * np.abs(ref).max()
+
+
+def test_bns_after_a_concat_are_re_calibrated_by_the_measuring_modes(densenet):
+    """Derivation 15, "Which BNs": a BN that reads a Concat (or a conv read by more than it, as the stem in the
+    chain style) is a site of its own (``follows_conv`` False).
+    ``data`` sets it to the statistics of the Concat's output measured in the network quantized so far
+    (to float32 accumulation, 1e-4 relative); ``sequential`` on the same images as probes moves it off
+    the trained statistics; ``analytic`` and ``absorb`` keep the trained statistics there.
+    Negative control: the quantized Concat's statistics are not the trained ones (so the check is not vacuous)."""
+    from dfmpc.pipeline import recalibration_sites
+    from dfmpc.recalibration import channel_moments
+    g = prepare(densenet)
+    sites = recalibration_sites(g, g)
+    after_concat = [s for s in sites if not s.follows_conv]
+    assert any(g.node(s.conv).op == "Concat" for s in after_concat)
+    assert all(g.node(s.conv).op == "Concat" or len(g.consumers(g.node(s.conv).outputs[0])) > 1 for s in after_concat)
+    assert len(sites) == len(g.nodes_of("BatchNormalization"))          # no BN reads the graph input here
+    x = np.random.default_rng(2).normal(size=(32,) + SHAPE).astype(np.float32)
+    q_dat, _ = quantize_network(g, 2, 6, recalibration="data", compensation="none", calibration_data=x)
+    q_seq, _ = quantize_network(g, 2, 6, recalibration="sequential", compensation="none", probes=x)
+    q_ana, _ = quantize_network(g, 2, 6, recalibration="analytic", compensation="none")
+    moved = 0.0
+    for s in after_concat:
+        m, v = channel_moments(q_dat.run(x, output=q_dat.node(s.conv).outputs[0]))
+        p = q_dat.node(s.bn_node).params
+        np.testing.assert_allclose(p["mean"], m, rtol=1e-4, atol=1e-4 * (1 + np.abs(m).max()))
+        np.testing.assert_allclose(p["var"], v, rtol=1e-4, atol=1e-6)
+        moved = max(moved, float(np.max(np.abs(np.log((v + s.bn.eps) / (s.bn.var + s.bn.eps))))))
+        assert not np.allclose(q_seq.node(s.bn_node).params["var"], s.bn.var, rtol=1e-3)
+        np.testing.assert_array_equal(q_ana.node(s.bn_node).params["var"], g.node(s.bn_node).params["var"])
+    assert moved > 0.01

@@ -58,7 +58,9 @@ def test_node_stream_reads_parameters_as_they_are_when_it_arrives(net, images):
     stream.advance(conv.name)
     bn.params["beta"] = bn.params["beta"] + np.float32(5.0)
     out = stream.advance(bn.name)
-    np.testing.assert_allclose(out, g.run(images, output=bn.outputs[0]), rtol=1e-5, atol=1e-5)
+    # the stream runs chunks of 128 images, g.run its own: the engine may choose another conv kernel
+    # (direct, BLAS, Winograd) per chunk shape, each rounding float32 differently (~1e-5 of the scale, 1e-4 here)
+    np.testing.assert_allclose(out, g.run(images, output=bn.outputs[0]), rtol=1e-4, atol=1e-4)
     assert not np.allclose(out, net.run(images, output=bn.outputs[0]), atol=1.0)   # negative control
 
 

@@ -7,8 +7,8 @@ never mutated) and a :class:`QuantizationReport`. The driver runs these stages, 
 1. pair the layers (:func:`dfmpc.pairing.find_pairs`);
 2. :func:`quantize_layers`: the low conv of each pair at ``low_bits`` (2 = TWN ternary, else
    DoReFa), every other Conv / Gemm at ``high_bits`` (DoReFa);
-3. for each conv followed by BN (:func:`recalibration_sites`, topological order) re-calibrate that
-   BN with the named mode (``dfmpc.recalibration.RECALIBRATION_MODES``: ``sequential``,
+3. for each BN (:func:`recalibration_sites`, topological order: the paper's conv -> BN, and BNs after
+   a Concat or Add, which only the measuring modes move) re-calibrate that BN with the named mode (``dfmpc.recalibration.RECALIBRATION_MODES``: ``sequential``,
    ``analytic``, ``absorb``, ``data``), which sees the network as quantized so far;
 4. :func:`compensate`: for the low conv of a pair, c (Eq. (27), c = 1, or the data-aware oracle);
 5. :func:`apply_c`: fold c into that BN where the activation is a ReLU (exact, because c >= 0 and
@@ -186,19 +186,38 @@ def quantize_layers(fp: Graph, pairing: Pairing, low_bits: int, high_bits: int, 
 
 
 def recalibration_sites(fp: Graph, g: Graph) -> list[Site]:
-    """Stage 3's worklist: every conv whose only reader is a BN, in topological order.
+    """Stage 3's worklist: every BatchNormalization whose input a node computes, in topological order.
+
+    Two kinds of site (derivation 15, "Which BNs"):
+
+    - a conv whose only reader is the BN (the paper's case): ``W``, ``W_q`` and ``group`` are set;
+    - any other producer (a Concat in a DenseNet, an Add in a pre-activation ResNet, a conv read by
+      more than the BN): ``W = W_q = None``. Its statistics drift with every quantized layer before
+      it, so ``sequential`` and ``data`` re-measure them like a conv's; ``analytic`` has no formula
+      for them and keeps the trained statistics, and ``absorb`` keeps them too.
+
+    A BN reading the graph input directly is not a site (nothing before it is quantized).
 
     Returns
     -------
-    list of Site (conv and BN names, trained BN, ``W`` and ``W_q`` (O, C/group, kh, kw), group)
+    list of Site
+        Ordered by the producer's position, so a :class:`~dfmpc.engine.executor.NodeStream` can
+        visit them in one pass. ``Site.conv`` is the producer's name.
     """
+    producer = {t: (i, node) for i, node in enumerate(g.nodes) for t in node.outputs}
     sites = []
-    for node in g.nodes_of("Conv"):
-        cons = g.consumers(node.outputs[0])
-        if len(cons) == 1 and cons[0].op == "BatchNormalization":
-            sites.append(Site(node.name, cons[0].name, bn_of(fp.node(cons[0].name)),
-                              fp.node(node.name).params["W"], node.params["W"], node.attrs.get("group", 1)))
-    return sites
+    for bn in g.nodes_of("BatchNormalization"):
+        if bn.inputs[0] not in producer:
+            continue
+        i, node = producer[bn.inputs[0]]
+        trained = bn_of(fp.node(bn.name))
+        if node.op == "Conv" and len(g.consumers(node.outputs[0])) == 1:
+            site = Site(node.name, bn.name, trained, fp.node(node.name).params["W"], node.params["W"],
+                        node.attrs.get("group", 1))
+        else:
+            site = Site(node.name, bn.name, trained, None, None, None)
+        sites.append((i, site))
+    return [site for _, site in sorted(sites, key=lambda t: t[0])]
 
 
 def compensate(site: Site, bn_hat, pair, compensation: str, lambda1: float, lambda2: float, oracle=None):

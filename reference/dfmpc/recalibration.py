@@ -158,23 +158,30 @@ def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Site:
-    """One quantized conv followed by BN, as a re-calibration mode sees it (read-only record).
+    """One BN to re-calibrate and the node that computes its input, as a mode sees it (read-only record).
 
     Attributes
     ----------
     conv : str
-        Name of the conv node (same in the full-precision and the quantized graph).
+        Name of the node whose output the BN reads (same in the full-precision and the quantized
+        graph): a quantized conv, or, for a BN after a Concat or Add, that node.
     bn_node : str
-        Name of its BatchNormalization node.
+        Name of the BatchNormalization node.
     bn : BatchNorm
         The trained (full-precision) statistics, float64.
-    W, W_q : ndarray, shape (O, C/group, kh, kw)
-        Full-precision and dequantized weights.
-    group : int
+    W, W_q : ndarray, shape (O, C/group, kh, kw), or None
+        Full-precision and dequantized weights; None when the producer is not a conv read only by
+        the BN (:attr:`follows_conv` is False).
+    group : int or None
     """
 
     def __init__(self, conv, bn_node, bn, W, W_q, group):
         self.conv, self.bn_node, self.bn, self.W, self.W_q, self.group = conv, bn_node, bn, W, W_q, group
+
+    @property
+    def follows_conv(self) -> bool:
+        """True for the paper's case, a conv whose only reader is this BN (W and W_q are set)."""
+        return self.W is not None
 
 
 class RecalibrationContext:
@@ -226,7 +233,12 @@ def recalibrate_absorb(ctx: RecalibrationContext, site: Site) -> BatchNorm:
 
 
 def recalibrate_analytic(ctx: RecalibrationContext, site: Site) -> BatchNorm:
-    """``analytic``: moments propagated through the full-precision network (derivation 10, R.3-R.4)."""
+    """``analytic``: moments propagated through the full-precision network (derivation 10, R.3-R.4).
+
+    R.3-R.4 are a conv's; a BN after a Concat or Add keeps its trained statistics here.
+    """
+    if not site.follows_conv:
+        return site.bn
     in_mean, in_var = ctx.moments[ctx.fp.node(site.conv).inputs[0]]
     return analytic_bn(site.bn, site.W, site.W_q, site.group, in_mean, in_var)
 
