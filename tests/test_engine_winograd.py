@@ -189,3 +189,10 @@ def test_cache_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(kernel_choice.os, "access", lambda path, mode: False)
     assert kernel_choice.cache_dir() == tmp_path / "dfmpc"
+
+
+def test_docstring_examples():
+    """winograd's examples: the one-tile identity Y = A^T [(G g G^T) * (B^T d B)] A, and conv3x3 on window sums."""
+    import doctest
+    result = doctest.testmod(winograd, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 8

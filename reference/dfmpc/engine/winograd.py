@@ -87,6 +87,18 @@ def weight_transform(w: np.ndarray, m: int) -> np.ndarray:
     -------
     ndarray, shape ((m+2)**2, C, O), float32
         ``U[i*alpha + j, c, o] = (G w[o, c] G^T)[i, j]``, computed in float64.
+
+    Examples
+    --------
+    The defining identity on one tile: ``A^T [(G g G^T) * (B^T d B)] A`` is the 3x3 correlation.
+
+    >>> rng = np.random.default_rng(0)
+    >>> g, d = rng.normal(size=(3, 3)), rng.normal(size=(6, 6))
+    >>> U = weight_transform(g[None, None], 4)[:, 0, 0].reshape(6, 6)
+    >>> Y = AT[4] @ (U * (BT[4] @ d @ BT[4].T)) @ AT[4].T
+    >>> direct = [[(g * d[i:i + 3, j:j + 3]).sum() for j in range(4)] for i in range(4)]
+    >>> np.allclose(Y, direct, atol=1e-5)
+    True
     """
     g = G[m]
     u = np.einsum("ik,ockl,jl->ijco", g, np.asarray(w, np.float64), g, optimize=True)
@@ -380,6 +392,17 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     Returns
     -------
     ndarray, shape (N, oh, ow, O), float32
+
+    Examples
+    --------
+    Y = A^T [U * V] A is the 3x3 convolution: with all-ones filters each output is the sum of
+    its 3x3 window (up to float32 rounding of the transforms).
+
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    >>> U = weight_transform(np.ones((2, 1, 3, 3), np.float32), 4)
+    >>> y = conv3x3(x, U, np.zeros(2, np.float32), (0, 0, 0, 0), (2, 2), 4)
+    >>> np.allclose(y[0, :, :, 0], [[0+1+2+4+5+6+8+9+10, 54], [81, 90]], atol=1e-4)
+    True
     """
     n, h, wd, c = xn.shape
     a2, o = U.shape[0], U.shape[2]
