@@ -15,7 +15,9 @@ Speed notes (ResNet-20, 2-core AMD EPYC Zen 5, AVX-512): LLVM vectorises the
 ``k`` loops to 16-lane FMAs; the 4 x 4 blocks reach ~170 GFLOP/s when a dot
 product is long (C = 64: 576 terms) but ~105 GFLOP/s at C = 16 (144 terms),
 where reducing the 16 SIMD partial sums of each output costs as much as the
-multiply-adds.
+multiply-adds.  On an AVX2-only machine (AMD EPYC Zen 3, 8 lanes) the same kernels ran
+ResNet-20 at ~25 GFLOP/s; :mod:`dfmpc.engine.kernel_choice` therefore measures them against
+im2col + BLAS and Winograd (:mod:`dfmpc.engine.winograd`) per conv shape.
 """
 
 import os
