@@ -196,3 +196,19 @@ def test_docstring_examples():
     import doctest
     result = doctest.testmod(winograd, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted >= 8
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pool_works_in_a_forked_child():
+    """The second-thread pool is made anew in a forked child (the parent's worker thread is not there)."""
+    import multiprocessing
+    first = conv_module._pool()
+    first.submit(lambda: None).result()
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as p:
+        assert p.apply(_child_pool_answers) == 42
+    assert conv_module._pool() is first
+
+
+def _child_pool_answers():
+    return conv_module._pool().submit(lambda: 42).result(timeout=30)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -335,11 +336,14 @@ def _winograd_weight(w, m):
 
 
 _POOL = None
+_POOL_PID = None
 
 
 def _pool():
-    """One extra worker thread for the kernels that split their work in two (Winograd)."""
-    global _POOL
-    if _POOL is None:
+    """One extra worker thread for the kernels that split their work in two (Winograd); a new one
+    in a forked child process (the parent's thread does not exist there)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL_PID != os.getpid():
         _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfmpc-conv")
+        _POOL_PID = os.getpid()
     return _POOL
