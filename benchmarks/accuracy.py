@@ -73,8 +73,14 @@ def run_model(arch, settings, lambda1, lambda2, log):
             for comp in ("none", "dfmpc") + (("oracle",) if rec == "absorb" else ()):
                 t0 = time.perf_counter()
                 kw = {"recalibration": rec, **extra}
-                q, rep = dfmpc.quantize_network(g, lo, hi, lambda1=lambda1, lambda2=lambda2, compensation=comp,
-                                                calibration_data=cal, **kw)
+                try:
+                    q, rep = dfmpc.quantize_network(g, lo, hi, lambda1=lambda1, lambda2=lambda2, compensation=comp,
+                                                    calibration_data=cal, **kw)
+                except ValueError as e:      # the oracle models ReLU pairs only (refuses ReLU6 pairs): '-'
+                    if comp != "oracle":
+                        raise
+                    log(f"  MP{s} {comp:>6}/{rec:<8} refused: {e}")
+                    continue
                 a = acc(q)
                 res[f"{comp}/{rec}"] = {"accuracy": a, "quantize_seconds": rep.seconds,
                                         "c_mean": float(np.mean([p.c_mean for p in rep.pairs])) if rep.pairs else None}
