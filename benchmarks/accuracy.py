@@ -17,7 +17,9 @@ Usage::
     python benchmarks/accuracy.py                       # all zoo models, all settings; updates README.md
     python benchmarks/accuracy.py --models resnet20 --settings 2/6 --no-readme
     python benchmarks/accuracy.py --sweep resnet56      # lambda1 x lambda2 sweep (paper Fig. 3)
-    python benchmarks/accuracy.py --table-only          # README table from benchmarks/results/accuracy.json
+    python benchmarks/accuracy.py --table-only          # README tables from benchmarks/results/accuracy.json
+    python benchmarks/accuracy.py --paper-table         # README table in the paper's layout (PAPER_ROWS, STAND_INS)
+    python benchmarks/accuracy.py --paper-table --measure-missing   # ... measuring the stand-ins' missing settings first
 
 Results are also written to ``benchmarks/results/accuracy.json`` (and ``sweep_<model>.json``).
 """
@@ -121,6 +123,131 @@ def update_readme(text, start="<!-- accuracy-table:start -->", end="<!-- accurac
     _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
 
 
+#: Every row of the paper's accuracy tables (Chen et al., "Data-Free Quantization via Mixed-Precision
+#: Compensation without Fine-Tuning", Pattern Recognition 2023, arXiv 2307.00498), in the paper's order:
+#: (model, data, MP low/high, FP32, MP without compensation, DF-MPC), top-1 %, copied from the paper.
+#: None: no copy of that figure could be checked offline (never filled from memory).
+PAPER_ROWS = (
+    ("ResNet-18", "CIFAR-10", "2/6", 92.61, 10.78, 89.12),
+    ("ResNet-56", "CIFAR-10", "2/6", 93.88, 38.03, 91.05),
+    ("VGG-16", "CIFAR-10", "2/6", 93.70, 10.00, 90.48),
+    ("ResNet-18", "CIFAR-100", "2/6", None, None, None),
+    ("ResNet-56", "CIFAR-100", "2/6", None, None, None),
+    ("VGG-16", "CIFAR-100", "2/6", None, None, None),
+    ("ResNet-18", "ImageNet", "2/6", 71.47, None, 66.46),
+    ("ResNet-50", "ImageNet", "2/6", 76.12, None, 71.20),
+    ("ResNet-101", "ImageNet", "2/6", None, None, None),
+    ("DenseNet-121", "ImageNet", "3/6", None, None, None),
+    ("MobileNetV2", "ImageNet", "6/6", None, None, None),
+)
+
+#: The zoo model standing for each paper model, first choice first: the first one shipped in the zoo
+#: (``dfmpc zoo``) is used. Data sets with no entry here have no analogue (not available offline).
+#: Add a new zoo model by putting it in front of the one it replaces.
+STAND_INS = {
+    "CIFAR-10": {
+        "ResNet-18": [("resnet18", "basic blocks [2, 2, 2, 2] at 1/4 width")],
+        "ResNet-56": [("resnet56", "")],
+        "VGG-16": [("vgg16", "13 convs"), ("vgg_small", "the small VGG, 6 convs, not 13; `vgg16` is not in the zoo yet")],
+    },
+    "ImageNet": {
+        "ResNet-18": [("resnet18", "as the CIFAR-10 row")],
+        "ResNet-50": [("resnet_bottleneck", "bottleneck blocks, one per stage, far smaller")],
+        "ResNet-101": [("resnet_bottleneck", "bottleneck blocks, one per stage, far smaller")],
+        "DenseNet-121": [("densenet", "DenseNet-BC, concatenation")],
+        "MobileNetV2": [("mobilenetv2", "inverted residuals, ReLU6"),
+                        ("mobilenetv2_small", "10 inverted-residual blocks, not 17; `mobilenetv2` is not in the zoo yet")],
+    },
+}
+
+#: The accuracy.json keys of our columns: c = 1 with the scale absorbed in BN (the paper's "without
+#: compensation"), DF-MPC with the default re-calibration (sequential, distilled probes), and the
+#: data-aware references re-calibrated on 500 real images.
+PAPER_TABLE_KEYS = ("none/absorb", "dfmpc/sequential", "none/data", "dfmpc/data")
+PAPER_TABLE_HEAD = (
+    "| paper's model | data | MP | paper: FP32 | paper: no comp. | paper: DF-MPC | ours: zoo model standing in "
+    "| ours: FP32 | ours: no comp. | **ours: DF-MPC (default)** | ours: c = 1, data re-cal. | ours: DF-MPC, data re-cal. |")
+NOT_OFFLINE = "not available offline"
+
+
+def stand_in(model, data, zoo):
+    """(arch, note) of the zoo model standing for the paper's ``model`` on ``data``; arch None: no analogue.
+
+    The first candidate of :data:`STAND_INS` that ``zoo`` ({arch: entry}) ships; if none is shipped, the
+    first candidate with note "not in the zoo yet".
+    """
+    cands = STAND_INS.get(data, {}).get(model)
+    if not cands:
+        return None, "no analogue here (data not available offline)"
+    for arch, note in cands:
+        if arch in zoo:
+            return arch, note
+    return cands[0][0], "not in the zoo yet (not trained)"
+
+
+def paper_table(rows, zoo):
+    """Markdown table in the paper's layout: one line per :data:`PAPER_ROWS` entry, ours beside it.
+
+    ``rows`` are accuracy.json's rows, ``zoo`` is {arch: models.json entry}. Ours is Fashion-MNIST
+    (test[:-500]); a stand-in for an ImageNet row says the data differs; a model that is shipped but
+    not measured at the paper's setting says so (``--paper-table --measure-missing`` measures it).
+    """
+    by_arch = {r["model"]: r for r in rows}
+    pct = lambda v: NOT_OFFLINE if v is None else f"{v:.2f}"
+    lines = [PAPER_TABLE_HEAD, "|" + "---|" * 12]
+    for model, data, s, fp32, none, dfmpc_ in PAPER_ROWS:
+        arch, note = stand_in(model, data, zoo)
+        ours = ["-"] * 5
+        if arch is None:
+            who = note
+        else:
+            r = by_arch.get(arch)
+            if arch == "resnet56" and r and "resnet20" in by_arch and r["fp32"] < by_arch["resnet20"]["fp32"] - 0.01:
+                epochs = zoo.get(arch, {}).get("training", {}).get("epochs")
+                note = f"under-trained, {epochs} epochs: FP32 more than 1 point below ResNet-20's"
+            if arch in zoo and (r is None or s not in r["settings"]):
+                note = (note + "; " if note else "") + f"not measured at MP{s} yet"
+            if data != "CIFAR-10":
+                note = (note + "; " if note else "") + f"data differs, {data} not available offline"
+            who = f"`{arch}`" + (f": {note}" if note else "")
+            if r is not None and s in r["settings"]:
+                v = r["settings"][s]
+                ours = [f"{100 * r['fp32']:.2f}"] + [f"{100 * v[k]['accuracy']:.2f}" if k in v else "-"
+                                                     for k in PAPER_TABLE_KEYS]
+        ours[2] = f"**{ours[2]}**" if ours[2] != "-" else "-"
+        lines.append(f"| {model} | {data} | MP{s} | {pct(fp32)} | {pct(none)} | {pct(dfmpc_)} | {who} | "
+                     + " | ".join(ours) + " |")
+    return "\n".join(lines)
+
+
+def missing_for_paper_table(rows, zoo):
+    """{arch: [settings]} the paper table needs and accuracy.json lacks (shipped stand-ins only)."""
+    by_arch, need = {r["model"]: r for r in rows}, {}
+    for model, data, s, *_ in PAPER_ROWS:
+        arch, _ = stand_in(model, data, zoo)
+        if arch in zoo and s not in by_arch.get(arch, {}).get("settings", {}) and s not in need.get(arch, []):
+            need.setdefault(arch, []).append(s)
+    return need
+
+
+def merge_results(rows):
+    """Merge new rows into benchmarks/results/accuracy.json (a new run replaces the settings it measured)."""
+    path = RESULTS / "accuracy.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    merged = {r["model"]: r for r in old.get("rows", [])}
+    for r in rows:
+        kept = merged.get(r["model"], {}).get("settings", {})
+        merged[r["model"]] = {**r, "settings": {**kept, **r["settings"]}}
+    out = {"protocol": f"evaluate on Fashion-MNIST test[:-{N_CAL}], calibrate data-aware rows on test[-{N_CAL}:]",
+           "rows": [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
+                                              if m in zoo_manifest() else 99)]}
+    _atomic_write(path, json.dumps(out, indent=1))
+    return out
+
+
+PAPER_MARKERS = ("<!-- paper-table:start -->", "<!-- paper-table:end -->")
+
+
 def sweep(arch, log, lambda1s=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), lambda2s=(0.0, 0.001, 0.005, 0.01),
           recalibration="analytic", setting="2/6", eval_images=None):
     """Accuracy over a lambda1 x lambda2 grid (paper Fig. 3), data-free recalibration."""
@@ -152,13 +279,31 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=None, help="sweep: evaluate on the first N held-out images only")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--table-only", action="store_true",
-                   help="only rewrite the README table from benchmarks/results/accuracy.json")
+                   help="only rewrite the README tables from benchmarks/results/accuracy.json")
+    p.add_argument("--paper-table", action="store_true",
+                   help="only rewrite the README table in the paper's layout from benchmarks/results/accuracy.json")
+    p.add_argument("--measure-missing", action="store_true",
+                   help="with --paper-table: first measure the stand-ins' settings that accuracy.json lacks")
     a = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.table_only:
-        md = table(json.loads((RESULTS / "accuracy.json").read_text())["rows"], ["2/6", "3/6", "6/6"])
+        rows = json.loads((RESULTS / "accuracy.json").read_text())["rows"]
+        md = table(rows, ["2/6", "3/6", "6/6"])
         update_readme(md)
+        update_readme(paper_table(rows, zoo_manifest()), *PAPER_MARKERS)
+        print(md)
+        return 0
+    if a.paper_table:
+        rows = json.loads((RESULTS / "accuracy.json").read_text())["rows"]
+        need = missing_for_paper_table(rows, zoo_manifest())
+        if need and a.measure_missing:
+            rows = merge_results([run_model(m, ss, a.lambda1, a.lambda2, log) for m, ss in need.items()])["rows"]
+        elif need:
+            log(f"not measured yet (add --measure-missing): {need}")
+        md = paper_table(rows, zoo_manifest())
+        if not a.no_readme:
+            update_readme(md, *PAPER_MARKERS)
         print(md)
         return 0
     if a.sweep:
@@ -169,21 +314,11 @@ def main(argv=None):
         return 0
     models = a.models.split(",") if a.models else list(zoo_manifest())
     settings = a.settings.split(",")
-    rows = [run_model(m, settings, a.lambda1, a.lambda2, log) for m in models]
-    out = {"protocol": f"evaluate on Fashion-MNIST test[:-{N_CAL}], calibrate data-aware rows on test[-{N_CAL}:]",
-           "rows": rows}
-    path = RESULTS / "accuracy.json"
-    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    merged = {r["model"]: r for r in old.get("rows", [])}
-    for r in rows:                     # a new run replaces the settings it measured and keeps the others
-        kept = merged.get(r["model"], {}).get("settings", {})
-        merged[r["model"]] = {**r, "settings": {**kept, **r["settings"]}}
-    out["rows"] = [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
-                                             if m in zoo_manifest() else 99)]
-    _atomic_write(path, json.dumps(out, indent=1))
+    out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log) for m in models])
     md = table(out["rows"], ["2/6", "3/6", "6/6"])
     if not a.no_readme:
         update_readme(md)
+        update_readme(paper_table(out["rows"], zoo_manifest()), *PAPER_MARKERS)
     print(json.dumps(out) if a.json else md)
     return 0
 
