@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Whole-network accuracy of every zoo model under DF-MPC and its baselines; writes the README table.
+"""Whole-network accuracy of every zoo model under DF-MPC and its baselines; writes the README tables (ours, and the paper's layout).
 
 For each model and each bit setting (2/6, 3/6, 6/6; 2 = TWN ternary) it evaluates
 FP32, MP without compensation (c = 1) and DF-MPC (closed-form c) under each re-calibration
