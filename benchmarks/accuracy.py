@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Whole-network accuracy of every zoo model under DF-MPC and its baselines; writes the README tables (ours, and the paper's layout).
+"""Whole-network accuracy of every zoo model under DF-MPC and its baselines; writes the README tables.
 
 For each model and each bit setting (2/6, 3/6, 6/6; 2 = TWN ternary) it evaluates
 FP32, MP without compensation (c = 1) and DF-MPC (closed-form c) under each re-calibration
@@ -19,7 +19,7 @@ Usage::
     python benchmarks/accuracy.py --sweep resnet56      # lambda1 x lambda2 sweep (paper Fig. 3)
     python benchmarks/accuracy.py --table-only          # README tables from benchmarks/results/accuracy.json
     python benchmarks/accuracy.py --paper-table         # README table in the paper's layout (PAPER_ROWS, STAND_INS)
-    python benchmarks/accuracy.py --paper-table --measure-missing   # ... measuring the stand-ins' missing settings first
+    python benchmarks/accuracy.py --paper-table --measure-missing   # measures a stand-in's missing settings first
 
 Results are also written to ``benchmarks/results/accuracy.json`` (and ``sweep_<model>.json``).
 """
@@ -148,7 +148,8 @@ STAND_INS = {
     "CIFAR-10": {
         "ResNet-18": [("resnet18", "basic blocks [2, 2, 2, 2] at 1/4 width")],
         "ResNet-56": [("resnet56", "")],
-        "VGG-16": [("vgg16", "13 convs"), ("vgg_small", "the small VGG, 6 convs, not 13; `vgg16` is not in the zoo yet")],
+        "VGG-16": [("vgg16", "13 convs"),
+                   ("vgg_small", "the small VGG, 6 convs, not 13; `vgg16` is not in the zoo yet")],
     },
     "ImageNet": {
         "ResNet-18": [("resnet18", "as the CIFAR-10 row")],
@@ -156,7 +157,8 @@ STAND_INS = {
         "ResNet-101": [("resnet_bottleneck", "bottleneck blocks, one per stage, far smaller")],
         "DenseNet-121": [("densenet", "DenseNet-BC, concatenation")],
         "MobileNetV2": [("mobilenetv2", "inverted residuals, ReLU6"),
-                        ("mobilenetv2_small", "10 inverted-residual blocks, not 17; `mobilenetv2` is not in the zoo yet")],
+                        ("mobilenetv2_small",
+                         "10 inverted-residual blocks, not 17; `mobilenetv2` is not in the zoo yet")],
     },
 }
 
@@ -165,8 +167,9 @@ STAND_INS = {
 #: data-aware references re-calibrated on 500 real images.
 PAPER_TABLE_KEYS = ("none/absorb", "dfmpc/sequential", "none/data", "dfmpc/data")
 PAPER_TABLE_HEAD = (
-    "| paper's model | data | MP | paper: FP32 | paper: no comp. | paper: DF-MPC | ours: zoo model standing in "
-    "| ours: FP32 | ours: no comp. | **ours: DF-MPC (default)** | ours: c = 1, data re-cal. | ours: DF-MPC, data re-cal. |")
+    "| paper's model | data | MP | paper: FP32 | paper: no comp. | paper: DF-MPC "
+    "| ours: zoo model standing in | ours: FP32 | ours: no comp. | **ours: DF-MPC (default)** "
+    "| ours: c = 1, data re-cal. | ours: DF-MPC, data re-cal. |")
 NOT_OFFLINE = "not available offline"
 
 

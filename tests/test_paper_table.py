@@ -103,7 +103,8 @@ def problems(text, rows, zoo):
         r = by_arch.get(arch)
         if r is not None and setting in r["settings"]:
             v = r["settings"][setting]
-            want = [f"{100 * r['fp32']:.2f}"] + [f"{100 * v[k]['accuracy']:.2f}" if k in v else "-" for k in OURS[1:]]
+            want = [f"{100 * r['fp32']:.2f}"] + [f"{100 * v[k]['accuracy']:.2f}" if k in v else "-"
+                                                 for k in OURS[1:]]
         else:
             want = ["-"] * 5
             if arch in zoo and "not measured" not in cells[6]:
@@ -155,7 +156,8 @@ def test_stand_in_prefers_the_first_shipped_candidate():
     assert acc.stand_in("MobileNetV2", "ImageNet", {"mobilenetv2": {}, "mobilenetv2_small": {}})[0] == "mobilenetv2"
     arch, note = acc.stand_in("DenseNet-121", "ImageNet", {})
     assert arch == "densenet" and "not in the zoo yet" in note
-    assert acc.stand_in("ResNet-18", "CIFAR-100", {"resnet18": {}}) == (None, "no analogue here (data not available offline)")
+    assert acc.stand_in("ResNet-18", "CIFAR-100", {"resnet18": {}}) == (None,
+                                                                        "no analogue here (data not available offline)")
 
 
 def _row(model, fp32, setting, a=0.5):
