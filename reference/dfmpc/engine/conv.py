@@ -24,13 +24,16 @@ seen and remembered on disk per CPU (:mod:`dfmpc.engine.kernel_choice`):
   runs straight from the padded input, so ``cols`` is never written; otherwise (1x1, other
   kernel heights) im2col by one strided NumPy copy, a few images at a time so that ``cols``
   stays small (``COLS_BYTES``) and in cache, then :func:`~dfmpc.engine.kernels_numba.matmul_nt`;
+- ``"blocked"``: the register-blocked direct kernel, :mod:`dfmpc.engine.blocked` (16 output
+  channels x 4 pixels of running sums kept in SIMD registers over all taps and channels), any
+  kernel size, stride, dilation; the filters' layout cached per weight array;
 - ``"im2col_blas"``: im2col as above + ``np.matmul`` (BLAS);
 - ``"winograd_f2"``, ``"winograd_f4"`` (3x3, stride 1, dilation 1 only): Winograd
   F(2x2, 3x3) / F(4x4, 3x3), :mod:`dfmpc.engine.winograd`, with the filters' transform
   cached per weight array.
 
 Threads: the kernels use ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``);
-the direct kernels through Numba's pool, Winograd by running half of its tile blocks on a
+the direct and blocked kernels through Numba's pool, Winograd by running half of its tile blocks on a
 second Python thread (its kernels and ``np.matmul`` release the GIL), im2col + BLAS through
 the BLAS library's threads.
 """
@@ -47,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import kernel_choice, winograd
+from . import blocked, kernel_choice, winograd
 from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt
 
 #: dense-conv kernel: "auto" (measured per shape, :mod:`dfmpc.engine.kernel_choice`), or one of
@@ -57,7 +60,7 @@ KERNEL = "auto"
 
 #: the dense-conv kernels, in the order they are measured ("direct" first: the others are
 #: checked against it)
-DENSE_KERNELS = ("direct", "im2col_blas", "winograd_f2", "winograd_f4")
+DENSE_KERNELS = ("direct", "blocked", "im2col_blas", "winograd_f2", "winograd_f4")
 
 #: target size of one im2col buffer; measured on ResNet-20 (2-core Zen 5, OpenBLAS):
 #: 1-4 MB keep cols in L2/L3 next to the matmul; 14 MB (32 images at 28x28x16) ran 1.5x slower
@@ -202,10 +205,11 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
     return out
 
 
-#: convs with fewer multiply-adds per call than this run "direct" without measuring (the
-#: measurement and the compilation of new kernels would cost more than they can save);
-#: ResNet-20's convs on 16 images have 2**24.8 (and the 1-channel stem 2**20.8)
-MEASURE_MIN_MACS = 1 << 24
+#: convs with fewer multiply-adds per call than this run :func:`small_conv_kernel` without
+#: measuring (the measurement would cost more than it can save); ResNet-20's convs have 2**21.8
+#: per image-pair (the distillation of ``dfmpc quantize`` runs them on 8 images: 2**23.8), the
+#: 1-channel stem 2**16.8 per image
+MEASURE_MIN_MACS = 1 << 21
 
 #: the candidates are measured on the first images of the batch, about this many multiply-adds
 MEASURE_MACS = 1 << 25
@@ -219,12 +223,19 @@ def applicable_kernels(kernel, strides, dilations, out_hw=None) -> tuple[str, ..
     more than its own (e.g. 14 x 14: 16 x 16 vs 14 x 14), so that fewer kernels are compiled.
     """
     if not (tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)):
-        return DENSE_KERNELS[:2]
+        return DENSE_KERNELS[:3]
     if out_hw is None:
         return DENSE_KERNELS
     oh, ow = out_hw
     area = [-(-oh // m) * m * -(-ow // m) * m for m in (2, 4)]
-    return DENSE_KERNELS if area[1] > 1.2 * area[0] else DENSE_KERNELS[:2] + DENSE_KERNELS[3:]
+    return DENSE_KERNELS if area[1] > 1.2 * area[0] else DENSE_KERNELS[:3] + DENSE_KERNELS[4:]
+
+
+def small_conv_kernel(c: int, o: int, kernel) -> str:
+    """The kernel of a conv too small to measure: ``"blocked"`` when each output sums at least
+    16 products and there are at least 8 output channels (most of a block's lanes used), else
+    ``"direct"``."""
+    return "blocked" if c * kernel[0] * kernel[1] >= 16 and o >= 8 else "direct"
 
 
 def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, residual=None):
@@ -251,7 +262,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
         return run(KERNEL if KERNEL in names else "direct").transpose(0, 3, 1, 2)
     macs_per_image = oh * ow * o * c * kh * kw
     if n * macs_per_image < MEASURE_MIN_MACS:
-        return run("direct").transpose(0, 3, 1, 2)
+        return run(small_conv_kernel(c, o, (kh, kw))).transpose(0, 3, 1, 2)
     key = kernel_choice.shape_key(x.shape, w.shape, strides, pads, dilations, threads)
     name = kernel_choice.lookup(key)
     if name not in names:
@@ -277,21 +288,28 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
     pt, pl, pb, pr = pads
     if name.startswith("winograd"):
         m = 2 if name == "winograd_f2" else 4
-        return winograd.conv3x3(xn, _winograd_weight(w, m), b, pads, (oh, ow), m, relu, res,
+        return winograd.conv3x3(xn, _cached_weight(w, m, winograd.weight_transform), b, pads, (oh, ow), m, relu, res,
                                 pool=_pool() if threads > 1 else None)
     blas = name == "im2col_blas"
     wt = dense_weight(w) if wt is None else wt
     out = np.empty((n, oh, ow, o), np.float32)
     res2 = None if res is None else res.reshape(-1, o)
-    if kh == kw == 1 and not any(pads):                     # 1x1: the (strided) input is cols
+    if kh == kw == 1 and not any(pads) and name != "blocked":   # 1x1: the (strided) input is cols
         xs = xn[:, ::strides[0], ::strides[1], :][:, :oh, :ow, :]
         _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, res2, out.reshape(-1, o), blas)
         return out
-    if any(pads):
-        xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
+    if any(pads):                                           # zero only the border
+        xp = np.empty((n, h + pt + pb, wd + pl + pr, c), np.float32)
+        xp[:, :pt], xp[:, pt + h:], xp[:, pt:pt + h, :pl], xp[:, pt:pt + h, pl + wd:] = 0, 0, 0, 0
         xp[:, pt:pt + h, pl:pl + wd, :] = xn
     else:
         xp = xn
+    if name == "blocked":
+        xp = np.ascontiguousarray(xp)
+        taps = blocked.tap_offsets((kh, kw), dilations, xp.shape[2], c)
+        blocked.conv_blocked(xp.reshape(-1), xp.shape, _cached_weight(w, "blocked", blocked.blocked_weight),
+                             taps, strides, (oh, ow), b, relu, res2, out.reshape(-1, o))
+        return out
     # no im2col: rows read in place; a run shorter than a SIMD vector (e.g. a 1-channel
     # stem: 3 floats) is faster through im2col + matmul_nt (measured 0.48 vs 0.33 ms)
     if kh == 3 and dilations[1] == 1 and kw * c >= 16 and not blas:
@@ -310,22 +328,24 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
     return out
 
 
-# Winograd filter transforms, one per weight array and tile size.  Keyed by the array's id and
-# checked against a copy of the weights, so that an array changed in place is transformed anew.
+# Filter layouts of the Winograd and blocked kernels, one per weight array and kernel.  Keyed by the
+# array's id and checked against a copy of the weights, so that an array changed in place is
+# transformed anew.
 _U_CACHE: dict = {}
 _U_LOCK = threading.Lock()
 
 
-def _winograd_weight(w, m):
-    """:func:`dfmpc.engine.winograd.weight_transform` of ``w``, cached while ``w`` lives and is unchanged."""
-    key = (id(w), m)
+def _cached_weight(w, tag, make):
+    """``make(w)`` (Winograd tile size ``tag``: ``make(w, tag)``), cached while ``w`` lives and is
+    unchanged."""
+    key = (id(w), tag)
     with _U_LOCK:
         hit = _U_CACHE.get(key)
     if hit is not None:
         ref, w_copy, U = hit
         if ref() is w and np.array_equal(w_copy, w):
             return U
-    U = winograd.weight_transform(w, m)
+    U = make(w, tag) if isinstance(tag, int) else make(w)
     try:
         ref = weakref.ref(w, lambda _, key=key: _U_CACHE.pop(key, None))
     except TypeError:                                       # not weak-referenceable: no caching

@@ -32,6 +32,10 @@ import numpy as np
 SIMD_FEATURES = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
                  "avx512bf16", "avx512fp16", "amx-tile", "neon", "sve")
 
+#: version of the candidate set, part of the file name: a file measured before a kernel was added
+#: (2: "blocked") is not read
+CANDIDATES_VERSION = 2
+
 #: timed runs per candidate when measuring (the minimum is kept), after one untimed run
 REPEATS = 5
 
@@ -95,7 +99,7 @@ def cache_dir() -> Path:
 
 def cache_path() -> Path:
     """The JSON file of this machine's choices."""
-    return cache_dir() / f"kernel_choice-{_digest()}.json"
+    return cache_dir() / f"kernel_choice-v{CANDIDATES_VERSION}-{_digest()}.json"
 
 
 def _load():

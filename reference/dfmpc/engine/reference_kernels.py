@@ -1,4 +1,4 @@
-"""Plain-loop NumPy twins of the fast pooling, matmul and Winograd kernels, used only by tests.
+"""Plain-loop NumPy twins of the fast pooling, matmul, Winograd and blocked conv kernels, used only by tests.
 
 Written for obviousness, not speed: one Python loop per output element,
 float64 accumulation.  Geometry as in ONNX: ``pads = (top, left, bottom, right)``.
@@ -145,4 +145,49 @@ def winograd_conv_loops(x, w, pads=(1, 1, 1, 1), m=4, bias=None):
     out = out[:, :, :oh, :ow]
     if bias is not None:
         out += np.asarray(bias, np.float64)[None, :, None, None]
+    return out
+
+
+def conv_blocked_loops(xf, shape, wb, taps, strides, out_hw, bias=None, relu=False, res=None):
+    """The register-blocked conv by explicit loops, in float64 (twin of
+    :func:`dfmpc.engine.blocked.conv_blocked`, same arguments, same memory layouts).
+
+    ``y[p, o] = act(sum_{t, c} xf[base(p) + taps[t] + c] * wb[t, c, o] + bias[o] + res[p, o])``,
+    where ``base(p)`` is the offset of output pixel ``p = (n*oh + y)*ow + x``'s top-left tap in
+    the flat padded NHWC input: ``((n*Hp + y*sh)*Wp + x*sw)*C``.
+
+    Parameters
+    ----------
+    xf : ndarray, shape (N*Hp*Wp*C,)
+    shape : (int, int, int, int)
+        ``(N, Hp, Wp, C)``.
+    wb : ndarray, shape (T, C, O')
+        :func:`dfmpc.engine.blocked.blocked_weight`.
+    taps : ndarray, shape (T,)
+        :func:`dfmpc.engine.blocked.tap_offsets`.
+    strides, out_hw : (int, int)
+    bias : ndarray, shape (O,), optional
+    relu : bool
+    res : ndarray, shape (N*oh*ow, O), optional
+
+    Returns
+    -------
+    ndarray, shape (N*oh*ow, O), float64
+        ``O`` is ``len(bias)``, or ``O'`` without a bias.
+    """
+    n_img, hp, wp, c = shape
+    (sh, sw), (oh, ow) = strides, out_hw
+    n_o = wb.shape[2] if bias is None else len(bias)
+    out = np.zeros((n_img * oh * ow, n_o))
+    for p in range(n_img * oh * ow):
+        n, y, x = p // (oh * ow), p % (oh * ow) // ow, p % ow
+        base = ((n * hp + y * sh) * wp + x * sw) * c
+        for o in range(n_o):
+            acc = 0.0 if bias is None else float(bias[o])
+            for t in range(len(taps)):
+                for ci in range(c):
+                    acc += float(xf[base + taps[t] + ci]) * float(wb[t, ci, o])
+            if res is not None:
+                acc += float(res[p, o])
+            out[p, o] = max(acc, 0.0) if relu else acc
     return out
