@@ -87,8 +87,9 @@ def test_blocked_kernel_matches_twins(geom, data, seed, relu, with_bias, with_re
     W64 = data.draw(weight_arrays((o, c, kh, kw)))
     x, W, b, r, (oh, ow) = _inputs(geom, W64, seed, with_bias, with_res)
     xp = _padded_nhwc(x, pads)
-    wb = blocked.blocked_weight(W)
     taps = blocked.tap_offsets((kh, kw), dilations, xp.shape[2], c)
+    assert len(taps) == (kh if dilations[1] == 1 else kh * kw)
+    wb = blocked.blocked_weight(W).reshape(len(taps), -1, blocked.LANES * -(-o // blocked.LANES))
     res = None if r is None else np.ascontiguousarray(r.transpose(0, 2, 3, 1)).reshape(-1, o)
     bias = np.zeros(o, np.float32) if b is None else b
     out = np.full((n * oh * ow, o), np.nan, np.float32)
@@ -116,7 +117,7 @@ def test_blocked_negative_control():
     W = rng.normal(size=(5, 5, 3, 3)).astype(np.float32)
     xp = _padded_nhwc(x, (1, 1, 1, 1))
     taps = blocked.tap_offsets((3, 3), (1, 1), xp.shape[2], 5)
-    wrong = blocked.blocked_weight(W.transpose(1, 0, 2, 3))
+    wrong = blocked.blocked_weight(W.transpose(1, 0, 2, 3)).reshape(3, 15, -1)
     out = np.empty((36, 5), np.float32)
     blocked.conv_blocked(xp.reshape(-1), xp.shape, wrong, taps, (1, 1), (6, 6), np.zeros(5, np.float32),
                          False, None, out)
@@ -169,7 +170,7 @@ def test_cached_layout_follows_in_place_changes():
 
 def test_group_argument_is_checked():
     xp = np.zeros((1, 3, 3, 2), np.float32)
-    wb = blocked.blocked_weight(np.zeros((4, 2, 3, 3), np.float32))
+    wb = blocked.blocked_weight(np.zeros((4, 2, 3, 3), np.float32)).reshape(3, 6, -1)
     taps = blocked.tap_offsets((3, 3), (1, 1), 3, 2)
     with pytest.raises(ValueError, match="group"):
         blocked.conv_blocked(xp.reshape(-1), xp.shape, wb, taps, (1, 1), (1, 1), np.zeros(4, np.float32),

@@ -307,7 +307,8 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
     if name == "blocked":
         xp = np.ascontiguousarray(xp)
         taps = blocked.tap_offsets((kh, kw), dilations, xp.shape[2], c)
-        blocked.conv_blocked(xp.reshape(-1), xp.shape, _cached_weight(w, "blocked", blocked.blocked_weight),
+        wb = _cached_weight(w, "blocked", blocked.blocked_weight)
+        blocked.conv_blocked(xp.reshape(-1), xp.shape, wb.reshape(len(taps), -1, wb.shape[2]),
                              taps, strides, (oh, ow), b, relu, res2, out.reshape(-1, o))
         return out
     # no im2col: rows read in place; a run shorter than a SIMD vector (e.g. a 1-channel

@@ -152,7 +152,7 @@ def conv_blocked_loops(xf, shape, wb, taps, strides, out_hw, bias=None, relu=Fal
     """The register-blocked conv by explicit loops, in float64 (twin of
     :func:`dfmpc.engine.blocked.conv_blocked`, same arguments, same memory layouts).
 
-    ``y[p, o] = act(sum_{t, c} xf[base(p) + taps[t] + c] * wb[t, c, o] + bias[o] + res[p, o])``,
+    ``y[p, o] = act(sum_{t, l} xf[base(p) + taps[t] + l] * wb[t, l, o] + bias[o] + res[p, o])``,
     where ``base(p)`` is the offset of output pixel ``p = (n*oh + y)*ow + x``'s top-left tap in
     the flat padded NHWC input: ``((n*Hp + y*sh)*Wp + x*sw)*C``.
 
@@ -161,9 +161,9 @@ def conv_blocked_loops(xf, shape, wb, taps, strides, out_hw, bias=None, relu=Fal
     xf : ndarray, shape (N*Hp*Wp*C,)
     shape : (int, int, int, int)
         ``(N, Hp, Wp, C)``.
-    wb : ndarray, shape (T, C, O')
-        :func:`dfmpc.engine.blocked.blocked_weight`.
-    taps : ndarray, shape (T,)
+    wb : ndarray, shape (R, L, O')
+        :func:`dfmpc.engine.blocked.blocked_weight`, one ``(L, O')`` matrix per run of taps.
+    taps : ndarray, shape (R,)
         :func:`dfmpc.engine.blocked.tap_offsets`.
     strides, out_hw : (int, int)
     bias : ndarray, shape (O,), optional
@@ -185,7 +185,7 @@ def conv_blocked_loops(xf, shape, wb, taps, strides, out_hw, bias=None, relu=Fal
         for o in range(n_o):
             acc = 0.0 if bias is None else float(bias[o])
             for t in range(len(taps)):
-                for ci in range(c):
+                for ci in range(wb.shape[1]):
                     acc += float(xf[base + taps[t] + ci]) * float(wb[t, ci, o])
             if res is not None:
                 acc += float(res[p, o])
