@@ -216,7 +216,7 @@ def speed():
     table = kernel_choice.table()
     result.update({"engine_gflop_per_s": flops_per_s, "numpy_matmul_gflop_per_s": mm,
                    "engine_fraction_of_matmul": flops_per_s / mm,
-                   "conv_kernels": {k: table.get(k, {"kernel": "direct (not measured: small)"}) for k in used},
+                   "conv_kernels": {k: table.get(k, {"kernel": "not measured (small: conv.small_conv_kernel)"}) for k in used},
                    "onnxruntime_version": ort.__version__,
                    "load_average_1min_at_end": os.getloadavg()[0]})
     return result

@@ -109,6 +109,25 @@ def test_blocked_kernel_matches_twins(geom, data, seed, relu, with_bias, with_re
     assert np.all(np.abs(out - twin) <= bound), float(np.max(np.abs(out - twin) - bound))
 
 
+def test_blocked_result_does_not_depend_on_the_thread_count():
+    """Every output is summed by one thread in a fixed order: 1 and 2 threads give the same bits
+    (the small convs of the distillation run this kernel; MEASURE_MIN_MACS)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 16, 9, 9)).astype(np.float32)
+    W = rng.normal(size=(20, 16, 3, 3)).astype(np.float32)
+    ys = []
+    saved_threads, saved_kernel = numba.get_num_threads(), conv_module.KERNEL
+    try:
+        conv_module.KERNEL = "blocked"
+        for t in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(t)
+            ys.append(conv2d_f32(x, W, pads=(1, 1, 1, 1)))
+    finally:
+        numba.set_num_threads(saved_threads)
+        conv_module.KERNEL = saved_kernel
+    assert np.array_equal(ys[0], ys[1])
+
+
 def test_blocked_negative_control():
     """The agreement check can fail: filters laid out with C and O swapped (a plausible bug) give
     errors far above the bound."""
