@@ -23,8 +23,8 @@ def need(arch):
 
 def test_zoo_ships_every_model_the_readme_reports():
     """The package data holds the zoo models, and each loads (a packaging break fails here, not skips)."""
-    assert sorted(ZOO) == ["mobilenetv2_small", "resnet18", "resnet20", "resnet56", "resnet_bottleneck",
-                           "vgg_small"]
+    assert sorted(ZOO) == ["mobilenetv2", "mobilenetv2_small", "resnet18", "resnet20", "resnet56",
+                           "resnet_bottleneck", "vgg16", "vgg_small"]
     for arch in ZOO:
         assert len(need(arch).nodes) > 0
 
@@ -47,6 +47,17 @@ def test_vgg_small_pairs_alternate_through_pooling():
                                                   ("/features/features.14/Conv", "/features/features.17/Conv")]
 
 
+def test_vgg16_pairs_alternate_and_the_stem_stays_high():
+    """Fig. 2, plain chain on the trained VGG-16-BN (13 convs): the first conv stays high (keep_first_high), the
+    other twelve pair as (low, high) in order, across the max-pools; the classifier after Flatten stays alone."""
+    g = need("vgg16")
+    p = dfmpc.find_pairs(g)
+    convs = [n.name for n in g.nodes if n.op == "Conv"]
+    assert len(convs) == 13
+    assert [(q.low, q.high) for q in p.pairs] == list(zip(convs[1::2], convs[2::2]))
+    assert p.unpaired == [convs[0], "/fc/Gemm"]
+
+
 def test_bottleneck_pairs_3x3_low():
     """Fig. 2, bottleneck on the trained bottleneck ResNet: every low conv is a 3x3, every high conv a 1x1."""
     g = need("resnet_bottleneck")
@@ -56,11 +67,11 @@ def test_bottleneck_pairs_3x3_low():
     assert all(g.node(q.high).params["W"].shape[2:] == (1, 1) for q in p.pairs)
 
 
-def test_mobilenet_relu6_pairs_in_the_eq7_form():
-    """ReLU6 chains of the trained MobileNetV2-style net pair in the Eq. (7) form (derivation 17): every pair
-    goes through a Clip and carries c on its high conv's input channels; with through_clip=False they are
-    reported and not paired."""
-    g = need("mobilenetv2_small")
+@pytest.mark.parametrize("arch", ["mobilenetv2_small", "mobilenetv2"])
+def test_mobilenet_relu6_pairs_in_the_eq7_form(arch):
+    """ReLU6 chains of the trained MobileNetV2-style nets pair in the Eq. (7) form (derivation 17): every pair
+    goes through a Clip and carries c on its high conv's input channels; with through_clip=False they are reported and not paired."""
+    g = need(arch)
     p = dfmpc.find_pairs(g)
     assert p.pairs and {g.node(q.act).op for q in p.pairs} == {"Clip"} and {q.form for q in p.pairs} == {"eq7"}
     old = dfmpc.find_pairs(g, through_clip=False)
