@@ -204,3 +204,25 @@ def test_blocked_is_a_candidate_and_the_small_conv_default():
     assert conv_module.small_conv_kernel(16, 16, (3, 3)) == "blocked"
     assert conv_module.small_conv_kernel(1, 16, (3, 3)) == "direct"
     assert conv_module.small_conv_kernel(16, 1, (3, 3)) == "direct"
+
+
+def test_choose_applies_the_handicap(tmp_path, monkeypatch):
+    """A handicapped candidate (im2col + BLAS at 2 threads, conv.BLAS_HANDICAP) loses to a slower one
+    unless it is faster by more than the factor; the recorded times stay the measured ones."""
+    from dfmpc.engine import kernel_choice
+    monkeypatch.setenv("DFMPC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_memory", {})
+    monkeypatch.setattr(kernel_choice, "_loaded", True)
+    y = np.arange(4.0)
+
+    def slow():
+        s = 0
+        for i in range(100_000):
+            s += i
+        return y.copy()
+
+    cands = {"ref": slow, "fast": lambda: y.copy()}
+    assert kernel_choice.choose("k-free", cands, "ref", 0.0)[0] == "fast"
+    assert kernel_choice.choose("k-handicapped", cands, "ref", 0.0, {"fast": 1e9})[0] == "ref"
+    entry = kernel_choice.table()["k-handicapped"]
+    assert entry["handicap"] == {"fast": 1e9} and entry["ms"]["fast"] < entry["ms"]["ref"]

@@ -218,6 +218,14 @@ MEASURE_MIN_MACS = 1 << 24
 #: the candidates are measured on the first images of the batch, about this many multiply-adds
 MEASURE_MACS = 1 << 25
 
+#: at more than one thread, im2col + BLAS must measure this many times faster than the Numba
+#: kernels to be chosen: OpenBLAS's worker threads spin after each product and take the cores
+#: the Numba kernels that follow need, which timing one conv alone does not see.  Measured in
+#: ResNet-20 on 500-image batches (2 threads, loaded 2-core Zen 3): the 64-channel 7x7 convs,
+#: chosen as im2col + BLAS at 5.3 ms vs 8.3 ms for ``blocked`` on 18 images, took 4.5 s of a
+#: 10.8 s run over 2000 images; at one thread no such cost was seen
+BLAS_HANDICAP = 2.0
+
 
 def applicable_kernels(kernel, strides, dilations, out_hw=None) -> tuple[str, ...]:
     """The dense-conv kernels that can compute a conv of this geometry.
@@ -279,7 +287,8 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
         cands = {kn: (lambda kn=kn: _run_dense(kn, xs, w, wt, b, strides, pads, dilations, oh, ow, relu, rs,
                                               threads))
                  for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow))}
-        name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale)
+        name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale,
+                                       {"im2col_blas": BLAS_HANDICAP} if threads > 1 else None)
         if k == n:
             return y.transpose(0, 3, 1, 2)
     return run(name).transpose(0, 3, 1, 2)

@@ -33,8 +33,8 @@ SIMD_FEATURES = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512v
                  "avx512bf16", "avx512fp16", "amx-tile", "neon", "sve")
 
 #: version of the candidate set, part of the file name: a file measured before a kernel was added
-#: (2: "blocked") is not read
-CANDIDATES_VERSION = 2
+#: or its rules changed is not read (2: "blocked"; 3: the ``handicap`` of :func:`choose`)
+CANDIDATES_VERSION = 3
 
 #: timed runs per candidate when measuring (the minimum is kept), after one untimed run
 REPEATS = 5
@@ -155,7 +155,8 @@ def table() -> dict:
     return {k: dict(v) for k, v in _memory.items()}
 
 
-def choose(key: str, candidates: dict, reference: str, tolerance) -> tuple[str, np.ndarray]:
+def choose(key: str, candidates: dict, reference: str, tolerance,
+           handicap: dict | None = None) -> tuple[str, np.ndarray]:
     """Run every candidate, keep the fastest whose output agrees with ``reference``'s.
 
     Parameters
@@ -168,6 +169,9 @@ def choose(key: str, candidates: dict, reference: str, tolerance) -> tuple[str, 
         Candidate whose output the others are compared with (the direct kernel).
     tolerance : float
         Largest absolute difference to the reference's output that a candidate may show.
+    handicap : dict of str -> float, optional
+        Factors applied to candidates' measured times before comparing them (a cost the isolated
+        timing does not see); the recorded times are the measured ones.
 
     Returns
     -------
@@ -189,8 +193,10 @@ def choose(key: str, candidates: dict, reference: str, tolerance) -> tuple[str, 
     ok = [k for k in candidates if k == reference
           or (np.all(np.isfinite(outputs[k]) == np.isfinite(ref))
               and float(np.nanmax(np.abs(outputs[k] - ref), initial=0.0)) <= tolerance)]
-    name = min(ok, key=times.get)
+    handicap = handicap or {}
+    name = min(ok, key=lambda k: times[k] * handicap.get(k, 1.0))
     _memory[key] = {"kernel": name, "ms": {k: round(v * 1e3, 4) for k, v in times.items()},
+                    "handicap": {k: v for k, v in handicap.items() if k in candidates},
                     "rejected": sorted(set(candidates) - set(ok))}
     _save()
     return name, outputs[name]
