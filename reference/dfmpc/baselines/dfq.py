@@ -184,7 +184,7 @@ def _chains(graph: Graph):
     return chains, skipped
 
 
-def cross_layer_equalize(graph: Graph, iterations: int = 100, tol: float = 1e-6) -> tuple[Graph, dict]:
+def cross_layer_equalize(graph: Graph, iterations: int = 1000, tol: float = 1e-6) -> tuple[Graph, dict]:
     """Cross-layer range equalization over every conv -> BN -> ReLU -> [pool] -> conv chain (CLE.1, CLE.2).
 
     For each chain (in topological order) the ranges of conv A's output channels and conv B's input
@@ -204,7 +204,8 @@ def cross_layer_equalize(graph: Graph, iterations: int = 100, tol: float = 1e-6)
     graph : Graph
         Full-precision network, BN as its own node. Not modified.
     iterations : int >= 1
-        Maximum number of sweeps over all chains.
+        Maximum number of sweeps over all chains. The sweeps stop as soon as one changes no scale by
+        more than ``tol``; the zoo ResNets converge within 100, the 12 chains of the VGG-16 need 207.
     tol : float >= 0
         Convergence threshold on ``max |s - 1|`` over one sweep.
 
@@ -476,7 +477,7 @@ def bias_correction(graph_fp: Graph, graph_q: Graph, input_mean=0.0, input_var=1
 # ----------------------------------------------------------------------------- the whole method
 def dfq(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, pairs=None, keep_first_high: bool = True,
         equalize: bool = True, absorb_bias: bool = False, correct_bias: bool = True, n_sigma: float = 3.0,
-        iterations: int = 100, tol: float = 1e-6, input_mean=0.0, input_var=1.0) -> tuple[Graph, dict]:
+        iterations: int = 1000, tol: float = 1e-6, input_mean=0.0, input_var=1.0) -> tuple[Graph, dict]:
     """DFQ at DF-MPC's mixed precision: CLE -> (high-bias absorption) -> per-tensor RTN -> bias correction.
 
     Every Conv / Gemm is quantized with ``common.rtn_weights(W, bits, per_channel=False)`` at the bits
