@@ -301,8 +301,8 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
     pt, pl, pb, pr = pads
     if name.startswith("winograd"):
         m = 2 if name == "winograd_f2" else 4
-        return winograd.conv3x3(xn, _cached_weight(w, m, winograd.weight_transform), b, pads, (oh, ow), m, relu, res,
-                                pool=_pool() if threads > 1 else None)
+        U = _cached_weight(w, m, lambda v: winograd.weight_transform(v, m))
+        return winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, pool=_pool() if threads > 1 else None)
     blas = name == "im2col_blas"
     wt = dense_weight(w) if wt is None else wt
     out = np.empty((n, oh, ow, o), np.float32)
@@ -350,8 +350,7 @@ _U_LOCK = threading.Lock()
 
 
 def _cached_weight(w, tag, make):
-    """``make(w)`` (Winograd tile size ``tag``: ``make(w, tag)``), cached while ``w`` lives and is
-    unchanged."""
+    """``make(w)``, cached under ``(id(w), tag)`` while ``w`` lives and is unchanged."""
     key = (id(w), tag)
     with _U_LOCK:
         hit = _U_CACHE.get(key)
@@ -359,7 +358,7 @@ def _cached_weight(w, tag, make):
         ref, w_copy, U = hit
         if ref() is w and np.array_equal(w_copy, w):
             return U
-    U = make(w, tag) if isinstance(tag, int) else make(w)
+    U = make(w)
     try:
         ref = weakref.ref(w, lambda _, key=key: _U_CACHE.pop(key, None))
     except TypeError:                                       # not weak-referenceable: no caching
