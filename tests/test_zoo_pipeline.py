@@ -23,7 +23,7 @@ def need(arch):
 
 def test_zoo_ships_every_model_the_readme_reports():
     """The package data holds the zoo models, and each loads (a packaging break fails here, not skips)."""
-    assert sorted(ZOO) == ["mobilenetv2", "mobilenetv2_small", "resnet18", "resnet20", "resnet56",
+    assert sorted(ZOO) == ["densenet", "mobilenetv2", "mobilenetv2_small", "resnet18", "resnet20", "resnet56",
                            "resnet_bottleneck", "vgg16", "vgg_small"]
     for arch in ZOO:
         assert len(need(arch).nodes) > 0
@@ -56,6 +56,21 @@ def test_vgg16_pairs_alternate_and_the_stem_stays_high():
     assert len(convs) == 13
     assert [(q.low, q.high) for q in p.pairs] == list(zip(convs[1::2], convs[2::2]))
     assert p.unpaired == [convs[0], "/fc/Gemm"]
+
+
+def test_densenet_pairs_each_dense_layer_1x1_low_3x3_high():
+    """Fig. 2 on the trained DenseNet-BC-40: inside each of the 18 dense layers BN-ReLU-conv1x1-BN-ReLU-conv3x3,
+    the 1x1 (reading the Concat of all earlier outputs) is low and the 3x3 high; the stem, the three transition
+    1x1 convs (their output feeds a pool and Concats, not a single conv) and the classifier stay alone."""
+    g = need("densenet")
+    p = dfmpc.find_pairs(g)
+    assert len(p.pairs) == 18 and {q.form for q in p.pairs} == {"fold"}
+    for q in p.pairs:
+        assert q.low.endswith("/conv1/Conv") and q.high == q.low.replace("/conv1/", "/conv2/")
+        assert g.node(q.low).params["W"].shape[2:] == (1, 1)
+        assert g.node(q.high).params["W"].shape[2:] == (3, 3)
+    assert p.unpaired == ["/features/features.0/Conv", "/features/features.7/conv/Conv",
+                          "/features/features.14/conv/Conv", "/fc/Gemm"]
 
 
 def test_bottleneck_pairs_3x3_low():
