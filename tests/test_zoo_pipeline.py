@@ -59,7 +59,7 @@ def test_vgg16_pairs_alternate_and_the_stem_stays_high():
 
 
 def test_densenet_pairs_each_dense_layer_1x1_low_3x3_high():
-    """Fig. 2 on the trained DenseNet-BC-40: inside each of the 18 dense layers BN-ReLU-conv1x1-BN-ReLU-conv3x3,
+    """Fig. 2 and D.1 (derivation 17) on the trained DenseNet-BC-40: inside each of the 18 dense layers BN-ReLU-conv1x1-BN-ReLU-conv3x3,
     the 1x1 (reading the Concat of all earlier outputs) is low and the 3x3 high; the stem, the three transition
     1x1 convs (their output feeds a pool and Concats, not a single conv) and the classifier stay alone."""
     g = need("densenet")
