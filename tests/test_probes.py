@@ -122,6 +122,26 @@ def test_distillation_is_reproducible_and_starts_from_the_noise(resnet20):
                                   probes.probe_inputs(resnet20, n=4, kind="noise", seed=1))
 
 
+def test_distillation_gives_the_same_bits_at_any_thread_count_and_restores_it(resnet20):
+    """D.1's descent is the same computation at 1 and 2 Numba threads (bit-identical images), so the
+    single-thread default (DISTILL_THREADS, chosen for speed) cannot change a result; the caller's thread
+    setting is restored afterwards, also when the call fails. Negative control: the images did move."""
+    import numba
+    x0 = probes.probe_inputs(resnet20, n=8, kind="noise", seed=3)
+    before = numba.get_num_threads()
+    one = probes.distill(resnet20, x0, iterations=3, threads=1).x
+    assert numba.get_num_threads() == before
+    two = probes.distill(resnet20, x0, iterations=3, threads=2).x
+    np.testing.assert_array_equal(one, two)
+    mine = probes.distill(resnet20, x0, iterations=3, threads=None).x
+    np.testing.assert_array_equal(one, mine)
+    assert not np.array_equal(one, x0)                      # the images moved: the equality is not vacuous
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="threads"):
+            probes.distill(resnet20, x0, iterations=1, threads=bad)
+    assert numba.get_num_threads() == before
+
+
 def test_distill_history_and_batches(resnet20):
     """distill: loss history has iterations + 1 entries starting at the loss of x0; batches are optimised
     independently (a batch of 2 gives the same images whether or not another batch follows it)."""

@@ -31,13 +31,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import numba
 from numba import njit
 
 from .autodiff import Program, _affine_rows, input_gradient
 from .engine.graph import Graph
 
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
-           "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy"]
+           "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -50,6 +51,12 @@ DEFAULT_KIND = "distilled"
 DEFAULT_N = 8
 DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 0.25
+#: Numba threads while distilling. The default probe batch (8 images) is too small to split: per op a
+#: thread hand-off costs about what the second core saves, and on a shared machine the second thread
+#: waits. Measured on an idle 2-core AMD EPYC (AVX2): distilling ResNet-20's default probes 10.5 s at
+#: 1 thread against 12.9 s at 2; the whole `dfmpc quantize resnet20` 12.2 s against 14.5 s
+#: (`benchmarks/probes.py` times the distillation).
+DISTILL_THREADS = 1
 #: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
 INPUT_EPS = 1e-5
 
@@ -256,7 +263,8 @@ def _input_shape(graph, input_shape):
 
 
 def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR,
-            batch_size: int | None = None, progress: bool | None = False) -> DistillationResult:
+            batch_size: int | None = None, progress: bool | None = False,
+            threads: int | None = DISTILL_THREADS) -> DistillationResult:
     """Adam on the images to minimise (D.1), each batch against the FP32 graph's BN statistics.
 
     Adam (beta1 0.9, beta2 0.999, eps 1e-8) with the step size following a half cosine from ``lr``
@@ -278,6 +286,11 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     progress : bool or None
         A progress bar (tqdm) on stderr; None: only when stderr is a terminal and the work lasts
         more than a couple of seconds (:class:`dfmpc.evaluation.Progress`).
+    threads : int >= 1 or None
+        Numba threads while distilling (the previous setting is restored on return; capped at
+        ``numba.config.NUMBA_NUM_THREADS``); None keeps the current setting. The result does not depend
+        on it: every kernel on this path gives the same bits at any thread count. Default
+        :data:`DISTILL_THREADS` (1), see there.
 
     Returns
     -------
@@ -301,6 +314,8 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     iterations = _check_int(iterations, "iterations", 0)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    if threads is not None:
+        threads = min(_check_int(threads, "threads", 1), numba.config.NUMBA_NUM_THREADS)
     N = len(x0)
     batch_size = N if batch_size is None else _check_int(batch_size, "batch_size", 1)
     targets = bn_targets(graph)
@@ -312,6 +327,18 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     from .evaluation import Progress
     bar = Progress(iterations * len(starts), "distilling probe inputs", enabled=progress, unit="step")
     program = _program(graph, targets)
+    before = numba.get_num_threads()
+    try:
+        if threads is not None:
+            numba.set_num_threads(threads)
+        _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar)
+    finally:
+        numba.set_num_threads(before)
+    return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
+
+
+def _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar):
+    """:func:`distill`'s loop: Adam on each batch of ``x`` in place; ``losses[bi, k]`` = L before step k."""
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     for bi, s in enumerate(starts):
         xb = x[s:s + batch_size]                                  # a view: updated in place
@@ -329,7 +356,6 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
             xb -= (step * mhat / (np.sqrt(vhat) + adam_eps)).astype(np.float32)
             bar.update(bi * iterations + k + 1, postfix=f"BN loss {loss:.3g}")
         losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False, program=program)[0]
-    return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
 
 
 def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
