@@ -54,7 +54,8 @@ DEFAULT_LR = 0.25
 #: Numba threads while distilling. The default probe batch (8 images) is too small to split: per op a
 #: thread hand-off costs about what the second core saves, and on a shared machine the second thread
 #: waits. Measured on an idle 2-core AMD EPYC (AVX2): distilling ResNet-20's default probes 10.5 s at
-#: 1 thread against 12.9 s at 2; the whole `dfmpc quantize resnet20` 12.2 s against 14.5 s
+#: 1 thread against 12.9 s at 2; the whole `dfmpc quantize resnet20` 12.2 s with the process at 1 thread
+#: (NUMBA_NUM_THREADS=1) against 14.5 s at 2
 #: (`benchmarks/probes.py` times the distillation).
 DISTILL_THREADS = 1
 #: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
