@@ -16,6 +16,9 @@ For every architecture trained in ``--staging`` (``<arch>.onnx`` + ``<arch>.json
    and paper row are refreshed from the tables here.
 
 ``python scripts/export_zoo.py --arch`` (no names) only refreshes those fields.
+``python scripts/export_zoo.py --refresh-subset`` re-measures only the fixed-subset
+accuracies (``SUBSET``) of the shipped files, with dfmpc's engine and with onnxruntime on
+their ONNX export; the slow suite checks the larger models on that subset.
 
 Example
 -------
@@ -102,6 +105,45 @@ INIT_SOURCES = {
 }
 
 
+#: The fixed evaluation subset recorded for every model: every 10th test image (1000 images,
+#: 100 per class up to the set's order). ``tests/test_zoo_data.py`` runs the engine on it for
+#: every model but the default one, which it checks on all 10,000.
+SUBSET = slice(None, None, 10)
+SUBSET_NAME = "every 10th test image, x[::10] (1000 images)"
+
+
+def subset_fields(engine_logits: np.ndarray, ort_logits: np.ndarray, y: np.ndarray) -> dict:
+    """``fp32_subset`` record: top-1 accuracy of both backends' logits (N, classes) on ``SUBSET``."""
+    ys = y[SUBSET]
+    return {"fp32_subset": {
+        "images": SUBSET_NAME,
+        "engine": float((engine_logits.argmax(1) == ys).mean()),
+        "onnxruntime": float((ort_logits.argmax(1) == ys).mean()),
+    }}
+
+
+def refresh_subset(out: Path, xn: np.ndarray, y: np.ndarray) -> None:
+    """Add or refresh ``fp32_subset`` in ``out/models.json`` from the shipped weight files."""
+    import onnxruntime as ort
+
+    import dfmpc
+    from dfmpc.interop.onnx_export import to_onnx
+
+    manifest_path = out / "models.json"
+    manifest = json.loads(manifest_path.read_text())
+    xs = np.ascontiguousarray(xn[SUBSET])
+    for entry in manifest["models"]:
+        graph = dfmpc.load_model(out / entry["file"])
+        eng = np.concatenate([graph.run(xs[i:i + 500]) for i in range(0, len(xs), 500)])
+        sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+        ort_logits = sess.run(None, {sess.get_inputs()[0].name: xs})[0]
+        entry.update(subset_fields(eng, ort_logits, y))
+        print(entry["arch"], entry["fp32_subset"], flush=True)
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(manifest_path)
+
+
 def engine_accuracy(graph, x: np.ndarray, y: np.ndarray, batch: int = 500):
     """Top-1 accuracy of a dfmpc graph on normalised inputs, and its logits."""
     logits = np.concatenate([graph.run(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -115,6 +157,8 @@ def main(argv=None):
     p.add_argument("--arch", nargs="*", default=list(ARCHITECTURES))
     p.add_argument("--out-dir", type=Path, default=ZOO_DIR,
                    help="where the weight files and models.json go (default: the package)")
+    p.add_argument("--refresh-subset", action="store_true",
+                   help="only re-measure every shipped model's fixed-subset accuracy (fp32_subset)")
     args = p.parse_args(argv)
     out = args.out_dir
 
@@ -124,6 +168,9 @@ def main(argv=None):
 
     x, y = load_fashion_mnist_test()
     xn = normalize(x)
+    if args.refresh_subset:
+        refresh_subset(out, xn, y)
+        return
     manifest_path = out / "models.json"
     old = {}
     if manifest_path.exists():
@@ -156,6 +203,7 @@ def main(argv=None):
             entry["fp32_test_accuracy_engine"] = acc
             entry["engine_eval_seconds"] = round(time.time() - t0, 1)
             entry["engine_vs_onnxruntime_max_abs_logit_diff"] = float(np.abs(logits - ort_logits).max())
+            entry.update(subset_fields(logits[SUBSET], ort_logits[SUBSET], y))
             dfmpc.save_model(graph, out / entry["file"], overwrite=True)
             # round trip: the shipped file gives the same logits
             back = dfmpc.load_model(out / entry["file"]).run(xn[:256])

@@ -267,7 +267,8 @@ def _slow_marked(path, function):
 
 @pytest.mark.parametrize("path, function", [
     ("test_notebooks.py", "test_notebook_runs_top_to_bottom"),
-    ("test_zoo_data.py", "test_engine_reproduces_recorded_fp32_accuracy"),
+    ("test_zoo_data.py", "test_engine_reproduces_recorded_fp32_accuracy_of_the_default_model"),
+    ("test_zoo_data.py", "test_engine_reproduces_recorded_subset_accuracy"),
     ("test_zoo_pipeline.py", "test_demo_json_matches_readme_and_dfmpc_beats_no_compensation"),
 ])
 def test_notebooks_and_whole_zoo_runs_are_in_the_slow_suite(path, function):
