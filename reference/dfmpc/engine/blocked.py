@@ -139,7 +139,7 @@ def conv_blocked(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, gro
         _conv_blocked_ser(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group)
 
 
-@njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
+@njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
 def _blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group, blk0, blk1):
     """Pixel blocks ``blk0 .. blk1 - 1`` of :func:`conv_blocked`, all output channels, ``group``
     of them at a time."""
@@ -149,7 +149,7 @@ def _blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group, b
                       g0, min(n_o, g0 + group))
 
 
-@njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
+@njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
 def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, blk0, blk1, g0, g1):
     """Output channels ``g0 .. g1 - 1`` (``g0`` a multiple of :data:`LANES`) of pixel blocks
     ``blk0 .. blk1 - 1``."""
@@ -192,14 +192,15 @@ def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, bl
                         out[q, o0 + k] = _finish(acc[i * LANES + k], bias, res, q, o0 + k, relu)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _conv_blocked_ser(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group):
-    """:func:`conv_blocked` on the calling thread (no hand-off to Numba's pool at one thread)."""
+    """:func:`conv_blocked` on the calling thread (no hand-off to Numba's pool at one thread); it
+    releases the GIL, so that the batch-split workers of :mod:`dfmpc.engine.executor` run at once."""
     n_blk = -(-out.shape[0] // PIXELS)
     _blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group, 0, n_blk)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _conv_blocked_par(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group, n_th):
     """:func:`conv_blocked` over Numba's threads: the pixel blocks in one contiguous range per
     thread (each range's sums on its own thread's stack)."""

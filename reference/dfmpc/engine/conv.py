@@ -35,7 +35,13 @@ seen and remembered on disk per CPU (:mod:`dfmpc.engine.kernel_choice`):
 Threads: the kernels use ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``);
 the direct and blocked kernels through Numba's pool, Winograd by running half of its tile blocks on a
 second Python thread (its kernels and ``np.matmul`` release the GIL), im2col + BLAS through
-the BLAS library's threads.
+the BLAS library's threads.  :func:`dfmpc.engine.executor.run_graph` instead splits a batch of
+several chunks across Python threads that each run at one Numba thread
+(``numba.set_num_threads`` is per thread): everything here is then called from several threads
+at once.  For that the serial kernels release the GIL (``nogil``), the filter-layout cache and
+the kernel measurement are locked (one measurement at a time, :data:`kernel_choice.MEASURE_LOCK`),
+and BLAS products that OpenBLAS would thread are made one at a time
+(:data:`~dfmpc.engine.winograd.BLAS_LOCK`).
 """
 
 from __future__ import annotations
@@ -167,7 +173,11 @@ def _matmul(cols, wm, b, relu, res, out, blas):
     if not blas:
         matmul_nt(cols, wm, b, relu, res, out)
         return
-    np.matmul(cols, wm.T, out=out)
+    if cols.shape[0] * cols.shape[1] * wm.shape[0] > winograd.BLAS_SERIAL_MNK:
+        with winograd.BLAS_LOCK:                        # a threaded sgemm: one Python thread at a time
+            np.matmul(cols, wm.T, out=out)
+    else:
+        np.matmul(cols, wm.T, out=out)
     out += b
     if res is not None:
         out += res
@@ -280,17 +290,22 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
     if name not in names:
         # first time this shape is seen: measure on the first few images; the candidates must
         # agree with "direct" to within a bound far above float32 rounding (Winograd F(4x4)'s
-        # is ~2e-6 of it, tests/test_engine_winograd.py) yet far below what a bug produces
-        k = max(1, min(n, MEASURE_MACS // macs_per_image))
-        xs, rs = xn[:k], None if res is None else res[:k]
-        scale = float(np.abs(xs).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
-        cands = {kn: (lambda kn=kn: _run_dense(kn, xs, w, wt, b, strides, pads, dilations, oh, ow, relu, rs,
-                                              threads))
-                 for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow))}
-        name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale,
-                                       {"im2col_blas": BLAS_HANDICAP} if threads > 1 else None)
-        if k == n:
-            return y.transpose(0, 3, 1, 2)
+        # is ~2e-6 of it, tests/test_engine_winograd.py) yet far below what a bug produces.
+        # One thread measures at a time (the batch-split workers of dfmpc.engine.executor meet
+        # the same shapes together): the others wait, then read its choice
+        with kernel_choice.MEASURE_LOCK:
+            name = kernel_choice.lookup(key)
+            if name not in names:
+                k = max(1, min(n, MEASURE_MACS // macs_per_image))
+                xs, rs = xn[:k], None if res is None else res[:k]
+                scale = float(np.abs(xs).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
+                cands = {kn: (lambda kn=kn: _run_dense(kn, xs, w, wt, b, strides, pads, dilations, oh, ow, relu,
+                                                      rs, threads))
+                         for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow))}
+                name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale,
+                                               {"im2col_blas": BLAS_HANDICAP} if threads > 1 else None)
+                if k == n:
+                    return y.transpose(0, 3, 1, 2)
     return run(name).transpose(0, 3, 1, 2)
 
 

@@ -14,14 +14,31 @@ runs in place.  The graph itself is never changed: BN stays its own node
 with its own parameters, and requesting an intermediate tensor as an output
 turns the fusion off for it.  Fused and unfused runs agree to float32
 rounding (see ``tests/test_engine_graph.py``).
+
+Threads: with more than one Numba thread (``numba.get_num_threads()`` in the calling thread) and
+at least two chunks, the chunks are shared among a pool of Python worker threads, one per Numba
+thread, each running whole chunks through the plan with its kernels at *one* Numba thread
+(``numba.set_num_threads`` is per thread), and the outputs are assembled in chunk order.  A
+16-image chunk's convs are too small to split across threads (ResNet-20 on a 2-core Zen 3 ran
+0.8x as fast at two threads as at one when each op was split); whole chunks are not.  The serial
+kernels release the GIL; what else a chunk runs in Python is short.  Each chunk runs exactly the
+kernels it runs at one thread, so the output is the same, bit for bit, at any thread count
+(``tests/test_engine_threads.py``).  At one Numba thread (``NUMBA_NUM_THREADS=1`` or
+``numba.set_num_threads(1)``), or with a single chunk, everything runs on the calling thread.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 
 from .conv import conv2d_f32, conv_output_size, dense_weight
 from .ops import OPS, _geometry
+from .winograd import BLAS_LOCK
 
 #: ops whose output is a new array owned by the executor (safe to overwrite in place)
 FRESH_OPS = frozenset({"Conv", "BatchNormalization", "Add", "Mul", "Concat", "Gemm", "MaxPool",
@@ -123,10 +140,18 @@ def _fold_bn(conv, bn):
     return w, b.astype(np.float32), wt
 
 
+#: ops whose kernel is a BLAS product (np.matmul): run under BLAS_LOCK, since two batch-split
+#: workers each calling a threaded sgemm at once can wait on one BLAS worker
+BLAS_OPS = frozenset({"Gemm", "MatMul"})
+
+
 def _run_step(kind, nodes, env, folded):
     node = nodes[0]
     args = [env[t] for t in node.inputs]
     if kind == "node":
+        if node.op in BLAS_OPS:
+            with BLAS_LOCK:
+                return OPS[node.op](node, *args)
         return OPS[node.op](node, *args)
     if kind == "relu_inplace":
         return np.maximum(args[0], np.float32(0), out=args[0])
@@ -187,24 +212,68 @@ def run_graph(graph, x, outputs=None, batch_size=16):
     for i, (kind, nodes) in enumerate(steps):
         for t in _step_inputs(kind, nodes):
             last_use[t] = i
-    total = sizes.pop()
-    chunks = {t: [] for t in wanted}
-    for start in range(0, max(total, 1), int(batch_size)):
-        env = {k: v[start:start + batch_size] for k, v in feeds.items()}
-        for i, (kind, nodes) in enumerate(steps):
-            try:
-                y = _run_step(kind, nodes, env, folded)
-            except (ValueError, TypeError) as err:
-                node = nodes[0]
-                shapes = [env[t].shape for t in node.inputs]
-                raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
-            env[nodes[-1].outputs[0]] = y
-            for t in _step_inputs(kind, nodes):
-                if last_use[t] == i and t not in chunks:
-                    env.pop(t, None)
-        for t in wanted:
-            chunks[t].append(np.ascontiguousarray(env[t]))
-    return {t: (np.concatenate(c) if len(c) > 1 else c[0]) for t, c in chunks.items()}
+    total, batch_size = sizes.pop(), int(batch_size)
+    starts = range(0, max(total, 1), batch_size)
+
+    def chunk(start):
+        return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
+
+    threads = numba.get_num_threads()
+    if threads > 1 and len(starts) > 1:
+        futures = [_chunk_pool(threads).submit(chunk, s) for s in starts]
+        try:
+            parts = [f.result() for f in futures]        # in chunk order; a worker's error re-raised
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    else:
+        parts = [chunk(s) for s in starts]
+    return {t: (np.concatenate([p[j] for p in parts]) if len(parts) > 1 else parts[0][j])
+            for j, t in enumerate(wanted)}
+
+
+def _run_chunk(steps, folded, last_use, wanted, feeds, start, stop):
+    """The plan on images ``start:stop`` of ``feeds``; returns the ``wanted`` tensors (C-contiguous)."""
+    env = {k: v[start:stop] for k, v in feeds.items()}
+    keep = set(wanted)
+    for i, (kind, nodes) in enumerate(steps):
+        try:
+            y = _run_step(kind, nodes, env, folded)
+        except (ValueError, TypeError) as err:
+            node = nodes[0]
+            shapes = [env[t].shape for t in node.inputs]
+            raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
+        env[nodes[-1].outputs[0]] = y
+        for t in _step_inputs(kind, nodes):
+            if last_use[t] == i and t not in keep:
+                env.pop(t, None)
+    return [np.ascontiguousarray(env[t]) for t in wanted]
+
+
+_POOL = None
+_POOL_KEY = None
+_POOL_LOCK = threading.Lock()
+
+
+def _one_numba_thread():
+    numba.set_num_threads(1)                    # per thread: the caller's count is unchanged
+
+
+def _chunk_pool(threads):
+    """The worker threads that run whole chunks, ``threads`` of them, each at one Numba thread;
+    made anew for another thread count and in a forked child process (the parent's threads do
+    not exist there)."""
+    global _POOL, _POOL_KEY
+    key = (os.getpid(), threads)
+    with _POOL_LOCK:
+        if _POOL_KEY != key:
+            if _POOL is not None and _POOL_KEY[0] == key[0]:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dfmpc-chunk",
+                                       initializer=_one_numba_thread)
+            _POOL_KEY = key
+        return _POOL
 
 
 def run_node(node, inputs, batch_size=128):

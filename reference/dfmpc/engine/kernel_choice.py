@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,12 @@ REPEATS = 5
 _memory: dict[str, dict] = {}
 _loaded = False
 _signature: dict | None = None
+
+#: held while a shape is measured (:func:`choose`) and while the file is read or written: the
+#: batch-split workers of :mod:`dfmpc.engine.executor` meet the same conv shapes at the same
+#: time, and one of them measures while the others wait (re-entrant: callers may hold it around
+#: their own look-up and :func:`choose`)
+MEASURE_LOCK = threading.RLock()
 
 
 def cpu_signature() -> dict:
@@ -104,7 +111,13 @@ def cache_path() -> Path:
 
 def _load():
     global _loaded
-    _loaded = True
+    with MEASURE_LOCK:
+        if not _loaded:
+            _read()
+            _loaded = True
+
+
+def _read():
     try:
         with open(cache_path()) as f:
             data = json.load(f)
@@ -179,6 +192,11 @@ def choose(key: str, candidates: dict, reference: str, tolerance,
     y : ndarray
         The chosen candidate's output (so the measuring call costs no extra run).
     """
+    with MEASURE_LOCK:
+        return _choose(key, candidates, reference, tolerance, handicap)
+
+
+def _choose(key, candidates, reference, tolerance, handicap):
     outputs = {name: f() for name, f in candidates.items()}   # untimed: compiles, warms caches
     times = dict.fromkeys(candidates, float("inf"))
     for r in range(REPEATS):                   # round-robin, so that load from elsewhere hits all alike
@@ -205,5 +223,6 @@ def choose(key: str, candidates: dict, reference: str, tolerance,
 def forget():
     """Drop every choice from memory (the file stays); the next conv of each shape measures again."""
     global _loaded
-    _memory.clear()
-    _loaded = True
+    with MEASURE_LOCK:
+        _memory.clear()
+        _loaded = True

@@ -82,7 +82,7 @@ def matmul_nt(a, b, bias, relu, res, out):
     (_matmul_nt_par if numba.get_num_threads() > 1 else _matmul_nt_ser)(a, b, bias, relu, res, out)
 
 
-@njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
+@njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
 def _matmul_rows4(a, b, bias, relu, res, out, p):
     """Rows ``p .. p+3`` of :func:`matmul_nt`."""
     n_k, n_o = a.shape[1], b.shape[0]
@@ -120,14 +120,14 @@ def _matmul_rows4(a, b, bias, relu, res, out, p):
             out[q, o] = _finish(_dot(a, q, b, o), bias, res, q, o, relu)
 
 
-@njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
+@njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
 def _matmul_last_rows(a, b, bias, relu, res, out, p4):
     for q in range(p4, a.shape[0]):                         # leftover rows
         for o in range(b.shape[0]):
             out[q, o] = _finish(_dot(a, q, b, o), bias, res, q, o, relu)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _matmul_nt_par(a, b, bias, relu, res, out):
     p4 = a.shape[0] - a.shape[0] % 4
     for blk in prange(p4 // 4):
@@ -135,7 +135,7 @@ def _matmul_nt_par(a, b, bias, relu, res, out):
     _matmul_last_rows(a, b, bias, relu, res, out, p4)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _matmul_nt_ser(a, b, bias, relu, res, out):
     """:func:`_matmul_nt_par` without Numba's thread pool: at one thread, handing each call to
     a pool thread and waiting for it cost ~15% of ResNet-20's run time (loaded 2-core VM)."""
@@ -197,7 +197,7 @@ def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
     f(xf, shape, w, strides, dh, out_hw, bias, relu, res, out)
 
 
-@njit(cache=True, fastmath=_DOT_MATH, boundscheck=False)
+@njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
 def _conv3rows_last_pixels(xf, shape, w, strides, dh, out_hw, bias, relu, res, out, p4):
     n_img, hp, wp, c = shape
     (sh, sw), (oh, ow) = strides, out_hw
@@ -217,7 +217,7 @@ def _conv3rows_variant(parallel):
     of ~105.  ``parallel`` is read in the body so that the two variants differ in
     their closure, which is how Numba's on-disk cache tells them apart.
     """
-    @njit(parallel=parallel, cache=True, fastmath=_DOT_MATH, boundscheck=False)
+    @njit(parallel=parallel, cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
     def kernel(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
         n_img, hp, wp, c = shape
         sh, sw = strides
@@ -301,7 +301,6 @@ _conv3rows_par = _conv3rows_variant(True)
 _conv3rows_ser = _conv3rows_variant(False)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
 def conv_grouped(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
     """Direct grouped convolution (depthwise when ``groups == C``), no bias.
 
@@ -319,26 +318,50 @@ def conv_grouped(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
     Returns
     -------
     out : ndarray, shape (N, O, oh, ow), float32
+
+    Notes
+    -----
+    Each output sums its products in one fixed order on one thread, so the serial variant (one
+    Numba thread, e.g. a batch-split worker of :mod:`dfmpc.engine.executor`) and the parallel
+    one give the same bits.
     """
-    n_img, c_in, h_in, w_in = x.shape
-    c_out, cg, kh, kw = w.shape
-    og = c_out // groups
-    out = np.zeros((n_img, c_out, oh, ow), dtype=np.float32)
-    for t in prange(n_img * c_out):
-        n = t // c_out
-        o = t % c_out
-        g = o // og
-        for c in range(cg):
-            ci = g * cg + c
-            for i in range(kh):
-                for j in range(kw):
-                    wv = w[o, c, i, j]
-                    for y in range(oh):
-                        ih = y * sh - pt + i * dh
-                        if ih < 0 or ih >= h_in:
-                            continue
-                        for xo in range(ow):
-                            iw = xo * sw - pl + j * dw
-                            if iw >= 0 and iw < w_in:
-                                out[n, o, y, xo] += wv * x[n, ci, ih, iw]
-    return out
+    f = _conv_grouped_par if numba.get_num_threads() > 1 else _conv_grouped_ser
+    return f(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow)
+
+
+def _conv_grouped_variant(parallel):
+    """:func:`conv_grouped` with (``parallel=True``) or without Numba's thread pool: Numba's
+    "workqueue" layer aborts the process when two Python threads launch parallel kernels at once,
+    so the batch-split workers (one Numba thread each) must run the serial one.  ``parallel`` is
+    read in the body so that Numba's on-disk cache tells the variants apart."""
+    @njit(parallel=parallel, cache=True, nogil=True, fastmath=False)
+    def kernel(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
+        if parallel and oh < 0:                             # never: see the docstring
+            return np.zeros((0, 0, 0, 0), dtype=np.float32)
+        n_img, c_in, h_in, w_in = x.shape
+        c_out, cg, kh, kw = w.shape
+        og = c_out // groups
+        out = np.zeros((n_img, c_out, oh, ow), dtype=np.float32)
+        for t in prange(n_img * c_out):
+            n = t // c_out
+            o = t % c_out
+            g = o // og
+            for c in range(cg):
+                ci = g * cg + c
+                for i in range(kh):
+                    for j in range(kw):
+                        wv = w[o, c, i, j]
+                        for y in range(oh):
+                            ih = y * sh - pt + i * dh
+                            if ih < 0 or ih >= h_in:
+                                continue
+                            for xo in range(ow):
+                                iw = xo * sw - pl + j * dw
+                                if iw >= 0 and iw < w_in:
+                                    out[n, o, y, xo] += wv * x[n, ci, ih, iw]
+        return out
+    return kernel
+
+
+_conv_grouped_par = _conv_grouped_variant(True)
+_conv_grouped_ser = _conv_grouped_variant(False)

@@ -33,6 +33,7 @@ A. Lavin and S. Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -179,20 +180,27 @@ _KERNELS = {}
 _NO_RES = np.empty(0, np.float32)        # "no residual" for the output kernels (one compiled variant)
 
 
+_KERNELS_LOCK = threading.Lock()       # the batch-split workers may ask for a kernel at once
+
+
+def _kernel(key, factory, size):
+    k = _KERNELS.get(key)
+    if k is None:
+        with _KERNELS_LOCK:
+            k = _KERNELS.get(key)
+            if k is None:
+                k = _KERNELS[key] = factory(size)
+    return k
+
+
 def input_kernel(m: int, c: int):
     """The compiled input transform of F(m x m, 3x3) for ``c`` channels (see :func:`_input_f43`)."""
-    key = ("in", m, c)
-    if key not in _KERNELS:
-        _KERNELS[key] = (_input_f23 if m == 2 else _input_f43)(c)
-    return _KERNELS[key]
+    return _kernel(("in", m, c), _input_f23 if m == 2 else _input_f43, c)
 
 
 def output_kernel(m: int, o: int):
     """The compiled output transform of F(m x m, 3x3) for ``o`` channels (see :func:`_output_f43`)."""
-    key = ("out", m, o)
-    if key not in _KERNELS:
-        _KERNELS[key] = (_output_f23 if m == 2 else _output_f43)(o)
-    return _KERNELS[key]
+    return _kernel(("out", m, o), _output_f23 if m == 2 else _output_f43, o)
 
 
 def _input_f43(C):
@@ -425,6 +433,9 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
         # (measured: F(2x2, 3x3) at C = O = 64 and 128-tile blocks ran 300x slower)
         tb = min(tb, max(8, BLAS_SERIAL_MNK // (c * o)))
     tb = min(n_t, tb)
+    # a product that OpenBLAS would thread is made by one Python thread at a time (BLAS_LOCK):
+    # the batch-split workers of dfmpc.engine.executor each run this function at once
+    lock = BLAS_LOCK if tb * c * o > BLAS_SERIAL_MNK else contextlib.nullcontext()
 
     def run(t_lo, t_hi):
         V, M = _scratch((tb, a2, c), (tb, a2, o))
@@ -433,7 +444,8 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
             t1 = min(t0 + tb, t_hi)
             k = t1 - t0
             kin(xf, xp.shape, th, tw, t0, t1, vf)
-            np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))     # M[xi] = V[xi] U[xi]
+            with lock:
+                np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
             kout(mf, th, tw, t0, t1, (oh, ow), bias, rf, relu, of)
 
     n_blocks = -(-n_t // tb)
@@ -465,6 +477,12 @@ def _scratch(shape_v, shape_m):
 #: OpenBLAS runs a matrix product on one thread when M*N*K <= this (SMP_THRESHOLD_MIN *
 #: GEMM_MULTITHREAD_THRESHOLD, interface/gemm.c)
 BLAS_SERIAL_MNK = 4 * 65536
+
+#: held around every BLAS product of the engine larger than :data:`BLAS_SERIAL_MNK` (here and in
+#: :mod:`dfmpc.engine.conv`): two Python threads each calling a threaded sgemm at once can wait on
+#: one BLAS worker (measured: 300x slower at one shape), so such products run one at a time;
+#: smaller ones run on the calling thread inside OpenBLAS and need no lock
+BLAS_LOCK = threading.Lock()
 
 
 def default_block(m: int, c: int, o: int) -> int:
