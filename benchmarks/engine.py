@@ -14,6 +14,12 @@ again.  Each speed figure is the median of ``--repeats`` timed runs after one
 warm-up run; the engines are timed round-robin so that load from other
 processes hits all alike.
 
+At more than one thread the engine splits the batch: whole chunks run on worker threads, one
+Numba thread each (:mod:`dfmpc.engine.executor`); the same child also times the engine without
+the split (``engine_op_split``: each op across the threads, as before) and measures
+``parallel_headroom``, the speed-up that a trivially parallel GIL-free loop gets from the extra
+threads at that moment: on a machine shared with other jobs, the ceiling of any thread scaling.
+
 Usage::
 
     python benchmarks/engine.py --json            # one JSON object on stdout
@@ -85,6 +91,35 @@ def _interleaved_times(runners, repeats):
             f()
             times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _headroom_runners(threads, n=60_000_000):
+    """Two runners for the round-robin timing: ``threads`` copies of a GIL-free Numba loop run one
+    after another on one thread, and at once on ``threads`` Python threads.  The ratio of their
+    times (``parallel_headroom``) is how much of the extra cores the machine gives during the run
+    (2.0 on an idle 2-core machine; less while other jobs run): the ceiling of any engine's thread
+    scaling measured in it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from numba import njit
+
+    @njit(nogil=True)
+    def spin(m):
+        s = 0.0
+        for i in range(m):
+            s += np.sqrt(np.float64(i))
+        return s
+    spin(10)
+    pool = ThreadPoolExecutor(threads)
+
+    def serial():
+        for _ in range(threads):
+            spin(n)
+
+    def parallel():
+        for f in [pool.submit(spin, n) for _ in range(threads)]:
+            f.result()
+    return {"spin_serial": serial, "spin_parallel": parallel}
 
 
 def _matmul_gflops(repeats, n=1024):
@@ -169,19 +204,27 @@ def speed():
     import onnxruntime as ort
 
     from dfmpc.engine import conv as engine_conv
-    from dfmpc.engine import kernel_choice
+    from dfmpc.engine import executor, kernel_choice
     engine_conv.KERNEL = ARGS.conv_kernel
     used = _used_kernel_keys()
     graph = resnet_cifar(ARGS.depth, image_size=28, seed=0)
     x = np.random.default_rng(1).normal(size=(ARGS.batch, 1, 28, 28)).astype(np.float32)
     flops = conv_flops(graph, (1, 28, 28)) * ARGS.batch
-    result = {"threads": int(ARGS.threads)}
+    result = {"threads": int(ARGS.threads), "load_average_1min_at_start": os.getloadavg()[0]}
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = int(ARGS.threads), 1
     sess = ort.InferenceSession(to_onnx(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    runners = {"engine": lambda: graph.run(x, batch_size=ARGS.chunk),
-               "onnxruntime": lambda: sess.run(None, {"input": x})[0]}
+    def run_engine(split=True):
+        executor.SPLIT_BATCH = split
+        try:
+            return graph.run(x, batch_size=ARGS.chunk)
+        finally:
+            executor.SPLIT_BATCH = True
+    runners = {"engine": run_engine, "onnxruntime": lambda: sess.run(None, {"input": x})[0]}
+    if int(ARGS.threads) > 1:           # the engine before the batch split: each op across the threads
+        runners["engine_op_split"] = lambda: run_engine(split=False)
+        runners.update(_headroom_runners(int(ARGS.threads)))
     try:
         import torch
     except ImportError:
@@ -204,6 +247,10 @@ def speed():
         "max_abs_logit_diff_vs_onnxruntime": float(np.abs(ours - outputs["onnxruntime"]).max()),
         "max_abs_logit": float(np.abs(outputs["onnxruntime"]).max()),
     })
+    if "engine_op_split" in times:
+        result.update({"engine_op_split_img_per_s": ARGS.batch / times["engine_op_split"],
+                       "engine_batch_split_vs_op_split": times["engine_op_split"] / times["engine"],
+                       "max_abs_diff_batch_vs_op_split": float(np.abs(outputs["engine_op_split"] - ours).max())})
     if torch is not None:
         result.update({"torch_img_per_s": ARGS.batch / times["torch"],
                        "engine_vs_torch": times["torch"] / times["engine"],
@@ -214,6 +261,8 @@ def speed():
     flops_per_s = flops / times["engine"] / 1e9
     mm = _matmul_gflops(ARGS.repeats)
     table = kernel_choice.table()
+    if int(ARGS.threads) > 1:
+        result["parallel_headroom"] = times["spin_serial"] / times["spin_parallel"]
     result.update({"engine_gflop_per_s": flops_per_s, "numpy_matmul_gflop_per_s": mm,
                    "engine_fraction_of_matmul": flops_per_s / mm,
                    "conv_kernels": {k: table.get(k, {"kernel": "not measured (small: conv.small_conv_kernel)"}) for k in used},
@@ -253,6 +302,9 @@ def main():
         lo, hi = str(min(threads)), str(max(threads))
         result["engine_thread_speedup"] = runs[hi]["engine_img_per_s"] / runs[lo]["engine_img_per_s"]
         result["onnxruntime_thread_speedup"] = runs[hi]["onnxruntime_img_per_s"] / runs[lo]["onnxruntime_img_per_s"]
+        if "engine_op_split_img_per_s" in runs[hi]:
+            result["engine_op_split_thread_speedup"] = (runs[hi]["engine_op_split_img_per_s"]
+                                                        / runs[lo]["engine_img_per_s"])
     if not ARGS.no_first_use:
         with tempfile.TemporaryDirectory() as numba_dir, tempfile.TemporaryDirectory() as choice_dir:
             result["first_use"] = _child("first_use", min(threads),
@@ -269,10 +321,12 @@ def main():
     else:
         for t, r in runs.items():
             print(f"threads {t}: engine {r['engine_img_per_s']:.0f} img/s, onnxruntime "
-                  f"{r['onnxruntime_img_per_s']:.0f} img/s, ratio {r['engine_vs_onnxruntime']:.2f}")
+                  f"{r['onnxruntime_img_per_s']:.0f} img/s, ratio {r['engine_vs_onnxruntime']:.2f}"
+                  + (f", parallel headroom {r['parallel_headroom']:.2f}" if "parallel_headroom" in r else ""))
             for k, v in r["conv_kernels"].items():
                 print(f"    {k:60s} {v['kernel']}")
-        for k in ("engine_thread_speedup", "onnxruntime_thread_speedup", "first_use"):
+        for k in ("engine_thread_speedup", "engine_op_split_thread_speedup", "onnxruntime_thread_speedup",
+                  "first_use"):
             if k in result:
                 print(f"{k}: {result[k]}")
 

@@ -140,6 +140,11 @@ def _fold_bn(conv, bn):
     return w, b.astype(np.float32), wt
 
 
+#: split a batch of several chunks across worker threads when more than one Numba thread is
+#: available (see the module docstring); False: every chunk on the calling thread, each op split
+#: across Numba's threads (the engine before the split; benchmarks/engine.py times both)
+SPLIT_BATCH = True
+
 #: ops whose kernel is a BLAS product (np.matmul): run under BLAS_LOCK, since two batch-split
 #: workers each calling a threaded sgemm at once can wait on one BLAS worker
 BLAS_OPS = frozenset({"Gemm", "MatMul"})
@@ -219,7 +224,7 @@ def run_graph(graph, x, outputs=None, batch_size=16):
         return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
 
     threads = numba.get_num_threads()
-    if threads > 1 and len(starts) > 1:
+    if SPLIT_BATCH and threads > 1 and len(starts) > 1:
         futures = [_chunk_pool(threads).submit(chunk, s) for s in starts]
         try:
             parts = [f.result() for f in futures]        # in chunk order; a worker's error re-raised
