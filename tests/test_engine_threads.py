@@ -156,3 +156,14 @@ def test_grouped_conv_serial_twin_same_bits(seed, n, groups, k, stride):
     ser, par = kn._conv_grouped_ser(*args), kn._conv_grouped_par(*args)
     assert ser.shape == (n, 8, oh, ow) and np.abs(ser).max() > 0
     np.testing.assert_array_equal(ser, par)
+
+
+def test_serial_kernels_release_the_gil():
+    """The kernels a worker runs at one Numba thread are compiled ``nogil``, else the workers would
+    take turns; a kernel compiled without it is the negative control (the check can fail)."""
+    from dfmpc.engine import blocked, winograd
+    serial = [kn._matmul_nt_ser, kn._conv3rows_ser, kn._conv_grouped_ser, blocked._conv_blocked_ser,
+              winograd.input_kernel(2, 3), winograd.input_kernel(4, 3),
+              winograd.output_kernel(2, 3), winograd.output_kernel(4, 3)]
+    assert all(k.targetoptions.get("nogil") is True for k in serial)
+    assert not numba.njit(lambda a: a + 1).targetoptions.get("nogil", False)
