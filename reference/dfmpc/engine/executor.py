@@ -225,7 +225,8 @@ def run_graph(graph, x, outputs=None, batch_size=16):
 
     threads = numba.get_num_threads()
     if SPLIT_BATCH and threads > 1 and len(starts) > 1:
-        futures = [_chunk_pool(threads).submit(chunk, s) for s in starts]
+        pool = _chunk_pool(threads)
+        futures = [pool.submit(chunk, s) for s in starts]
         try:
             parts = [f.result() for f in futures]        # in chunk order; a worker's error re-raised
         except BaseException:
