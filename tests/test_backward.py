@@ -526,3 +526,88 @@ def test_fused_bn_relu_kernels_equal_their_numpy_twins(layout):
         for a in (None, acc):
             np.testing.assert_array_equal(ad.masked_scale_vjp(gy, mask, scale, a),
                                           ad.masked_scale_vjp_numpy(gy, mask, scale, a))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 9), h=st.integers(1, 5), w=st.integers(1, 5),
+       seed=st.integers(0, 2**32 - 1), zeros=st.sampled_from([0.0, 0.3, 1.0]),
+       layout=st.sampled_from(["nhwc", "nchw"]), threads=st.sampled_from([1, 2]))
+def test_row_kernels_serial_parallel_and_fused_equal_their_numpy_twins(n, c, h, w, seed, zeros, layout,
+                                                                       threads):
+    """V.2-V.3 float32 row kernels, bit for bit: the serial (one-thread, no Numba pool) and the pool
+    variant of each give the same bits, and BN + ReLU in one pass (bn_relu_forward_rows, the tape's
+    form for a BN read only by a ReLU) and V.3 alone (masked_vjp) equal the rules' NumPy expressions,
+    at 1 and 2 Numba threads, with exact zeros, signed zeros and values that BN maps to exactly 0."""
+    import numba
+    rng = np.random.default_rng(seed)
+
+    def batch():
+        a = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        a[rng.uniform(size=a.shape) < zeros] = 0.0
+        a[rng.uniform(size=a.shape) < 0.1] = -0.0
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if layout == "nhwc" else a
+    x, gy, acc = batch(), batch(), batch()
+    scale = rng.standard_normal(c).astype(np.float32)
+    shift = (-scale * x[0, :, 0, 0]).astype(np.float32)          # x[0, :, 0, 0] -> exactly 0 where exact
+    mask = rng.uniform(size=x.shape) < 0.5
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y, m = ad.bn_relu_forward_rows(x, scale, shift)
+        y0, m0 = ad.bn_relu_forward_numpy(x, scale, shift)
+        np.testing.assert_array_equal(y, y0)
+        np.testing.assert_array_equal(m, m0)
+        assert np.array_equal(np.signbit(y), np.signbit(y0))
+        np.testing.assert_array_equal(ad.masked_vjp(gy, mask), ad.masked_vjp_numpy(gy, mask))
+        np.testing.assert_array_equal(ad.masked_vjp(gy.reshape(n, -1), mask.reshape(n, -1)),
+                                      ad.masked_vjp_numpy(gy.reshape(n, -1), mask.reshape(n, -1)))
+    finally:
+        numba.set_num_threads(before)
+    r = ad._nhwc_rows(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    g2 = ad._nhwc_rows(np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    m2 = np.ascontiguousarray(mask.transpose(0, 2, 3, 1)).reshape(-1, c)
+    a2 = np.ascontiguousarray(acc.transpose(0, 2, 3, 1)).reshape(-1, c)
+    outs = {}
+    for v in ("par", "ser"):
+        o = {k: np.empty(r.shape, np.float32) for k in ("aff", "ar", "relu", "mk", "ms")}
+        mk = {k: np.empty(r.shape, np.bool_) for k in ("ar", "relu")}
+        getattr(ad, "_affine_rows_" + v)(r, scale, shift, o["aff"])
+        getattr(ad, "_affine_relu_rows_" + v)(r, scale, shift, o["ar"], mk["ar"])
+        getattr(ad, "_relu_rows_" + v)(r, o["relu"], mk["relu"])
+        getattr(ad, "_masked_rows_" + v)(g2, m2, o["mk"])
+        getattr(ad, "_masked_scale_rows_" + v)(g2, m2, scale, a2, o["ms"])
+        outs[v] = (o, mk)
+    for k in outs["par"][0]:
+        assert outs["par"][0][k].view(np.uint32).tolist() == outs["ser"][0][k].view(np.uint32).tolist(), k
+    for k in outs["par"][1]:
+        np.testing.assert_array_equal(outs["par"][1][k], outs["ser"][1][k])
+    np.testing.assert_array_equal(outs["ser"][0]["ar"], np.maximum(outs["ser"][0]["aff"], 0))
+
+
+def test_bn_relu_fusion_is_used_and_a_second_reader_prevents_it():
+    """The tape fuses a BN with the ReLU that alone reads it (ResNet-20's conv1 -> bn1 -> relu), and not
+    a BN whose output a second node also reads (negative control: the fused step would hide the BN
+    output from that reader); both give the rules' values and gradients bit for bit."""
+    rng = np.random.default_rng(12)
+    C = 3
+
+    def p(*s):
+        return rng.standard_normal(s).astype(np.float32)
+    bn = {"gamma": p(C), "beta": p(C), "mean": p(C), "var": np.abs(p(C)) + 0.5}
+    nodes = [Node("conv", "Conv", ["x"], ["z"], {"pads": [1, 1, 1, 1]}, {"W": p(C, 2, 3, 3)}),
+             Node("bn", "BatchNormalization", ["z"], ["b"], {}, bn),
+             Node("relu", "Relu", ["b"], ["r"], {}, {}),
+             Node("conv2", "Conv", ["r"], ["z2"], {}, {"W": p(C, C, 1, 1)})]
+    for second_reader in (False, True):
+        extra = [Node("add", "Add", ["z2", "b"], ["s"], {}, {})] if second_reader else []
+        g = Graph(nodes + extra, ["x"], ["s" if second_reader else "z2"], {"x": (2, 5, 5)})
+        targets = ["z", "s" if second_reader else "z2"]
+        prog = ad.Program(g, targets)
+        assert prog._fused_bn == (set() if second_reader else {"b"})
+        x = p(2, 2, 5, 5)
+        tape = prog.record(x)
+        values, backward = _record_by_rules(g, x, targets)
+        seeds = {t: p(*values[t].shape) for t in targets}
+        for t in targets:
+            np.testing.assert_array_equal(tape.values[t], values[t])
+        np.testing.assert_array_equal(ad.input_gradient(tape, seeds), backward(seeds))

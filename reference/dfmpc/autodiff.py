@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numpy.lib.stride_tricks import sliding_window_view
@@ -657,35 +658,91 @@ def _nhwc_rows(a):
     return t.reshape(-1, a.shape[1]) if t.flags.c_contiguous else None
 
 
-@njit(parallel=True, cache=True)
-def _affine_rows(x, scale, shift, out):                 # pragma: no cover (compiled)
-    """out[p, c] = x[p, c] * scale[c] + shift[c], rounded after each operation (as NumPy)."""
-    for p in prange(x.shape[0]):
-        for c in range(x.shape[1]):
-            v = x[p, c] * scale[c]
-            out[p, c] = v + shift[c]
+def _rows_variant(parallel):
+    """The one-pass float32 row kernels of V.2-V.3, with (``parallel=True``) or without Numba's thread
+    pool. Distillation runs at one Numba thread (:data:`dfmpc.probes.DISTILL_THREADS`), where handing
+    each call to the pool costs more than the loop (as the engine found for its kernels:
+    ``engine/kernels_numba.py``). ``parallel`` is read in each body so that Numba's on-disk cache tells
+    the variants apart. Both variants make the same operations per element, so the same bits."""
+
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def affine(x, scale, shift, out):                   # pragma: no cover (compiled)
+        if parallel and x.shape[0] < 0:                 # never: see the docstring
+            return
+        for p in prange(x.shape[0]):
+            for c in range(x.shape[1]):
+                v = x[p, c] * scale[c]
+                out[p, c] = v + shift[c]
+
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def affine_relu(x, scale, shift, out, mask):        # pragma: no cover (compiled)
+        if parallel and x.shape[0] < 0:                 # never: see the docstring
+            return
+        for p in prange(x.shape[0]):
+            for c in range(x.shape[1]):
+                v = x[p, c] * scale[c]
+                v = v + shift[c]
+                pos = v > 0
+                mask[p, c] = pos
+                out[p, c] = v if pos else np.float32(0)
+
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def relu(x, out, mask):                             # pragma: no cover (compiled)
+        if parallel and x.shape[0] < 0:                 # never: see the docstring
+            return
+        for p in prange(x.shape[0]):
+            for c in range(x.shape[1]):
+                v = x[p, c]
+                pos = v > 0
+                mask[p, c] = pos
+                out[p, c] = v if pos else np.float32(0)
+
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def masked(gy, mask, out):                          # pragma: no cover (compiled)
+        if parallel and gy.shape[0] < 0:                # never: see the docstring
+            return
+        for p in prange(gy.shape[0]):
+            for c in range(gy.shape[1]):
+                out[p, c] = gy[p, c] if mask[p, c] else np.float32(0)
+
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def masked_scale(gy, mask, scale, acc, out):        # pragma: no cover (compiled)
+        if parallel and gy.shape[0] < 0:                # never: see the docstring
+            return
+        use_acc, use_mask = acc.shape[0] > 0, mask.shape[0] > 0
+        for p in prange(gy.shape[0]):
+            for c in range(gy.shape[1]):
+                v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
+                out[p, c] = acc[p, c] + v if use_acc else v
+
+    return affine, affine_relu, relu, masked, masked_scale
 
 
-@njit(parallel=True, cache=True)
-def _relu_rows(x, out, mask):                           # pragma: no cover (compiled)
-    """out = max(x, 0) and mask = x > 0, one pass; x, out, mask (P, K)."""
-    for p in prange(x.shape[0]):
-        for c in range(x.shape[1]):
-            v = x[p, c]
-            pos = v > 0
-            mask[p, c] = pos
-            out[p, c] = v if pos else np.float32(0)
+#: ``out[p, c] = x[p, c] * scale[c] + shift[c]``, rounded after each operation (as NumPy); x, out (P, K)
+#: ``_affine_relu_rows``: the same, then ``out = max(out, 0)`` and ``mask = out > 0`` (BN then ReLU, one pass)
+#: ``_relu_rows(x, out, mask)``: ``out = max(x, 0)``, ``mask = x > 0``, one pass
+#: ``_masked_rows(gy, mask, out)``: ``out = where(mask, gy, 0)`` (V.3)
+#: ``_masked_scale_rows(gy, mask, scale, acc, out)``: ``out = acc + (gy * scale if mask else 0)``;
+#: ``acc`` of shape (0, 0): no accumulator; ``mask`` of shape (0, 0): all true (V.3, V.2, the chain rule's sum)
+(_affine_rows_par, _affine_relu_rows_par, _relu_rows_par, _masked_rows_par,
+ _masked_scale_rows_par) = _rows_variant(True)
+(_affine_rows_ser, _affine_relu_rows_ser, _relu_rows_ser, _masked_rows_ser,
+ _masked_scale_rows_ser) = _rows_variant(False)
 
 
-@njit(parallel=True, cache=True)
-def _masked_scale_rows(gy, mask, scale, acc, out):       # pragma: no cover (compiled)
-    """out[p, c] = acc[p, c] + (gy[p, c] * scale[c] if mask[p, c] else 0); ``acc`` of shape (0, 0):
-    no accumulator; ``mask`` of shape (0, 0): all true. V.3 then V.2, added to a gradient, one pass."""
-    use_acc, use_mask = acc.shape[0] > 0, mask.shape[0] > 0
-    for p in prange(gy.shape[0]):
-        for c in range(gy.shape[1]):
-            v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
-            out[p, c] = acc[p, c] + v if use_acc else v
+def _pick(par, ser):
+    """The row kernel for the current Numba thread count (the serial one at one thread)."""
+    def run(*args):
+        return (par if numba.get_num_threads() > 1 else ser)(*args)
+    run.__name__, run.__doc__ = par.__name__, f"{par.__name__}: the pool variant at 2+ Numba threads, else the serial one."
+    return run
+
+
+_affine_rows = _pick(_affine_rows_par, _affine_rows_ser)
+_affine_relu_rows = _pick(_affine_relu_rows_par, _affine_relu_rows_ser)
+_relu_rows = _pick(_relu_rows_par, _relu_rows_ser)
+_masked_rows = _pick(_masked_rows_par, _masked_rows_ser)
+_masked_scale_rows = _pick(_masked_scale_rows_par, _masked_scale_rows_ser)
 
 
 def bn_forward_rows(x, scale, shift):
@@ -751,6 +808,77 @@ def relu_forward_numpy(x):
     return np.maximum(x, x.dtype.type(0)), x > 0
 
 
+def bn_relu_forward_rows(x, scale, shift):
+    """V.2's forward then V.3's in one pass: ``y = max(x * scale + shift, 0)`` and its mask, for a BN
+    whose output only a ReLU reads (the tape never keeps the BN output then).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    scale, shift : ndarray, shape (C,), float32
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, H, W), float32
+    mask : ndarray of bool, shape (N, C, H, W)
+        Equal bit for bit to :func:`relu_forward_rows` of :func:`bn_forward_rows` (twin:
+        :func:`bn_relu_forward_numpy`): the affine value is rounded to float32 before it is compared
+        with 0; NCHW views of NHWC memory when ``x`` is one.
+
+    Example
+    -------
+    >>> x = np.array([[[[-1.0]], [[2.0]]]], np.float32)
+    >>> y, m = bn_relu_forward_rows(x, np.float32([2, 1]), np.float32([1, -3]))
+    >>> y.ravel().tolist(), m.ravel().tolist()         # max(x * scale + shift, 0)
+    ([0.0, 0.0], [False, False])
+    """
+    rows = _nhwc_rows(x)
+    if rows is None:
+        return bn_relu_forward_numpy(x, scale, shift)
+    n, c, h, w = x.shape
+    y, m = np.empty((n, h, w, c), np.float32), np.empty((n, h, w, c), np.bool_)
+    _affine_relu_rows(rows, scale, shift, y.reshape(-1, c), m.reshape(-1, c))
+    return y.transpose(0, 3, 1, 2), m.transpose(0, 3, 1, 2)
+
+
+def bn_relu_forward_numpy(x, scale, shift):
+    """Twin of :func:`bn_relu_forward_rows`: the two rules' NumPy expressions one after the other."""
+    return relu_forward_numpy(bn_forward_numpy(x, scale, shift))
+
+
+def masked_vjp(gy, mask):
+    """V.3 (and V.4) in one pass: ``where(mask, gy, 0)`` for float32 ``gy`` and a bool mask of one layout.
+
+    Parameters
+    ----------
+    gy : ndarray, float32
+    mask : ndarray of bool, gy's shape
+
+    Returns
+    -------
+    ndarray, float32, gy's shape
+        Equal bit for bit to ``np.where(mask, gy, 0)`` (twin: :func:`masked_vjp_numpy`).
+    """
+    g2, m2 = _nhwc_rows(gy), _nhwc_rows(mask)
+    if g2 is not None and m2 is not None:
+        n, c, h, w = gy.shape
+        out = np.empty((n, h, w, c), np.float32)
+        _masked_rows(g2, m2, out.reshape(-1, c))
+        return out.transpose(0, 3, 1, 2)
+    if gy.dtype == np.float32 and gy.size > 0 and gy.flags.c_contiguous and mask.flags.c_contiguous \
+            and gy.shape == mask.shape:
+        out = np.empty(gy.shape, np.float32)
+        k = gy.shape[-1] if gy.ndim > 1 else gy.size
+        _masked_rows(gy.reshape(-1, k), mask.reshape(-1, k), out.reshape(-1, k))
+        return out
+    return masked_vjp_numpy(gy, mask)
+
+
+def masked_vjp_numpy(gy, mask):
+    """Twin of :func:`masked_vjp`."""
+    return np.where(mask, gy, gy.dtype.type(0))
+
+
 _NONE2 = np.zeros((0, 0), np.float32)
 _NOMASK = np.zeros((0, 0), np.bool_)
 
@@ -805,6 +933,16 @@ class _Masked:
         return np.where(self.mask, self.gy, self.gy.dtype.type(0))
 
 
+class _BNReLU:
+    """A BN output that only a ReLU reads, formed together with that ReLU's output and mask
+    (:func:`bn_relu_forward_rows`); the ReLU's step hands them on."""
+
+    __slots__ = ("y", "mask", "shape")
+
+    def __init__(self, y, mask):
+        self.y, self.mask, self.shape = y, mask, y.shape
+
+
 # ----------------------------------------------------------------------------- tape
 
 @dataclass
@@ -853,7 +991,7 @@ class _Step:
     """One node of a :class:`Program` for one input shape and dtype: its rule's forward and VJP, with
     what does not depend on the values (geometry, float32 weight matrices, BN scale) computed once."""
 
-    def __init__(self, node: Node, x_shapes, dtype, lazy_relu: bool = False):
+    def __init__(self, node: Node, x_shapes, dtype, lazy_relu: bool = False, fuse_relu: bool = False):
         self.node, self.rule = node, RULES[node.op]
         self.forward, self.vjp, self.vjp_acc = self._generic_forward, self._generic_vjp, None
         if node.op == "Conv" and dtype == np.float32 and len(x_shapes[0]) == 4:
@@ -867,6 +1005,8 @@ class _Step:
             self.forward, self.vjp = self._bn_forward, self._bn_vjp
             if dtype == np.float32 and len(x_shapes[0]) == 4:
                 self.forward, self.vjp_acc = self._bn_forward_rows, self._bn_vjp_acc
+                if fuse_relu:                                   # its only reader is a lazy ReLU
+                    self.forward = self._bn_relu_forward_rows
         elif node.op == "Relu" and dtype == np.float32:
             self.lazy = lazy_relu
             self.forward, self.vjp = self._relu_forward, self._relu_vjp
@@ -915,6 +1055,9 @@ class _Step:
     def _bn_forward_rows(self, x):                               # float32: one pass (bn_forward_rows)
         return bn_forward_rows(x, self.scale_c, self.shift_c), self.scale
 
+    def _bn_relu_forward_rows(self, x):                          # float32: BN and the ReLU after it, one pass
+        return _BNReLU(*bn_relu_forward_rows(x, self.scale_c, self.shift_c)), self.scale
+
     def _bn_vjp_acc(self, ctx, gy, acc):
         """V.2 (after V.3 when gy is a ReLU's _Masked gradient) added to ``acc`` (or None), one pass."""
         if isinstance(gy, _Masked):
@@ -922,10 +1065,12 @@ class _Step:
         return masked_scale_vjp(gy, None, self.scale_c, acc)
 
     def _relu_forward(self, x):
+        if isinstance(x, _BNReLU):                               # formed by the BN before it
+            return x.y, x.mask
         return relu_forward_rows(x)
 
     def _relu_vjp(self, mask, gy):                               # V.3, left to the BN before it if lazy
-        return (_Masked(gy, mask),) if self.lazy else (np.where(mask, gy, gy.dtype.type(0)),)
+        return (_Masked(gy, mask),) if self.lazy else (masked_vjp(gy, mask),)
 
 
 class Program:
@@ -982,6 +1127,8 @@ class Program:
         bn_out = {n.outputs[0] for n in nodes if n.op == "BatchNormalization"}
         self._lazy_relu = {n.name for n in nodes if n.op == "Relu" and n.inputs[0] in bn_out
                            and readers[n.inputs[0]] == 1 and n.inputs[0] not in keep}
+        # the BN before such a ReLU forms the ReLU's output and mask in its own pass
+        self._fused_bn = {n.inputs[0] for n in nodes if n.name in self._lazy_relu}
         self._steps = {}                                        # (shape, dtype) -> list of _Step
 
     def record(self, x: np.ndarray) -> Tape:
@@ -1008,7 +1155,8 @@ class Program:
             xs = [env[t] for t in node.inputs]
             try:
                 if new:
-                    steps.append(_Step(node, [v.shape for v in xs], x.dtype, node.name in self._lazy_relu))
+                    steps.append(_Step(node, [v.shape for v in xs], x.dtype, node.name in self._lazy_relu,
+                                       node.outputs[0] in self._fused_bn))
                 y, ctx = steps[i].forward(*xs)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"node {node.name!r} ({node.op}) on input shapes "
