@@ -561,6 +561,11 @@ def test_row_kernels_serial_parallel_and_fused_equal_their_numpy_twins(n, c, h, 
         np.testing.assert_array_equal(ad.masked_vjp(gy, mask), ad.masked_vjp_numpy(gy, mask))
         np.testing.assert_array_equal(ad.masked_vjp(gy.reshape(n, -1), mask.reshape(n, -1)),
                                       ad.masked_vjp_numpy(gy.reshape(n, -1), mask.reshape(n, -1)))
+        seed = ad.AffineSeed(acc, shift, scale)                  # D.3's seed, formed inside V.2's pass
+        np.testing.assert_array_equal(seed.value(), ad.bn_forward_numpy(acc, shift, scale))
+        for mk in (None, mask):
+            np.testing.assert_array_equal(ad.masked_scale_vjp(gy, mk, scale, seed),
+                                          ad.masked_scale_vjp_numpy(gy, mk, scale, seed.value()))
     finally:
         numba.set_num_threads(before)
     r = ad._nhwc_rows(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
@@ -569,19 +574,25 @@ def test_row_kernels_serial_parallel_and_fused_equal_their_numpy_twins(n, c, h, 
     a2 = np.ascontiguousarray(acc.transpose(0, 2, 3, 1)).reshape(-1, c)
     outs = {}
     for v in ("par", "ser"):
-        o = {k: np.empty(r.shape, np.float32) for k in ("aff", "ar", "relu", "mk", "ms")}
+        o = {k: np.empty(r.shape, np.float32) for k in ("aff", "ar", "relu", "mk", "ms", "msa")}
         mk = {k: np.empty(r.shape, np.bool_) for k in ("ar", "relu")}
         getattr(ad, "_affine_rows_" + v)(r, scale, shift, o["aff"])
         getattr(ad, "_affine_relu_rows_" + v)(r, scale, shift, o["ar"], mk["ar"])
         getattr(ad, "_relu_rows_" + v)(r, o["relu"], mk["relu"])
         getattr(ad, "_masked_rows_" + v)(g2, m2, o["mk"])
         getattr(ad, "_masked_scale_rows_" + v)(g2, m2, scale, a2, o["ms"])
+        getattr(ad, "_masked_scale_affine_rows_" + v)(g2, m2, scale, r, shift, scale, o["msa"])
         outs[v] = (o, mk)
     for k in outs["par"][0]:
         assert outs["par"][0][k].view(np.uint32).tolist() == outs["ser"][0][k].view(np.uint32).tolist(), k
     for k in outs["par"][1]:
         np.testing.assert_array_equal(outs["par"][1][k], outs["ser"][1][k])
     np.testing.assert_array_equal(outs["ser"][0]["ar"], np.maximum(outs["ser"][0]["aff"], 0))
+    seed = np.empty(r.shape, np.float32)
+    ad._affine_rows_ser(r, shift, scale, seed)
+    o = np.empty(r.shape, np.float32)
+    ad._masked_scale_rows_ser(g2, m2, scale, seed, o)
+    assert o.view(np.uint32).tolist() == outs["ser"][0]["msa"].view(np.uint32).tolist()
 
 
 def test_bn_relu_fusion_is_used_and_a_second_reader_prevents_it():
@@ -611,3 +622,8 @@ def test_bn_relu_fusion_is_used_and_a_second_reader_prevents_it():
         for t in targets:
             np.testing.assert_array_equal(tape.values[t], values[t])
         np.testing.assert_array_equal(ad.input_gradient(tape, seeds), backward(seeds))
+        # D.3's seeds given as AffineSeed (formed inside the BN's pass, or where another reader needs them)
+        b, c = p(C), p(C)
+        lazy = {"z": ad.AffineSeed(tape.values["z"], b, c), targets[1]: seeds[targets[1]]}
+        formed = {"z": ad.bn_forward_numpy(values["z"], b, c), targets[1]: seeds[targets[1]]}
+        np.testing.assert_array_equal(ad.input_gradient(tape, lazy), backward(formed))

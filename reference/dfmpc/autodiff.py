@@ -715,7 +715,19 @@ def _rows_variant(parallel):
                 v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
                 out[p, c] = acc[p, c] + v if use_acc else v
 
-    return affine, affine_relu, relu, masked, masked_scale
+    @njit(parallel=parallel, cache=True, nogil=True)
+    def masked_scale_affine(gy, mask, scale, z, b, c0, out):   # pragma: no cover (compiled)
+        if parallel and gy.shape[0] < 0:                # never: see the docstring
+            return
+        use_mask = mask.shape[0] > 0
+        for p in prange(gy.shape[0]):
+            for c in range(gy.shape[1]):
+                a = z[p, c] * b[c]
+                a = a + c0[c]
+                v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
+                out[p, c] = a + v
+
+    return affine, affine_relu, relu, masked, masked_scale, masked_scale_affine
 
 
 #: ``out[p, c] = x[p, c] * scale[c] + shift[c]``, rounded after each operation (as NumPy); x, out (P, K)
@@ -724,10 +736,12 @@ def _rows_variant(parallel):
 #: ``_masked_rows(gy, mask, out)``: ``out = where(mask, gy, 0)`` (V.3)
 #: ``_masked_scale_rows(gy, mask, scale, acc, out)``: ``out = acc + (gy * scale if mask else 0)``;
 #: ``acc`` of shape (0, 0): no accumulator; ``mask`` of shape (0, 0): all true (V.3, V.2, the chain rule's sum)
+#: ``_masked_scale_affine_rows(gy, mask, scale, z, b, c0, out)``: the same with ``acc = z * b + c0`` formed
+#: in the pass (an :class:`AffineSeed`)
 (_affine_rows_par, _affine_relu_rows_par, _relu_rows_par, _masked_rows_par,
- _masked_scale_rows_par) = _rows_variant(True)
+ _masked_scale_rows_par, _masked_scale_affine_rows_par) = _rows_variant(True)
 (_affine_rows_ser, _affine_relu_rows_ser, _relu_rows_ser, _masked_rows_ser,
- _masked_scale_rows_ser) = _rows_variant(False)
+ _masked_scale_rows_ser, _masked_scale_affine_rows_ser) = _rows_variant(False)
 
 
 def _pick(par, ser):
@@ -743,6 +757,7 @@ _affine_relu_rows = _pick(_affine_relu_rows_par, _affine_relu_rows_ser)
 _relu_rows = _pick(_relu_rows_par, _relu_rows_ser)
 _masked_rows = _pick(_masked_rows_par, _masked_rows_ser)
 _masked_scale_rows = _pick(_masked_scale_rows_par, _masked_scale_rows_ser)
+_masked_scale_affine_rows = _pick(_masked_scale_affine_rows_par, _masked_scale_affine_rows_ser)
 
 
 def bn_forward_rows(x, scale, shift):
@@ -894,8 +909,9 @@ def masked_scale_vjp(gy, mask, scale, acc=None):
         The ReLU's ``x > 0`` (None: no ReLU).
     scale : ndarray, shape (C,), float32
         BN's per-channel scale.
-    acc : ndarray, shape (N, C, H, W), float32, optional
-        Gradient already accumulated at the BN input; added first.
+    acc : ndarray, shape (N, C, H, W), float32, or AffineSeed, optional
+        Gradient already accumulated at the BN input; added first. An :class:`AffineSeed` is formed
+        in the same pass (``acc.value()`` bit for bit).
 
     Returns
     -------
@@ -905,6 +921,14 @@ def masked_scale_vjp(gy, mask, scale, acc=None):
     """
     g2 = _nhwc_rows(gy)
     m2 = None if mask is None else _nhwc_rows(mask)
+    if isinstance(acc, AffineSeed):
+        z2 = _nhwc_rows(acc.z)
+        if g2 is None or (mask is not None and m2 is None) or z2 is None:
+            return masked_scale_vjp_numpy(gy, mask, scale, acc.value())
+        n, c, h, w = gy.shape
+        out = np.empty((n, h, w, c), np.float32)
+        _masked_scale_affine_rows(g2, _NOMASK if m2 is None else m2, scale, z2, acc.b, acc.c, out.reshape(-1, c))
+        return out.transpose(0, 3, 1, 2)
     a2 = None if acc is None else _nhwc_rows(acc)
     if g2 is None or (mask is not None and m2 is None) or (acc is not None and a2 is None):
         return masked_scale_vjp_numpy(gy, mask, scale, acc)
@@ -919,6 +943,38 @@ def masked_scale_vjp_numpy(gy, mask, scale, acc=None):
     g = gy if mask is None else np.where(mask, gy, gy.dtype.type(0))
     g = g * scale.reshape((1, -1) + (1,) * (gy.ndim - 2))
     return g if acc is None else acc + g
+
+
+class AffineSeed:
+    """A seed gradient for :func:`input_gradient` given as ``z * b + c`` per channel (axis 1), formed
+    only where it is used: the BN that reads ``z`` adds it in its own V.2 pass (D.3's ``dL/dz`` is
+    affine in the BN input ``z``; data_free_derivations/16_probe_inputs.md).
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C, H, W), float32
+    b, c : ndarray, shape (C,), float32
+
+    Example
+    -------
+    >>> z = np.arange(4, dtype=np.float32).reshape(1, 2, 1, 2)
+    >>> AffineSeed(z, np.float32([1, 2]), np.float32([0, 1])).value().ravel().tolist()   # z b + c
+    [0.0, 1.0, 5.0, 7.0]
+    """
+
+    __slots__ = ("z", "b", "c", "shape", "dtype")
+
+    def __init__(self, z, b, c):
+        self.z, self.b, self.c, self.shape, self.dtype = z, b, c, z.shape, z.dtype
+
+    def value(self):
+        """The gradient as an array, :func:`bn_forward_rows` ``(z, b, c)``."""
+        return bn_forward_rows(self.z, self.b, self.c)
+
+
+def _formed(g):
+    """An :class:`AffineSeed` as its array; any other gradient as it is."""
+    return g.value() if isinstance(g, AffineSeed) else g
 
 
 class _Masked:
@@ -1062,7 +1118,7 @@ class _Step:
         """V.2 (after V.3 when gy is a ReLU's _Masked gradient) added to ``acc`` (or None), one pass."""
         if isinstance(gy, _Masked):
             return masked_scale_vjp(gy.gy, gy.mask, self.scale_c, acc)
-        return masked_scale_vjp(gy, None, self.scale_c, acc)
+        return masked_scale_vjp(gy, None, self.scale_c, acc)     # acc: an array, AffineSeed or None
 
     def _relu_forward(self, x):
         if isinstance(x, _BNReLU):                               # formed by the BN before it
@@ -1218,9 +1274,9 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
     ----------
     tape : Tape
         From :func:`record` or :meth:`Program.record`.
-    seeds : dict of str to ndarray
+    seeds : dict of str to ndarray or AffineSeed
         Tensor name (one of the tape's targets or any tensor its nodes produce) -> gradient of that
-        tensor's shape.
+        tensor's shape (an :class:`AffineSeed` is formed inside the pass of the BN that reads it).
 
     Returns
     -------
@@ -1237,7 +1293,7 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
     for t, g in seeds.items():
         if t not in produced:
             raise ValueError(f"seeds: tensor {t!r} was not computed by the tape")
-        if t in tape.values and np.shape(g) != tape.values[t].shape:
+        if t in tape.values and (g.shape if isinstance(g, AffineSeed) else np.shape(g)) != tape.values[t].shape:
             raise ValueError(f"seeds: gradient for {t!r} has shape {np.shape(g)}, expected {tape.values[t].shape}")
         grads[t] = g
     steps = getattr(tape, "steps", None)
@@ -1247,6 +1303,7 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
         if gy is None:
             continue
         ctx = tape.ctx[node.name]
+        gy = _formed(gy)
         if steps is not None and steps[i].vjp_acc is not None:       # one input; adds into its gradient
             t = node.inputs[0]
             grads[t] = steps[i].vjp_acc(ctx, gy, grads.get(t))
@@ -1255,8 +1312,8 @@ def input_gradient(tape: Tape, seeds: dict) -> np.ndarray:
             gy = gy.value()
         gxs = steps[i].vjp(ctx, gy) if steps is not None else RULES[node.op].vjp(node, ctx, gy)
         for t, gx in zip(node.inputs, gxs):
-            grads[t] = gx if t not in grads else grads[t] + gx
-    g = grads.get(tape.input_name)
+            grads[t] = gx if t not in grads else _formed(grads[t]) + gx
+    g = _formed(grads.get(tape.input_name))
     if g is None:
         return np.zeros(tape.input_shape, dtype=next(iter(seeds.values())).dtype if seeds else np.float32)
     return np.ascontiguousarray(g)

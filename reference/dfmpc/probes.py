@@ -34,7 +34,7 @@ import numpy as np
 import numba
 from numba import njit
 
-from .autodiff import Program, _affine_rows, input_gradient
+from .autodiff import AffineSeed, Program, _affine_rows, input_gradient
 from .engine.graph import Graph
 
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
@@ -107,8 +107,11 @@ def _rows(z: np.ndarray) -> np.ndarray:
     return np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
 
 
-def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, grad: bool):
-    """(D.2)-(D.3) for one tensor z (N, C, ...): ``||mu_b - mu||^2 + ||s_b - sigma||^2`` and dL/dz (or None)."""
+def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, grad: bool, lazy: bool = False):
+    """(D.2)-(D.3) for one tensor z (N, C, ...): ``||mu_b - mu||^2 + ||s_b - sigma||^2`` and dL/dz (or None).
+
+    ``lazy``: a float32 (N, C, H, W) z's gradient as an :class:`~dfmpc.autodiff.AffineSeed` (the same
+    values, formed by the reverse pass inside the V.2 of the BN that reads z)."""
     r = _rows(z)
     M = r.shape[0]
     if r.dtype == np.float64:
@@ -128,6 +131,8 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
         return loss, None
     a = 2.0 * (mu_b - mu) / M                                          # dL/dmu_b * dmu_b/dz
     b = 2.0 * (s_b - sigma) / (s_b * M)                                # dL/ds_b * ds_b/dvar_b * 2 / M
+    if r.dtype == np.float32 and lazy and z.ndim == 4:
+        return loss, AffineSeed(z, b.astype(np.float32), (a - b * mu_b).astype(np.float32))
     if r.dtype == np.float32:                                          # (D.3): a + b (z - mu_b), rows (M, C)
         g = np.empty(r.shape, np.float32)
         _affine_rows(r, b.astype(np.float32), (a - b * mu_b).astype(np.float32), g)    # one pass, as below
@@ -136,6 +141,10 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
         g += (a - b * mu_b).astype(r.dtype)
     shape = (z.shape[0],) + z.shape[2:] + (z.shape[1],)
     return loss, np.moveaxis(g.reshape(shape), -1, 1)
+
+
+def _formed(g):
+    return g.value() if isinstance(g, AffineSeed) else g
 
 
 def _program(graph: Graph, targets: list[BNTarget]) -> Program:
@@ -198,14 +207,16 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
     loss, seeds, gx = 0.0, {}, np.zeros_like(x) if grad else None
     for t in targets:
         z = x if t.tensor == name else tape.values[t.tensor]
-        l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad)
+        l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad, lazy=t.tensor != name)
         loss += l
         if g is None:
             continue
         if t.tensor == name:
             gx += g
-        else:
-            seeds[t.tensor] = g if t.tensor not in seeds else seeds[t.tensor] + g
+        elif t.tensor not in seeds:
+            seeds[t.tensor] = g
+        else:                                                   # two BNs read one tensor
+            seeds[t.tensor] = _formed(seeds[t.tensor]) + _formed(g)
     C = x.shape[1]
     l, g = _stat_loss(x, np.zeros(C), np.full(C, math.sqrt(1.0 + INPUT_EPS)), INPUT_EPS, grad)   # input term
     loss += l
