@@ -211,3 +211,27 @@ def test_float32_moments_and_gradient_kernels_equal_their_numpy_twins(shape):
     g0 = r * b.astype(np.float32)
     g0 += (a - b * mu_b).astype(np.float32)
     np.testing.assert_array_equal(probes._rows(g), g0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 20), hw=st.integers(1, 12), seed=st.integers(0, 2**32 - 1),
+       offset=st.sampled_from([0.0, 5.0, -1e3]), zeros=st.sampled_from([0.0, 0.5, 1.0]))
+def test_moments_kernel_equals_its_numpy_twin_on_drawn_shapes(n, c, hw, seed, offset, zeros):
+    """D.2's float32 sums: the one-pass Numba kernel (per position, the channels' sums over images side
+    by side) equals moments_numpy bit for bit on drawn batch sizes, channel counts and positions, with
+    large channel means and exact zeros; and the lazy D.3 seed (AffineSeed) forms the same gradient as
+    the eager one."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, hw, c)) + offset).astype(np.float32)
+    z[rng.uniform(size=z.shape) < zeros] = 0.0
+    per_image = z.reshape(n, -1)
+    s1, s2 = probes._moments_kernel(per_image, c)
+    t1, t2 = probes.moments_numpy(per_image, c)
+    np.testing.assert_array_equal(s1, t1)
+    np.testing.assert_array_equal(s2, t2)
+    z4 = z.reshape(n, 1, hw, c).transpose(0, 3, 1, 2)                    # NHWC memory, as the engine's convs
+    mu, sigma = rng.normal(size=c), rng.uniform(0.2, 1, c)
+    l0, g0 = probes._stat_loss(z4, mu, sigma, 1e-5, True)
+    l1, g1 = probes._stat_loss(z4, mu, sigma, 1e-5, True, lazy=True)
+    assert l0 == l1 and isinstance(g1, probes.AffineSeed)
+    np.testing.assert_array_equal(g1.value(), g0)

@@ -175,19 +175,23 @@ def moments_numpy(per_image: np.ndarray, C: int):
 @njit(cache=True, nogil=True)
 def _moments_kernel(per_image, C):                          # pragma: no cover (compiled)
     """Twin of :func:`moments_numpy` in one pass, the same additions in the same order: position by
-    position, the C channels' sums over images side by side (a loop over contiguous channels that
-    vectorises; no ``j % C`` per element), then added into the float64 sums in increasing ``j``."""
+    position, the C channels' float32 sums over images side by side in a scratch row (loops over
+    contiguous channels through row slices, which vectorise; no ``j % C`` per element), then added
+    into the float64 sums in increasing ``j``."""
     n, k = per_image.shape
     s1, s2 = np.zeros(C), np.zeros(C)
-    a, q = np.empty(C, np.float32), np.empty(C, np.float32)
+    acc = np.empty((2, C), np.float32)
+    a, q = acc[0], acc[1]
     for base in range(0, k, C):
+        row = per_image[0, base:base + C]
         for c in range(C):
-            v = per_image[0, base + c]
+            v = row[c]
             a[c] = v
             q[c] = v * v
         for i in range(1, n):
+            row = per_image[i, base:base + C]
             for c in range(C):
-                v = per_image[i, base + c]
+                v = row[c]
                 a[c] += v
                 q[c] += v * v
         for c in range(C):
