@@ -10,6 +10,12 @@ Usage::
 
     python benchmarks/probes.py                     # writes benchmarks/results/probes.json
     python benchmarks/probes.py --models resnet20 --repeats 3 --json --no-write
+    python benchmarks/probes.py --baseline /tmp/old/reference   # also an older dfmpc, same run
+
+``--baseline DIR`` names a directory holding another ``dfmpc`` package (e.g. ``reference/`` of a
+``git worktree`` at an older commit). Each model is then also timed with that package, in a
+subprocess (``PYTHONPATH=DIR``), before the current one: ``ratio`` is the current wall time over the
+baseline's, and ``same_probes`` says whether both made the same bits (``probes_sha256``).
 
 The sequential BN re-calibration (the default of ``dfmpc quantize``) distils its probes once per
 call, so this is the time distillation adds to ``dfmpc quantize <model>``.
@@ -18,9 +24,11 @@ call, so this is the time distillation adds to ``dfmpc quantize <model>``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +65,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def time_model(name: str, repeats: int) -> dict:
     """Seconds (wall and CPU) of probe_inputs at the defaults on zoo model ``name``, median of ``repeats``."""
+    import numpy as np
     from dfmpc import probes
     from dfmpc.evaluation import load_zoo_model
 
@@ -69,12 +78,23 @@ def time_model(name: str, repeats: int) -> dict:
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
         loss = probes.bn_matching_loss(graph, x)
+        digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
     steps = probes.DEFAULT_ITERATIONS
     med = lambda v: sorted(v)[len(v) // 2]
     return {"model": name, "n": probes.DEFAULT_N, "iterations": steps, "lr": probes.DEFAULT_LR,
             "seconds": med(wall), "seconds_per_step": med(wall) / max(steps, 1),
             "cpu_seconds": med(cpu), "cpu_seconds_per_step": med(cpu) / max(steps, 1),
-            "all_seconds": wall, "final_bn_matching_loss": loss}
+            "all_seconds": wall, "final_bn_matching_loss": loss, "probes_sha256": digest,
+            "distill_threads": getattr(probes, "DISTILL_THREADS", None),
+            "dfmpc_path": str(Path(probes.__file__).parents[1])}
+
+
+def time_baseline(name: str, repeats: int, baseline: str) -> dict:
+    """:func:`time_model` with the ``dfmpc`` package found in directory ``baseline``, in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([baseline] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = subprocess.run([sys.executable, __file__, "--models", name, "--repeats", str(repeats), "--json",
+                          "--no-write"], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rows"][0]
 
 
 def main(argv=None) -> dict:
@@ -83,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per model (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/probes.json")
+    p.add_argument("--baseline", help="directory holding another dfmpc package, timed first in the same run "
+                                      "(e.g. reference/ of a git worktree at an older commit)")
     args = p.parse_args(argv)
 
     import numba
@@ -91,16 +113,23 @@ def main(argv=None) -> dict:
     load_start = os.getloadavg()[0]
     rows = []
     for name in args.models.split(","):
+        base = time_baseline(name, args.repeats, args.baseline) if args.baseline else None
         rows.append(time_model(name, args.repeats))
+        r = rows[-1]
+        if base is not None:
+            r.update(baseline_seconds=base["seconds"], baseline_cpu_seconds=base["cpu_seconds"],
+                     ratio=r["seconds"] / base["seconds"], cpu_ratio=r["cpu_seconds"] / base["cpu_seconds"],
+                     same_probes=base["probes_sha256"] == r["probes_sha256"])
         if not args.json:
-            r = rows[-1]
             print(f"{name:18s} {r['seconds']:7.2f} s  ({r['seconds_per_step']:.4f} s/step; CPU "
-                  f"{r['cpu_seconds']:.2f} s)  BN loss {r['final_bn_matching_loss']:.4g}", flush=True)
+                  f"{r['cpu_seconds']:.2f} s)  BN loss {r['final_bn_matching_loss']:.4g}"
+                  + ("" if base is None else f"  baseline {base['seconds']:.2f} s (CPU {base['cpu_seconds']:.2f} s), "
+                     f"ratio {r['ratio']:.3f}, same probes: {r['same_probes']}"), flush=True)
     result = {"rows": rows, **cpu_info(), "numba_threads": numba.get_num_threads(),
               "numba_threading_layer": str(numba.config.THREADING_LAYER), "numpy_version": np.__version__,
               "numba_version": numba.__version__, "python": platform.python_version(),
               "load_average_1min_at_start": load_start, "load_average_1min_at_end": os.getloadavg()[0],
-              "repeats": args.repeats,
+              "repeats": args.repeats, "baseline": args.baseline,
               "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
