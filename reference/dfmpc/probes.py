@@ -56,7 +56,9 @@ DEFAULT_LR = 0.25
 #: waits. Measured on an idle 2-core AMD EPYC (AVX2): distilling ResNet-20's default probes 10.5 s at
 #: 1 thread against 12.9 s at 2; the whole `dfmpc quantize resnet20` 12.2 s with the process at 1 thread
 #: (NUMBA_NUM_THREADS=1) against 14.5 s at 2
-#: (`benchmarks/probes.py` times the distillation).
+#: (`benchmarks/probes.py` times the distillation). Since then serial twins of the reverse pass's row kernels
+#: run at one thread (no pool hand-off at all) and the pass is fused further: ResNet-20's distillation 7.7 s
+#: against 10.6 s for the code these figures were taken with (load ~2, `benchmarks/probes.py --baseline`).
 DISTILL_THREADS = 1
 #: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
 INPUT_EPS = 1e-5
