@@ -596,9 +596,10 @@ def test_row_kernels_serial_parallel_and_fused_equal_their_numpy_twins(n, c, h, 
 
 
 def test_bn_relu_fusion_is_used_and_a_second_reader_prevents_it():
-    """The tape fuses a BN with the ReLU that alone reads it (ResNet-20's conv1 -> bn1 -> relu), and not
-    a BN whose output a second node also reads (negative control: the fused step would hide the BN
-    output from that reader); both give the rules' values and gradients bit for bit."""
+    """The tape fuses a BN with the ReLU that alone reads it (V.2 then V.3 in one pass, as ResNet-20's
+    conv1 -> bn1 -> relu), and not a BN whose output a second node also reads (negative control: the
+    fused step would hide the BN output from that reader); both give the rules' values and input
+    gradients bit for bit, also with D.3's seeds given as AffineSeed."""
     rng = np.random.default_rng(12)
     C = 3
 
