@@ -28,3 +28,16 @@ def images():
     """24 standard-normal 1x28x28 images (seed 0), float32."""
     import numpy as np
     return np.random.default_rng(0).normal(size=(24, 1, 28, 28)).astype(np.float32)
+
+
+@pytest.fixture
+def blocked_convs(monkeypatch):
+    """Every dense conv runs the register-blocked kernel (``dfmpc.engine.conv.KERNEL = "blocked"``).
+
+    For the tests on the onnx wheel's 224x224 light models, which check import, graph ops and
+    quantization against onnxruntime, not the kernel choice: with ``"auto"`` the first call of each
+    of their ~100 conv shapes measures every candidate kernel and compiles a Winograd transform per
+    channel count, 30-60 s per model on a fresh machine (the zoo models exercise ``"auto"``, and
+    ``tests/test_engine_*.py`` each kernel)."""
+    from dfmpc.engine import conv
+    monkeypatch.setattr(conv, "KERNEL", "blocked")

@@ -42,6 +42,7 @@ def _rel_err(got, ref):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19" else n  # vgg19: ~25-40 s
                                   for n in RUNNABLE])
+@pytest.mark.usefixtures("blocked_convs")
 def test_light_model_matches_onnxruntime(name):
     graph, x, logits, ref = _case(name)
     assert graph.nodes_of("Conv"), "imported graph has convolutions"
@@ -57,6 +58,7 @@ def test_light_bn_nodes_kept():
     assert len(bns) == 53 and all(set(b.params) == {"gamma", "beta", "mean", "var"} for b in bns)
 
 
+@pytest.mark.usefixtures("blocked_convs")
 def test_light_negative_control():
     """1% multiplicative noise on one conv's weights makes the comparison fail."""
     graph, x, logits, ref = _case("squeezenet")

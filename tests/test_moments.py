@@ -563,6 +563,7 @@ def test_light_models_get_finite_moments_for_every_tensor(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIGHT_MODELS)
+@pytest.mark.usefixtures("blocked_convs")
 def test_light_model_shapes_match_the_engine(name):
     """The shape pass agrees with the engine's output shapes on the light topologies (one image)."""
     g = dfmpc.load_model(os.path.join(LIGHT, f"light_{name}.onnx"))

@@ -195,6 +195,7 @@ def test_merge_affine_into_bn_is_the_same_function_and_pairs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet121", "inception_v2"])
+@pytest.mark.usefixtures("blocked_convs")
 def test_merged_light_model_computes_the_same(name):
     """merge_affine_into_bn on the light DenseNet-121 / Inception-v2: same logits on one image (1e-4 relative)."""
     g = light(name)

@@ -97,6 +97,7 @@ BIG_MODEL = 50_000_000
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIGHT_MODELS)
+@pytest.mark.usefixtures("blocked_convs")
 def test_light_model_quantized_runs_in_onnxruntime(name, tmp_path):
     """The issue's target: MP2/6 succeeds, the output passes onnx.checker and onnxruntime gives finite logits
     equal to our engine's on the same input (both data-free modes that carry state: analytic, sequential).
