@@ -35,7 +35,7 @@ from .compensation import closed_form, fold_into_bn, quadratic_coefficients, sca
 from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
-from .probes import DEFAULT_KIND, DEFAULT_N, PROBE_KINDS, probe_inputs
+from .probes import DEFAULT_KIND, DEFAULT_N, PROBE_KINDS, probe_inputs, unmeasured_convs
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
@@ -350,6 +350,7 @@ def graph_fingerprint(graph: Graph) -> str:
 
 # ------------------------------------------------------------------------------------ driver
 
+@unmeasured_convs
 def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lambda1: float = 0.5,
                      lambda2: float = 0.0, recalibration: str = DEFAULT_RECALIBRATION, compensation: str = "dfmpc",
                      pairs=None, calibration_data=None, keep_first_high: bool = True,

@@ -25,6 +25,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -287,6 +288,20 @@ def _input_shape(graph, input_shape):
     return tuple(int(s) for s in shape)
 
 
+def unmeasured_convs(f):
+    """Decorator: ``f`` runs inside :func:`dfmpc.engine.conv.unmeasured` (no timed kernel choice), so
+    that what it computes from a network depends on the weights and the seed, not on the machine's
+    kernel-choice file. Used by :func:`distill`, :func:`probe_inputs` and
+    :func:`dfmpc.pipeline.quantize_network`."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from .engine.conv import unmeasured
+        with unmeasured():
+            return f(*args, **kwargs)
+    return wrapper
+
+
+@unmeasured_convs
 def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR,
             batch_size: int | None = None, progress: bool | None = False,
             threads: int | None = DISTILL_THREADS) -> DistillationResult:
@@ -383,6 +398,7 @@ def _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses
         losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False, program=program)[0]
 
 
+@unmeasured_convs
 def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
                  iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, batch_size: int | None = None,
                  input_shape=None, progress: bool | None = None) -> np.ndarray:

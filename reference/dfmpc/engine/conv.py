@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import contextlib
 import os
 import threading
 import weakref
@@ -225,6 +226,42 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
 #: The blocked kernel's result does not depend on the thread count.
 MEASURE_MIN_MACS = 1 << 24
 
+_UNMEASURED = threading.local()
+
+
+@contextlib.contextmanager
+def unmeasured():
+    """Within this block, on the calling thread, every dense conv runs :func:`small_conv_kernel`'s
+    kernel whatever its size: no timing, and no choice read from the machine's kernel-choice file.
+
+    The quantization pipeline and the probe distillation run inside it, so that their result
+    depends on the weights and the seed only, not on which kernel won a timing on this machine
+    (the kernels round differently and the distillation's descent amplifies it). ResNet-20's
+    convs on 8 probe images are all below :data:`MEASURE_MIN_MACS` anyway; VGG-small's are not,
+    and its probes differed between two checkouts with different choice files before this.
+    Re-entrant; other threads (e.g. an evaluation running beside it) are not affected, except the
+    engine's own batch-split workers, which carry the setting of the thread that called it.
+
+    Examples
+    --------
+    >>> x = np.ones((64, 64, 28, 28), np.float32); w = np.ones((64, 64, 3, 3), np.float32)
+    >>> with unmeasured():
+    ...     y = conv2d_f32(x, w, pads=(1, 1, 1, 1))          # 2^31 multiply-adds, not measured
+    >>> float(y[0, 0, 1, 1]), float(y[0, 0, 0, 0])
+    (576.0, 256.0)
+    """
+    depth = getattr(_UNMEASURED, "depth", 0)
+    _UNMEASURED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _UNMEASURED.depth = depth
+
+
+def is_unmeasured() -> bool:
+    """True inside :func:`unmeasured` on the calling thread."""
+    return getattr(_UNMEASURED, "depth", 0) > 0
+
 #: the candidates are measured on the first images of the batch, about this many multiply-adds
 MEASURE_MACS = 1 << 25
 
@@ -283,7 +320,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
     if KERNEL != "auto":
         return run(KERNEL if KERNEL in names else "direct").transpose(0, 3, 1, 2)
     macs_per_image = oh * ow * o * c * kh * kw
-    if n * macs_per_image < MEASURE_MIN_MACS:
+    if n * macs_per_image < MEASURE_MIN_MACS or is_unmeasured():
         return run(small_conv_kernel(c, o, (kh, kw))).transpose(0, 3, 1, 2)
     key = kernel_choice.shape_key(x.shape, w.shape, strides, pads, dilations, threads)
     name = kernel_choice.lookup(key)

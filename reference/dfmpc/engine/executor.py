@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from . import conv as conv_module
 from .conv import conv2d_f32, conv_output_size, dense_weight
 from .ops import OPS, _geometry
 from .winograd import BLAS_LOCK
@@ -220,8 +221,13 @@ def run_graph(graph, x, outputs=None, batch_size=16):
     total, batch_size = sizes.pop(), int(batch_size)
     starts = range(0, max(total, 1), batch_size)
 
+    measured = not conv_module.is_unmeasured()
+
     def chunk(start):
-        return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
+        if measured:
+            return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
+        with conv_module.unmeasured():              # the caller's setting, carried into the worker
+            return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
 
     threads = numba.get_num_threads()
     if SPLIT_BATCH and threads > 1 and len(starts) > 1:
