@@ -30,13 +30,13 @@ ORT_INSTALL = 'pip install -e ".[ort]"'
 """How to get the onnxruntime backend (the optional extra ``ort``), named in the error when it is missing."""
 
 DELAY_SECONDS = 2.0
+"""A progress bar left to decide for itself (``progress=None``) appears only after this many seconds."""
 
 #: Images per chunk inside one engine call (``Graph.run(..., batch_size=)``). The engine hands whole
 #: chunks to its batch-split worker threads (:mod:`dfmpc.engine.executor`), so a 500-image call made
 #: as one chunk would use one core: ResNet-20 at 2 threads on a 2-core Zen 3 ran 588 img/s in
 #: 64-image chunks against 391 img/s as one 500-image chunk (README, Performance).
 ENGINE_CHUNK = 64
-"""A progress bar left to decide for itself (``progress=None``) appears only after this many seconds."""
 
 
 def _isatty(stream) -> bool:

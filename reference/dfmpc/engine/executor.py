@@ -29,6 +29,7 @@ kernels it runs at one thread, so the output is the same, bit for bit, at any th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -221,12 +222,10 @@ def run_graph(graph, x, outputs=None, batch_size=16):
     total, batch_size = sizes.pop(), int(batch_size)
     starts = range(0, max(total, 1), batch_size)
 
-    measured = not conv_module.is_unmeasured()
+    setting = conv_module.unmeasured if conv_module.is_unmeasured() else contextlib.nullcontext
 
     def chunk(start):
-        if measured:
-            return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
-        with conv_module.unmeasured():              # the caller's setting, carried into the worker
+        with setting():                             # the caller's kernel-choice setting, in the worker too
             return _run_chunk(steps, folded, last_use, wanted, feeds, start, start + batch_size)
 
     threads = numba.get_num_threads()
