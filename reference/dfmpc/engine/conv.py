@@ -57,8 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import blocked, kernel_choice, winograd
-from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt
+from . import arena, blocked, kernel_choice, winograd
+from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt, padded
 
 #: dense-conv kernel: "auto" (measured per shape, :mod:`dfmpc.engine.kernel_choice`), or one of
 #: :data:`DENSE_KERNELS` for every dense conv (a Winograd name falls back to "direct" where it
@@ -354,25 +354,33 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
     if name.startswith("winograd"):
         m = 2 if name == "winograd_f2" else 4
         U = _cached_weight(w, m, lambda v: winograd.weight_transform(v, m))
-        return winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, pool=_pool() if threads > 1 else None)
+        return winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, out=arena.empty((n, oh, ow, o)),
+                                pool=_pool() if threads > 1 else None)
     blas = name == "im2col_blas"
     wt = dense_weight(w) if wt is None else wt
-    out = np.empty((n, oh, ow, o), np.float32)
+    out = arena.empty((n, oh, ow, o))
     res2 = None if res is None else res.reshape(-1, o)
     if kh == kw == 1 and not any(pads) and name != "blocked":   # 1x1: the (strided) input is cols
         xs = xn[:, ::strides[0], ::strides[1], :][:, :oh, :ow, :]
         _matmul(np.ascontiguousarray(xs.reshape(-1, c)), wt, b, relu, res2, out.reshape(-1, o), blas)
         return out
-    if any(pads):                                           # zero only the border
-        xp = np.empty((n, h + pt + pb, wd + pl + pr, c), np.float32)
-        xp[:, :pt], xp[:, pt + h:], xp[:, pt:pt + h, :pl], xp[:, pt:pt + h, pl + wd:] = 0, 0, 0, 0
-        xp[:, pt:pt + h, pl:pl + wd, :] = xn
+    if any(pads):                                           # padded copy in a reused scratch buffer
+        xp = padded(xn, pt, pl, h + pt + pb, wd + pl + pr)
     else:
         xp = xn
     if name == "blocked":
+        wb = _cached_weight(w, "blocked", blocked.blocked_weight)
+        if dilations[1] == 1 and kw * c < BLOCKED_MIN_RUN and kh * kw > 1:
+            # runs of a few floats (a 1-channel stem: 3): the per-run cost of the kernel
+            # outweighs its multiply-adds; im2col makes one run of kh*kw*C per pixel (the
+            # same products summed in the same order: taps, then channels), read as a 1x1 conv
+            cols = im2col_nhwc(xp, (kh, kw), strides, dilations, oh, ow)
+            shape1 = (n, oh, ow, kh * kw * c)
+            blocked.conv_blocked(cols.reshape(-1), shape1, wb.reshape(1, -1, wb.shape[2]),
+                                 np.zeros(1, np.int64), (1, 1), (oh, ow), b, relu, res2, out.reshape(-1, o))
+            return out
         xp = np.ascontiguousarray(xp)
         taps = blocked.tap_offsets((kh, kw), dilations, xp.shape[2], c)
-        wb = _cached_weight(w, "blocked", blocked.blocked_weight)
         blocked.conv_blocked(xp.reshape(-1), xp.shape, wb.reshape(len(taps), -1, wb.shape[2]),
                              taps, strides, (oh, ow), b, relu, res2, out.reshape(-1, o))
         return out
@@ -393,6 +401,11 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
         _matmul(cols, wt, b, relu, None if res2 is None else res2[rows], out.reshape(-1, o)[rows], blas)
     return out
 
+
+#: the blocked kernel runs a conv whose kernel rows are runs of fewer than this many floats
+#: (``kw*C``, e.g. 3 for a 3x3 conv on one channel) as im2col + a 1x1 blocked conv: ResNet-20's
+#: 1-channel stem on 64 images took 1.4 ms instead of 4-6 ms (2-core Zen 3, one thread)
+BLOCKED_MIN_RUN = 8
 
 # Filter layouts of the Winograd and blocked kernels, one per weight array and kernel.  Keyed by the
 # array's id and checked against a copy of the weights, so that an array changed in place is

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from . import arena as arena_module
 from . import conv as conv_module
 from .conv import conv2d_f32, conv_output_size, dense_weight
 from .ops import OPS, _geometry
@@ -248,18 +249,24 @@ def _run_chunk(steps, folded, last_use, wanted, feeds, start, stop):
     """The plan on images ``start:stop`` of ``feeds``; returns the ``wanted`` tensors (C-contiguous)."""
     env = {k: v[start:stop] for k, v in feeds.items()}
     keep = set(wanted)
-    for i, (kind, nodes) in enumerate(steps):
-        try:
-            y = _run_step(kind, nodes, env, folded)
-        except (ValueError, TypeError) as err:
-            node = nodes[0]
-            shapes = [env[t].shape for t in node.inputs]
-            raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
-        env[nodes[-1].outputs[0]] = y
-        for t in _step_inputs(kind, nodes):
-            if last_use[t] == i and t not in keep:
-                env.pop(t, None)
-    return [np.ascontiguousarray(env[t]) for t in wanted]
+    pool = arena_module.thread_arena()                  # conv outputs reuse the memory of dropped tensors
+    with arena_module.use(pool):
+        for i, (kind, nodes) in enumerate(steps):
+            try:
+                y = _run_step(kind, nodes, env, folded)
+            except (ValueError, TypeError) as err:
+                node = nodes[0]
+                shapes = [env[t].shape for t in node.inputs]
+                raise ValueError(f"node {node.name!r} ({node.op}) on input shapes {shapes}: {err}") from err
+            env[nodes[-1].outputs[0]] = y
+            for t in _step_inputs(kind, nodes):
+                if last_use[t] == i and t not in keep:
+                    dead = env.pop(t, None)
+                    if dead is not None:
+                        pool.release(dead, env.values())
+    # the caller gets its own memory, never the arena's
+    return [np.array(env[t], order="C") if pool.owner(env[t]) is not None else np.ascontiguousarray(env[t])
+            for t in wanted]
 
 
 _POOL = None

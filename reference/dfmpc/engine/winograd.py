@@ -39,6 +39,8 @@ import threading
 import numpy as np
 from numba import njit
 
+from .kernels_numba import padded
+
 #: B^T, G, A^T of F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.1 and 4.2),
 #: interpolation points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), plus infinity.
 BT = {
@@ -417,8 +419,7 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     oh, ow = out_hw
     th, tw = tile_counts(oh, ow, m)
     pt, pl = pads[0], pads[1]
-    xp = np.zeros((n, th * m + 2, tw * m + 2, c), np.float32)   # covers H + pads, and every tile
-    xp[:, pt:pt + h, pl:pl + wd, :] = xn
+    xp = padded(xn, pt, pl, th * m + 2, tw * m + 2)   # covers H + pads, and every tile
     xf = xp.reshape(-1)
     if out is None:
         out = np.empty((n, oh, ow, o), np.float32)
