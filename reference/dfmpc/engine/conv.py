@@ -322,7 +322,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
     macs_per_image = oh * ow * o * c * kh * kw
     if n * macs_per_image < MEASURE_MIN_MACS or is_unmeasured():
         return run(small_conv_kernel(c, o, (kh, kw))).transpose(0, 3, 1, 2)
-    key = kernel_choice.shape_key(x.shape, w.shape, strides, pads, dilations, threads)
+    key = kernel_choice.shape_key(x.shape, w.shape, tuple(strides), tuple(pads), tuple(dilations), threads)
     name = kernel_choice.lookup(key)
     if name not in names:
         # first time this shape is seen: measure on the first few images; the candidates must
@@ -421,7 +421,9 @@ def _cached_weight(w, tag, make):
         hit = _U_CACHE.get(key)
     if hit is not None:
         ref, w_copy, U = hit
-        if ref() is w and np.array_equal(w_copy, w):
+        # a read-only array that owns its memory cannot have changed (the executor's BN-folded
+        # weights): no comparison, which cost ~20-50 us per conv call
+        if ref() is w and ((not w.flags.writeable and w.base is None) or np.array_equal(w_copy, w)):
             return U
     U = make(w)
     try:

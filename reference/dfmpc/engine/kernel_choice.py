@@ -18,6 +18,7 @@ optimisation: a missing or unreadable file just means measuring again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -144,9 +145,10 @@ def _save():
         pass                                  # read-only everywhere: keep the choice in memory
 
 
+@functools.lru_cache(maxsize=4096)
 def shape_key(x_shape, w_shape, strides, pads, dilations, threads) -> str:
     """Key of one conv shape: input (batch rounded down to a power of two) and filter
-    shapes, geometry and thread count."""
+    shapes, geometry and thread count (tuples; remembered, as it is asked for on every conv call)."""
     n = int(x_shape[0])
     nb = 1 << (n.bit_length() - 1) if n > 0 else 0
     return (f"n{nb} c{x_shape[1]} h{x_shape[2]} w{x_shape[3]} o{w_shape[0]} k{w_shape[2]}x{w_shape[3]} "
