@@ -126,3 +126,24 @@ def test_arena_negative_control(monkeypatch):
     monkeypatch.setattr(executor, "SPLIT_BATCH", False)
     bad = g.run(x, batch_size=7)
     assert not np.array_equal(bad, good)
+
+
+def test_frozen_weights_skip_the_change_check_and_others_do_not():
+    """Layouts cached for a frozen (executor-private) weight array are used without comparing it;
+    an ordinary array changed in place gets a new layout (negative control of the shortcut)."""
+    from dfmpc.engine import conv as conv_module
+    calls = []
+
+    def make(v):
+        calls.append(1)
+        return v.copy()
+    w = np.ones((2, 2), np.float32)
+    conv_module._cached_weight(w, "t", make)
+    w *= 2                                               # changed in place: rebuilt
+    assert np.array_equal(conv_module._cached_weight(w, "t", make), w) and len(calls) == 2
+    f = conv_module.freeze(np.ones((2, 2), np.float32))
+    conv_module._cached_weight(f, "t", make)
+    conv_module._cached_weight(f, "t", make)
+    assert len(calls) == 3 and not f.flags.writeable
+    with pytest.raises(ValueError):
+        f *= 2                                           # frozen arrays cannot change in place

@@ -414,6 +414,18 @@ _U_CACHE: dict = {}
 _U_LOCK = threading.Lock()
 
 
+_FROZEN = weakref.WeakValueDictionary()
+
+
+def freeze(w: np.ndarray) -> np.ndarray:
+    """Make ``w`` read-only and let the kernels use its cached layouts without checking it for
+    in-place changes (for weights private to their caller, as the executor's BN-folded ones);
+    returns ``w``."""
+    w.flags.writeable = False
+    _FROZEN[id(w)] = w
+    return w
+
+
 def _cached_weight(w, tag, make):
     """``make(w)``, cached under ``(id(w), tag)`` while ``w`` lives and is unchanged."""
     key = (id(w), tag)
@@ -421,9 +433,9 @@ def _cached_weight(w, tag, make):
         hit = _U_CACHE.get(key)
     if hit is not None:
         ref, w_copy, U = hit
-        # a read-only array that owns its memory cannot have changed (the executor's BN-folded
-        # weights): no comparison, which cost ~20-50 us per conv call
-        if ref() is w and ((not w.flags.writeable and w.base is None) or np.array_equal(w_copy, w)):
+        # an array frozen by its owner (the executor's BN-folded weights, private to one run)
+        # cannot have changed: no comparison, which cost ~20-50 us per conv call
+        if ref() is w and (_FROZEN.get(id(w)) is w or np.array_equal(w_copy, w)):
             return U
     U = make(w)
     try:

@@ -138,7 +138,7 @@ def _fold_bn(conv, bn):
     p = bn.params
     scale = p["gamma"] / np.sqrt(p["var"] + np.float32(bn.attrs.get("epsilon", 1e-5)))
     w = (conv.params["W"] * scale[:, None, None, None]).astype(np.float32)
-    w.flags.writeable = False                   # private to this run: kernels may cache its layouts unchecked
+    conv_module.freeze(w)                       # private to this run: kernels may cache its layouts unchecked
     b = (conv.params.get("B", 0.0) - p["mean"]) * scale + p["beta"]
     wt = dense_weight(w) if conv.attrs.get("group", 1) == 1 else None
     return w, b.astype(np.float32), wt
