@@ -162,3 +162,16 @@ def test_diagnose_text_and_sequential_probes(capsys, model, data):
 def test_probe_images_must_be_positive(capsys, model, data):
     rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "0")
     assert rc == 2 and "--probe-images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_probe_budget_options(capsys, model, data):
+    """--probe-iterations / --probe-tolerance reach the distillation; 'off' is accepted, a bad value is
+    one line on stderr naming the option."""
+    rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2",
+                       "--probe-iterations", "2", "--probe-tolerance", "off", "--json")
+    assert rc == 0, err
+    for bad in ("0", "-1", "nan", "x"):
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-tolerance", bad)
+        assert rc == 2 and "--probe-tolerance" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-iterations", "-1")
+    assert rc == 2 and "--probe-iterations" in err and len(err.strip().splitlines()) == 1

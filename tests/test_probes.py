@@ -235,3 +235,99 @@ def test_moments_kernel_equals_its_numpy_twin_on_drawn_shapes(n, c, hw, seed, of
     l1, g1 = probes._stat_loss(z4, mu, sigma, 1e-5, True, lazy=True)
     assert l0 == l1 and isinstance(g1, probes.AffineSeed)
     np.testing.assert_array_equal(g1.value(), g0)
+
+
+# ------------------------------------------------------------------ D.5: mismatch and the adaptive budget
+
+def _one_bn_graph(mu, var, eps=1e-5):
+    """A graph whose only BN reads the input: its input moments are those of the batch itself."""
+    C = len(mu)
+    f = lambda a: np.asarray(a, np.float32)
+    return Graph([Node("bn", "BatchNormalization", ["x"], ["y"], {"epsilon": eps},
+                       {"gamma": f(np.ones(C)), "beta": f(np.zeros(C)), "mean": f(mu), "var": f(var)})],
+                 ["x"], ["y"], {"x": (C, 5, 6)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), C=st.integers(1, 6), delta=st.floats(-0.5, 0.5), kappa=st.floats(-0.4, 0.4))
+def test_bn_mismatch_is_the_rms_relative_error_of_mean_and_std(seed, C, delta, kappa):
+    """D.5: a batch whose channel means are off by delta * sigma and whose standard deviations (with eps,
+    D.2) are (1 + kappa) * sigma has mismatch sqrt(delta^2 + kappa^2), whatever the channels' scales
+    (built exactly in float64, compared to 1e-3: float32 storage of the batch and of the BN statistics)."""
+    rng = np.random.default_rng(seed)
+    mu, var, eps = rng.normal(0, 3, C), rng.uniform(0.05, 20, C), 1e-5
+    sigma = np.sqrt(var.astype(np.float32).astype(np.float64) + eps)
+    mu = mu.astype(np.float32).astype(np.float64)
+    z = rng.standard_normal((4, C, 5, 6))
+    z = (z - z.mean(axis=(0, 2, 3), keepdims=True)) / z.std(axis=(0, 2, 3), keepdims=True)   # mean 0, var 1
+    sd = np.sqrt(((1 + kappa) * sigma) ** 2 - eps)                                           # s_b = (1+kappa) sigma
+    x = (z * sd[None, :, None, None] + (mu + delta * sigma)[None, :, None, None]).astype(np.float32)
+    got = probes.bn_mismatch(_one_bn_graph(mu, var, eps), x)
+    assert got == pytest.approx(np.hypot(delta, kappa), abs=1e-3)
+
+
+def test_bn_mismatch_weights_each_bn_equally_and_refuses_bad_input(resnet20):
+    """D.5 averages per BN (not per channel), is 0 only at the running statistics, and is smaller on
+    distilled probes than on their starting noise (negative control: the noise is far off, > 0.5)."""
+    z = np.random.default_rng(0).standard_normal((4, 2, 5, 6))
+    z = (z - z.mean(axis=(0, 2, 3), keepdims=True)) / z.std(axis=(0, 2, 3), keepdims=True)
+    g = _one_bn_graph([0.0, 0.0], [1.0 - 1e-5, 1.0 - 1e-5])
+    assert probes.bn_mismatch(g, z.astype(np.float32)) == pytest.approx(0.0, abs=1e-5)
+    shifted = z.copy()
+    shifted[:, 0] += 0.3                                       # one of two channels off by 0.3 sigma
+    assert probes.bn_mismatch(g, shifted.astype(np.float32)) == pytest.approx(0.3 / np.sqrt(2), abs=1e-4)
+    x0 = probes.probe_inputs(resnet20, n=4, kind="noise", seed=0)
+    x = probes.distill(resnet20, x0, iterations=10).x
+    assert probes.bn_mismatch(resnet20, x0) > 0.5 > probes.bn_mismatch(resnet20, x)
+    for bad in (x0.astype(np.float64), x0[0], x0[:0], [[1.0]]):
+        with pytest.raises(ValueError, match="x"):
+            probes.bn_mismatch(resnet20, bad)
+    no_bn = Graph([Node("r", "Relu", ["x"], ["y"])], ["x"], ["y"], {"x": (1, 4, 4)})
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        probes.bn_mismatch(no_bn, x0[:, :, :4, :4].copy())
+
+
+def test_distill_to_tolerance_doubles_the_budget_until_it_is_met(resnet20):
+    """The budget doubles from the same start while D.5 exceeds the tolerance, up to max_factor times
+    the first: an unreachable tolerance runs 2, 4, 8 steps and keeps the run with the least mismatch,
+    bit for bit the plain distillation of that length; a tolerance the first run meets (negative
+    control) and tolerance=None run once."""
+    x0 = probes.probe_inputs(resnet20, n=4, kind="noise", seed=5)
+    r = probes.distill_to_tolerance(resnet20, x0, iterations=2, tolerance=1e-9, max_factor=4)
+    assert r.budgets == [2, 4, 8]
+    assert r.mismatch == min(probes.bn_mismatch(resnet20, probes.distill(resnet20, x0, iterations=k).x)
+                             for k in r.budgets)
+    np.testing.assert_array_equal(r.x, probes.distill(resnet20, x0, iterations=r.iterations).x)
+    assert r.mismatch == probes.bn_mismatch(resnet20, r.x) and len(r.loss) == r.iterations + 1
+    once = probes.distill_to_tolerance(resnet20, x0, iterations=2, tolerance=10.0)
+    assert once.budgets == [2] and once.iterations == 2
+    np.testing.assert_array_equal(once.x, probes.distill(resnet20, x0, iterations=2).x)
+    assert probes.distill_to_tolerance(resnet20, x0, iterations=2, tolerance=None).budgets == [2]
+    assert probes.distill_to_tolerance(resnet20, x0, iterations=0, tolerance=1e-9).budgets == [0]
+    np.testing.assert_array_equal(
+        probes.probe_inputs(resnet20, n=4, seed=5, iterations=2, tolerance=1e-9),
+        probes.distill(resnet20, x0, iterations=8).x if r.iterations == 8 else r.x)
+    for kwargs, name in (({"tolerance": 0.0}, "tolerance"), ({"tolerance": -1}, "tolerance"),
+                         ({"tolerance": float("nan")}, "tolerance"), ({"tolerance": True}, "tolerance"),
+                         ({"tolerance": "0.1"}, "tolerance"), ({"max_factor": 0}, "max_factor")):
+        with pytest.raises(ValueError, match=name):
+            probes.distill_to_tolerance(resnet20, x0, iterations=1, **kwargs)
+    with pytest.raises(ValueError, match="tolerance"):
+        probes.probe_inputs(resnet20, n=2, kind="noise", tolerance=0)
+
+
+def test_quantize_network_passes_the_probe_budget_through(resnet20):
+    """quantize_network(probe_iterations=, probe_tolerance=) makes the same probes as probe_inputs with
+    those arguments (same re-calibrated network), and a different budget gives different probes."""
+    import dfmpc
+    x = probes.probe_inputs(resnet20, n=2, seed=0, iterations=3, tolerance=None)
+    a, _ = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=3,
+                                  probe_tolerance=None, progress=False)
+    b, _ = dfmpc.quantize_network(resnet20, compensation="none", probes=x, progress=False)
+    c, _ = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=4,
+                                  probe_tolerance=None, progress=False)
+    bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])
+    np.testing.assert_array_equal(bn(a), bn(b))
+    assert not np.array_equal(bn(a), bn(c))
+    with pytest.raises(ValueError, match="tolerance"):
+        dfmpc.quantize_network(resnet20, probe_tolerance=-1.0)

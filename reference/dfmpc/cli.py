@@ -60,12 +60,29 @@ def _backend(a) -> str:
         raise ValueError(f"--backend {a.backend}: {exc}") from exc
 
 
+def _tolerance(text):
+    """``--probe-tolerance``: a number > 0, or ``off`` (None)."""
+    text = str(text)
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v != float("inf")):
+        raise ValueError(f"--probe-tolerance: expected a number > 0 or 'off', got {text!r}")
+    return v
+
+
 def _quant_kwargs(a):
     _check_bits_order(a)
     if a.probe_images is not None and a.probe_images < 1:
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
+    if a.probe_iterations < 0:
+        raise ValueError(f"--probe-iterations: expected a number of steps >= 0, got {a.probe_iterations}")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
+                probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
                 progress=False if a.json else None)
 
 
@@ -108,7 +125,8 @@ def cmd_demo(a) -> dict:
         from .probes import probe_inputs
         t0 = time.perf_counter()
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
-        kw["probes"] = probe_inputs(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False)
+        kw["probes"] = probe_inputs(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False,
+                                    iterations=a.probe_iterations, tolerance=kw["probe_tolerance"])
         out["probe_seconds"] = time.perf_counter() - t0
         out["probes"] = f"{a.probes} ({len(kw['probes'])} images)"
         if show:
@@ -281,6 +299,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="how many probe images (default: " + ", ".join(
                             f"{n} {k}" for k, n in DEFAULT_PROBE_IMAGES.items()) + ")")
         sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
+        from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
+        sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
+                        help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "
+                             f"they miss --probe-tolerance (default %(default)s)")
+        sp.add_argument("--probe-tolerance", default=str(DEFAULT_TOLERANCE), metavar="T",
+                        help="RMS relative mismatch of the probes' BN statistics at which distillation stops asking "
+                             "for more steps, or 'off' for exactly --probe-iterations steps (default %(default)s)")
 
     d = sub.add_parser("demo", help="the main job: FP32 vs MP2/6 vs DF-MPC on the shipped model and data")
     d.add_argument("--model", default="resnet20", help="zoo model or model file (default resnet20)")

@@ -35,7 +35,8 @@ from .compensation import closed_form, fold_into_bn, quadratic_coefficients, sca
 from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
-from .probes import DEFAULT_KIND, DEFAULT_N, PROBE_KINDS, probe_inputs, unmeasured_convs
+from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_TOLERANCE, PROBE_KINDS, probe_inputs,
+                     unmeasured_convs)
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
@@ -311,7 +312,8 @@ def _check_calibration(x, why):
     return x
 
 
-def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
+def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress, iterations=DEFAULT_ITERATIONS,
+                  tolerance=DEFAULT_TOLERANCE):
     """The sequential mode's inputs: ``probes`` is a kind of :func:`dfmpc.probes.probe_inputs` or an array."""
     if isinstance(probes, np.ndarray):
         if probes.dtype != np.float32 or probes.ndim != 4 or len(probes) == 0:
@@ -321,15 +323,17 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress):
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
     n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
-    key = (graph_fingerprint(fp), probes, int(n), int(seed))
+    key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance)))   # any value hashes
     if key not in _PROBE_CACHE:
+        x = probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress, iterations=iterations,
+                         tolerance=tolerance)                   # validates every argument first
         if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
             _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))          # oldest first
-        _PROBE_CACHE[key] = probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress)
+        _PROBE_CACHE[key] = x
     return _PROBE_CACHE[key].copy()
 
 
-#: Probes are a pure function of (network, kind, n, seed): the last few are kept in memory, so quantizing
+#: Probes are a pure function of (network, kind, n, seed, iterations, tolerance): the last few are kept in memory, so quantizing
 #: the same network again (other bit-widths, compensation modes, methods of dfmpc.compare) distils once.
 _PROBE_CACHE: dict = {}
 _PROBE_CACHE_SIZE = 4
@@ -356,6 +360,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      pairs=None, calibration_data=None, keep_first_high: bool = True,
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
+                     probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
                      progress=None, low_quantizer: str = "auto", c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
@@ -404,6 +409,12 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         256 noise).
     seed : int
         The seed the probes are made from.
+    probe_iterations : int >= 0
+        Distillation budget in Adam steps (default 200), doubled up to 4 times while the probes miss
+        ``probe_tolerance`` (:func:`dfmpc.probes.distill_to_tolerance`).
+    probe_tolerance : float > 0 or None
+        RMS relative BN mismatch (D.5) the distilled probes should reach (default 0.1); None: exactly
+        ``probe_iterations`` steps.
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
@@ -447,7 +458,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(
         W, bits, low_quantizer if name in pairing.low else "auto"))
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
-    probe_x = _probe_images(fp, probes, probe_images, seed, progress) if recalibration == "sequential" else None
+    probe_x = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations, probe_tolerance) \
+        if recalibration == "sequential" else None
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
