@@ -374,7 +374,7 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
             # runs of a few floats (a 1-channel stem: 3): the per-run cost of the kernel
             # outweighs its multiply-adds; im2col makes one run of kh*kw*C per pixel (the
             # same products summed in the same order: taps, then channels), read as a 1x1 conv
-            cols = im2col_nhwc(xp, (kh, kw), strides, dilations, oh, ow)
+            cols = im2col_nhwc(xp, (kh, kw), strides, dilations, oh, ow, _scratch_cols((n * oh * ow, kh * kw * c)))
             shape1 = (n, oh, ow, kh * kw * c)
             blocked.conv_blocked(cols.reshape(-1), shape1, wb.reshape(1, -1, wb.shape[2]),
                                  np.zeros(1, np.int64), (1, 1), (oh, ow), b, relu, res2, out.reshape(-1, o))
@@ -393,7 +393,7 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
         return out
     row_bytes = oh * ow * kh * kw * c * 4
     step = max(1, min(n, COLS_BYTES // max(row_bytes, 1)))
-    buf = np.empty((step * oh * ow, kh * kw * c), np.float32)
+    buf = _scratch_cols((step * oh * ow, kh * kw * c))
     for s in range(0, n, step):
         m = min(step, n - s)
         cols = im2col_nhwc(xp[s:s + m], (kh, kw), strides, dilations, oh, ow, buf[:m * oh * ow])
@@ -412,6 +412,26 @@ BLOCKED_MIN_RUN = 8
 # transformed anew.
 _U_CACHE: dict = {}
 _U_LOCK = threading.Lock()
+
+
+_COLS_LOCAL = threading.local()
+
+#: :func:`_scratch_cols` keeps its buffer between calls up to this size
+COLS_SCRATCH_BYTES = 64 << 20
+
+
+def _scratch_cols(shape):
+    """A C-contiguous float32 array of ``shape`` for im2col rows, in memory the calling thread
+    reuses from call to call (the rows live during one conv call; a fresh array each call is new
+    pages from the OS).  Separate from the padded input's buffer
+    (:func:`dfmpc.engine.kernels_numba.padded`), which is read while the rows are written."""
+    size = int(np.prod(shape))
+    if size * 4 > COLS_SCRATCH_BYTES:
+        return np.empty(shape, np.float32)
+    buf = getattr(_COLS_LOCAL, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _COLS_LOCAL.buf = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
 
 
 _FROZEN = weakref.WeakValueDictionary()
