@@ -162,8 +162,9 @@ def test_every_method_runs_or_refuses_on_every_zoo_model(arch, monkeypatch):
     """On every zoo model each method returns a network of unchanged output shape, or refuses with a message.
     (What runs is checked here, not accuracy: the sequential methods' probes get a 5-step budget.)"""
     import dfmpc.pipeline
-    real = dfmpc.pipeline.probe_inputs
-    monkeypatch.setattr(dfmpc.pipeline, "probe_inputs", lambda *a, **k: real(*a, **{**k, "iterations": 5}))
+    real = dfmpc.pipeline.make_probes
+    monkeypatch.setattr(dfmpc.pipeline, "make_probes",
+                        lambda *a, **k: real(*a, **{**k, "iterations": 5, "tolerance": None}))
     monkeypatch.setattr(dfmpc.pipeline, "_PROBE_CACHE", {})
     g = load_zoo_model(arch)
     cal = RNG.normal(size=(8, 1, 28, 28)).astype(np.float32)

@@ -331,3 +331,24 @@ def test_quantize_network_passes_the_probe_budget_through(resnet20):
     assert not np.array_equal(bn(a), bn(c))
     with pytest.raises(ValueError, match="tolerance"):
         dfmpc.quantize_network(resnet20, probe_tolerance=-1.0)
+
+
+def test_make_probes_reports_how_the_probes_were_made(resnet20):
+    """make_probes returns the images of probe_inputs with the steps of the run kept and its D.5
+    mismatch; noise has neither. quantize_network names them in its report (negative control: a
+    different budget gives a different label)."""
+    import dfmpc
+    from dfmpc.pipeline import probes_label
+    r = probes.make_probes(resnet20, n=2, seed=0, iterations=2, tolerance=10.0)
+    assert r.iterations == 2 and r.budgets == [2] and r.mismatch == probes.bn_mismatch(resnet20, r.x)
+    np.testing.assert_array_equal(r.x, probes.probe_inputs(resnet20, n=2, seed=0, iterations=2, tolerance=10.0))
+    noise = probes.make_probes(resnet20, n=3, kind="noise")
+    assert noise.iterations == 0 and noise.mismatch is None and noise.x.shape == (3, 1, 28, 28)
+    assert probes_label("distilled", r) == f"distilled (2 images, 2 steps, BN mismatch {r.mismatch:.3f})"
+    assert probes_label("noise", noise) == "noise (3 images)"
+    _, rep = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=2,
+                                    probe_tolerance=10.0, progress=False)
+    assert rep.probes == probes_label("distilled", r) and "2 steps" in rep.summary()
+    _, rep3 = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=3,
+                                     probe_tolerance=10.0, progress=False)
+    assert rep3.probes != rep.probes and "3 steps" in rep3.probes

@@ -166,16 +166,16 @@ def test_low_quantizer_is_an_explicit_choice(net):
 
 
 def test_probes_are_made_once_per_network_and_seed(net, monkeypatch):
-    """The probe cache: same network, kind, n and seed -> one call of probe_inputs; any change -> a new one."""
+    """The probe cache: same network, kind, n and seed -> one call of make_probes; any change -> a new one."""
     import dfmpc.pipeline as pipeline
     calls = []
-    real = pipeline.probe_inputs
+    real = pipeline.make_probes
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "probe_inputs", counting)
+    monkeypatch.setattr(pipeline, "make_probes", counting)
     monkeypatch.setattr(pipeline, "_PROBE_CACHE", {})
     for comp in ("none", "dfmpc"):
         quantize_network(net, recalibration="sequential", probes="noise", probe_images=4, compensation=comp)

@@ -121,14 +121,15 @@ def cmd_demo(a) -> dict:
     q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": "absorb"})
     row("no_compensation", f"MP{a.low}/{a.high} without compensation (absorb, c = 1)", q)
     if a.recalibration == "sequential":          # make the probes once, for both sequential rows
-        from .pipeline import DEFAULT_PROBE_IMAGES
-        from .probes import probe_inputs
+        from .pipeline import DEFAULT_PROBE_IMAGES, probes_label
+        from .probes import make_probes
         t0 = time.perf_counter()
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
-        kw["probes"] = probe_inputs(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False,
-                                    iterations=a.probe_iterations, tolerance=kw["probe_tolerance"])
+        made = make_probes(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False,
+                           iterations=a.probe_iterations, tolerance=kw["probe_tolerance"])
+        kw["probes"] = made.x
         out["probe_seconds"] = time.perf_counter() - t0
-        out["probes"] = f"{a.probes} ({len(kw['probes'])} images)"
+        out["probes"] = probes_label(a.probes, made)
         if show:
             print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")

@@ -35,7 +35,7 @@ from .compensation import closed_form, fold_into_bn, quadratic_coefficients, sca
 from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
-from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_TOLERANCE, PROBE_KINDS, probe_inputs,
+from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_TOLERANCE, PROBE_KINDS, make_probes,
                      unmeasured_convs)
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
@@ -314,23 +314,33 @@ def _check_calibration(x, why):
 
 def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress, iterations=DEFAULT_ITERATIONS,
                   tolerance=DEFAULT_TOLERANCE):
-    """The sequential mode's inputs: ``probes`` is a kind of :func:`dfmpc.probes.probe_inputs` or an array."""
+    """The sequential mode's inputs and their label for reports: ``probes`` is a kind of
+    :func:`dfmpc.probes.make_probes` or an array of images."""
     if isinstance(probes, np.ndarray):
         if probes.dtype != np.float32 or probes.ndim != 4 or len(probes) == 0:
             raise ValueError(f"probes: expected a kind name or a non-empty float32 array (N, C, H, W), "
                              f"got {probes.dtype} {probes.shape}")
-        return probes
+        return probes, f"given ({len(probes)} images)"
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
     n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
     key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance)))   # any value hashes
     if key not in _PROBE_CACHE:
-        x = probe_inputs(fp, n=n, kind=probes, seed=seed, progress=progress, iterations=iterations,
-                         tolerance=tolerance)                   # validates every argument first
+        made = make_probes(fp, n=n, kind=probes, seed=seed, progress=progress, iterations=iterations,
+                           tolerance=tolerance)                 # validates every argument first
         if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
             _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))          # oldest first
-        _PROBE_CACHE[key] = x
-    return _PROBE_CACHE[key].copy()
+        _PROBE_CACHE[key] = made
+    made = _PROBE_CACHE[key]
+    return made.x.copy(), probes_label(probes, made)
+
+
+def probes_label(kind: str, made) -> str:
+    """How probes were made, for reports: ``"noise (256 images)"``, ``"distilled (8 images, 800 steps,
+    BN mismatch 0.080)"`` (``made``: a :class:`dfmpc.probes.DistillationResult`)."""
+    if made.mismatch is None:
+        return f"{kind} ({len(made.x)} images)"
+    return f"{kind} ({len(made.x)} images, {made.iterations} steps, BN mismatch {made.mismatch:.3f})"
 
 
 #: Probes are a pure function of (network, kind, n, seed, iterations, tolerance): the last few are kept in memory, so quantizing
@@ -458,14 +468,14 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(
         W, bits, low_quantizer if name in pairing.low else "auto"))
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
-    probe_x = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations, probe_tolerance) \
-        if recalibration == "sequential" else None
+    probe_x, probes_made = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations,
+                                         probe_tolerance) if recalibration == "sequential" else (None, None)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
                                 unpaired=list(pairing.unpaired), why_unpaired=dict(pairing.why_unpaired),
                                 rejected=list(pairing.rejected),
-                                probes=_probes_label(recalibration, probes, probe_x))
+                                probes=probes_made)
     for site in recalibration_sites(fp, g):               # topological order: each site sees the ones before it
         bn_hat = RECALIBRATION_MODES[recalibration](ctx, site)                            # 3. re-calibrate
         pair = pairing.pair_of_low(site.conv)
@@ -479,13 +489,6 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         write_bn(g, site.bn_node, bn_hat)
     report.seconds = time.perf_counter() - t0
     return g, report
-
-
-def _probes_label(recalibration, probes, probe_x):
-    if recalibration != "sequential":
-        return None
-    kind = "given" if isinstance(probes, np.ndarray) else probes
-    return f"{kind} ({len(probe_x)} images)"
 
 
 def _oracle_inputs(fp: Graph, pairing: Pairing, x) -> dict:

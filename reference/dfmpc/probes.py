@@ -44,7 +44,7 @@ from .autodiff import AffineSeed, Program, _affine_rows, input_gradient
 from .engine.graph import Graph
 
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
-           "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch",
+           "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
@@ -276,13 +276,7 @@ def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None)
         ``x`` not a non-empty float32 (N, C, H, W) array, or the graph has no BN node or an op
         without a forward rule before its last BN.
     """
-    _check_graph(graph)
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    targets = bn_targets(graph)
-    if not targets:
-        raise ValueError("graph: has no BatchNormalization node, nothing to match")
+    targets = _checked_targets(graph, x)
     return _loss_and_grad(graph, targets, x, grad=False)[0]
 
 
@@ -319,13 +313,7 @@ def bn_mismatch(graph: Graph, x: np.ndarray) -> float:
     >>> bn_mismatch(g, x) > bn_mismatch(g, distill(g, x).x)                                # doctest: +SKIP
     True
     """
-    _check_graph(graph)
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    targets = bn_targets(graph)
-    if not targets:
-        raise ValueError("graph: has no BatchNormalization node to compare with")
+    targets = _checked_targets(graph, x)
     name = graph.inputs[0]
     inner = [t.tensor for t in targets if t.tensor != name]
     values = Program(graph, list(dict.fromkeys(inner))).record(x).values if inner else {}
@@ -336,6 +324,18 @@ def bn_mismatch(graph: Graph, x: np.ndarray) -> float:
         s_b = np.sqrt(np.mean((r - mu_b) ** 2, axis=0) + t.eps)                                 # (D.2)
         e.append(np.mean(((mu_b - t.mu) / t.sigma) ** 2 + ((s_b - t.sigma) / t.sigma) ** 2))   # (D.5)
     return float(np.sqrt(np.mean(e)))
+
+
+def _checked_targets(graph, x) -> list[BNTarget]:
+    """The BN targets of ``graph``, after checking the graph and a batch ``x`` (N, C, H, W) float32."""
+    _check_graph(graph)
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    targets = bn_targets(graph)
+    if not targets:
+        raise ValueError("graph: has no BatchNormalization node, nothing to match")
+    return targets
 
 
 def _check_graph(graph):
@@ -528,11 +528,13 @@ def distill_to_tolerance(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT
 
 
 @unmeasured_convs
-def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
-                 iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, batch_size: int | None = None,
-                 input_shape=None, progress: bool | None = None,
-                 tolerance: float | None = DEFAULT_TOLERANCE) -> np.ndarray:
-    """Probe images for the sequential re-calibration, made from the network alone (no data).
+def make_probes(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
+                iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, batch_size: int | None = None,
+                input_shape=None, progress: bool | None = None,
+                tolerance: float | None = DEFAULT_TOLERANCE) -> DistillationResult:
+    """Probe images for the sequential re-calibration, made from the network alone (no data), with
+    how they were made (:class:`DistillationResult`: ``x``, and for ``distilled`` the steps of the run
+    kept, its mismatch D.5 and the budgets tried). :func:`probe_inputs` returns only the images.
 
     Parameters
     ----------
@@ -566,7 +568,8 @@ def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, see
 
     Returns
     -------
-    ndarray, shape (n, C, H, W), float32
+    DistillationResult
+        ``x`` of shape (n, C, H, W), float32. ``noise``: ``iterations`` 0 and no loss history.
 
     Raises
     ------
@@ -583,6 +586,14 @@ def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, see
     shape = _input_shape(graph, input_shape)
     x0 = np.random.default_rng(seed).standard_normal((n,) + shape, dtype=np.float32)
     if kind == "noise":
-        return x0
+        return DistillationResult(x0, iterations=0)
     return distill_to_tolerance(graph, x0, iterations=iterations, tolerance=tolerance, lr=lr,
-                                batch_size=batch_size, progress=progress).x
+                                batch_size=batch_size, progress=progress)
+
+
+def probe_inputs(graph: Graph, n: int = DEFAULT_N, kind: str = DEFAULT_KIND, seed: int = 0,
+                 iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, batch_size: int | None = None,
+                 input_shape=None, progress: bool | None = None,
+                 tolerance: float | None = DEFAULT_TOLERANCE) -> np.ndarray:
+    """The images of :func:`make_probes` (same arguments): ndarray (n, C, H, W) float32."""
+    return make_probes(graph, n, kind, seed, iterations, lr, batch_size, input_shape, progress, tolerance).x
