@@ -10,12 +10,13 @@ import dfmpc.baselines.ocs
 import dfmpc.baselines.rtn
 import dfmpc.compensation
 import dfmpc.pairing
+import dfmpc.probes
 import dfmpc.quantizers
 import dfmpc.reconstruction
 
 
 @pytest.mark.parametrize("module", [dfmpc.quantizers, dfmpc.compensation, dfmpc.reconstruction, dfmpc.pairing,
-                                    dfmpc.baselines.rtn, dfmpc.baselines.ocs],
+                                    dfmpc.baselines.rtn, dfmpc.baselines.ocs, dfmpc.probes],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
