@@ -54,7 +54,8 @@ DEFAULT_KIND = "distilled"
 #: longer give better re-calibrated accuracy (the bottleneck ResNet, ratio re-calibration: 32 x 30 -> 78.2%,
 #: 16 x 60 -> 83.1%, 8 x 100 -> 84.7%, 8 x 200 -> 87.5%; real images 87.5%). 8 x 200 is the default: the
 #: first budget at which the bottleneck net is within a point of real-image probes; one setting for every
-#: model (never tuned per model). Its time is measured in benchmarks/probes.py.
+#: model (never tuned per model). Its time is measured in benchmarks/probes.py. It is the first budget:
+#: distill_to_tolerance doubles it while the probes miss DEFAULT_TOLERANCE (D.5).
 DEFAULT_N = 8
 DEFAULT_ITERATIONS = 200
 DEFAULT_LR = 0.25
@@ -492,7 +493,11 @@ def distill_to_tolerance(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT
 
     Parameters
     ----------
-    graph, x0, lr, batch_size, progress
+    graph : Graph
+        Full-precision network with BatchNormalization nodes; one input. Not modified.
+    x0 : ndarray, shape (N, C, H, W), float32
+        Starting images (not modified); every run starts from them.
+    lr, batch_size, progress
         As for :func:`distill`.
     iterations : int >= 0
         The first budget (Adam steps).

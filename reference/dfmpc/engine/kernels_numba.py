@@ -385,7 +385,7 @@ def pad_nhwc(x, pt, pl, out):
         Written, not read.
 
     Twin: ``np.pad(x, ((0, 0), (pt, Hp - pt - H), (pl, Wp - pl - W), (0, 0)))``
-    (``tests/test_engine_kernels.py``).
+    (``tests/test_engine_arena.py::test_pad_nhwc_equals_np_pad``).
     """
     n_img, h, w, c = x.shape
     hp, wp = out.shape[1], out.shape[2]
