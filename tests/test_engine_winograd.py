@@ -23,7 +23,7 @@ from dfmpc import conv2d as reference_conv2d
 from dfmpc.engine import conv as conv_module
 from dfmpc.engine import kernel_choice, winograd
 from dfmpc.engine.conv import conv2d_f32
-from dfmpc.engine.reference_kernels import winograd_conv_loops
+from dfmpc.engine.reference_kernels import winograd_conv_loops, winograd_f43_input_f32, winograd_f43_output_f32
 
 #: allowed error relative to S = max sum |w||x| (see the module docstring), per tile size m
 REL_TOL = {2: 1e-6, 4: 1e-5}
@@ -77,6 +77,38 @@ def test_winograd_conv_matches_twins(case):
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), np.maximum(twin, 0) if relu else twin, atol=tol, rtol=0)
     split = winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, block=block or 1, pool=conv_module._pool())
     np.testing.assert_array_equal(split, winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, block=block or 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([3, 16, 72]), st.sampled_from([5, 16, 96]), st.integers(1, 2), st.integers(1, 9),
+       st.integers(1, 9), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_f43_transforms_equal_their_float32_twins(c, o, n, oh, ow, relu, with_res, seed):
+    """The channel-vectorised F(4x4, 3x3) transform kernels give the same bits as whole-array float32
+    NumPy twins with the same order of operations, with channel counts that take one pass (3, 16),
+    several passes of a divisor of C (72: 2 x 36; 96: 2 x 48), edge tiles, bias, residual, ReLU, and a
+    tile range that starts inside the batch; negative control: a wrong twin is caught."""
+    rng = np.random.default_rng(seed)
+    th, tw = winograd.tile_counts(oh, ow, 4)
+    xp = rng.normal(size=(n, 4 * th + 2, 4 * tw + 2, c)).astype(np.float32)
+    n_t = n * th * tw
+    t0 = n_t // 3
+    v = np.full((n_t - t0, 36, c), np.nan, np.float32)
+    winograd.input_kernel(4, c)(xp.reshape(-1), xp.shape, th, tw, t0, n_t, v.reshape(-1))
+    want_v = winograd_f43_input_f32(xp, th, tw)
+    np.testing.assert_array_equal(v, want_v[t0:])
+    M = rng.normal(size=(n_t, 36, o)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    res = rng.normal(size=(n, oh, ow, o)).astype(np.float32) if with_res else None
+    out = np.zeros((n, oh, ow, o), np.float32)
+    kout = winograd.output_kernel(4, o)
+    kout(M[:t0].reshape(-1), th, tw, 0, t0, (oh, ow), b, np.empty(0, np.float32) if res is None else res.reshape(-1),
+         relu, out.reshape(-1))
+    kout(M[t0:].reshape(-1), th, tw, t0, n_t, (oh, ow), b,
+         np.empty(0, np.float32) if res is None else res.reshape(-1), relu, out.reshape(-1))
+    want = winograd_f43_output_f32(M, n, th, tw, (oh, ow), b, res, relu)
+    np.testing.assert_array_equal(out, want)
+    wrong = winograd_f43_output_f32(M[:, ::-1], n, th, tw, (oh, ow), b, res, relu)   # grid points reversed
+    assert not np.array_equal(out, wrong)
 
 
 def test_winograd_twin_is_the_convolution():

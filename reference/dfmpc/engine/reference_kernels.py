@@ -191,3 +191,80 @@ def conv_blocked_loops(xf, shape, wb, taps, strides, out_hw, bias=None, relu=Fal
                 acc += float(res[p, o])
             out[p, o] = max(acc, 0.0) if relu else acc
     return out
+
+
+def _bt6_f32(d):
+    """B^T d of F(4x4, 3x3) for a column ``d`` of 6 float32 arrays, in the order of operations of
+    :func:`dfmpc.engine.winograd._bt6` (so float32 results are bit for bit the same)."""
+    d0, d1, d2, d3, d4, d5 = d
+    f4, f5, f2 = np.float32(4), np.float32(5), np.float32(2)
+    return [f4 * d0 - f5 * d2 + d4, d3 + d4 - f4 * (d1 + d2), d4 - d3 + f4 * (d1 - d2),
+            d4 - d2 + f2 * (d3 - d1), d4 - d2 - f2 * (d3 - d1), f4 * d1 - f5 * d3 + d5]
+
+
+def _at6_f32(m):
+    """A^T m of F(4x4, 3x3), in the order of operations of :func:`dfmpc.engine.winograd._at6`."""
+    m0, m1, m2, m3, m4, m5 = m
+    a, b, c, d = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return [m0 + a + c, b + np.float32(2) * d, a + np.float32(4) * c, b + np.float32(8) * d + m5]
+
+
+def winograd_f43_input_f32(xp, th, tw):
+    """F(4x4, 3x3) input transform of every tile by whole-array float32 NumPy operations (twin of
+    :func:`dfmpc.engine.winograd.input_kernel` ``(4, C)``, same order of operations: equal bits).
+
+    Parameters
+    ----------
+    xp : ndarray, shape (N, Hp, Wp, C), float32
+        Padded NHWC input, ``Hp >= 4*th + 2``, ``Wp >= 4*tw + 2``.
+    th, tw : int
+        Tiles per image along each axis.
+
+    Returns
+    -------
+    ndarray, shape (N*th*tw, 36, C), float32
+        ``V[t, 6*k + l, c] = (B^T d B)[k, l]`` with ``d`` tile ``t``'s 6 x 6 input of channel ``c``.
+    """
+    n, c = xp.shape[0], xp.shape[3]
+    d = np.empty((n, th, tw, 6, 6, c), np.float32)             # d[n, ty, tx, i, j, c]
+    for i in range(6):
+        for j in range(6):
+            d[:, :, :, i, j] = xp[:, i:i + 4 * th:4, j:j + 4 * tw:4]
+    s = _bt6_f32([d[:, :, :, i] for i in range(6)])            # (B^T d)[k] over (n, ty, tx, j, c)
+    v = [_bt6_f32([s[k][:, :, :, j] for j in range(6)]) for k in range(6)]
+    return np.stack([v[k][l] for k in range(6) for l in range(6)], axis=3).reshape(n * th * tw, 36, c)
+
+
+def winograd_f43_output_f32(M, n, th, tw, out_hw, bias, res=None, relu=False):
+    """F(4x4, 3x3) output transform with the epilogue, by whole-array float32 NumPy operations (twin
+    of :func:`dfmpc.engine.winograd.output_kernel` ``(4, O)``, same order of operations: equal bits).
+
+    Parameters
+    ----------
+    M : ndarray, shape (n*th*tw, 36, O), float32
+        The products, a 6 x 6 grid per tile.
+    n, th, tw : int
+        Images and tiles per image along each axis.
+    out_hw : (int, int)
+    bias : ndarray, shape (O,), float32
+    res : ndarray, shape (n, oh, ow, O), float32, optional
+    relu : bool
+
+    Returns
+    -------
+    ndarray, shape (n, oh, ow, O), float32
+        ``act((A^T M A) + bias (+ res))``, tiles cropped to ``oh x ow``.
+    """
+    oh, ow = out_hw
+    o = M.shape[2]
+    g = M.reshape(n, th, tw, 6, 6, o)
+    s = _at6_f32([g[:, :, :, k] for k in range(6)])            # (A^T M)[i] over (n, ty, tx, j, O)
+    y = np.empty((n, th, 4, tw, 4, o), np.float32)
+    for i in range(4):
+        row = _at6_f32([s[i][:, :, :, j] for j in range(6)])
+        for j in range(4):
+            y[:, :, i, :, j] = row[j]
+    y = y.reshape(n, th * 4, tw * 4, o)[:, :oh, :ow] + np.asarray(bias, np.float32)
+    if res is not None:
+        y = y + res
+    return np.maximum(y, np.float32(0)) if relu else y

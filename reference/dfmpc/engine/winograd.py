@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import numba
 import numpy as np
 from numba import njit
 
+from .blocked import _stack_f32
 from .kernels_numba import padded
 
 #: B^T, G, A^T of F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.1 and 4.2),
@@ -205,34 +207,64 @@ def output_kernel(m: int, o: int):
     return _kernel(("out", m, o), _output_f23 if m == 2 else _output_f43, o)
 
 
+def _channel_block(c: int) -> int:
+    """Channels per pass of the F(4x4, 3x3) transforms: the largest divisor of ``c`` up to 64 (their
+    intermediate ``c_block x 36`` values live in a fixed stack buffer)."""
+    return max(d for d in range(1, min(c, 64) + 1) if c % d == 0)
+
+
+@njit(inline="always")
+def _bt6_store(d0, d1, d2, d3, d4, d5, dst, i, step):
+    """``dst[i + k*step] = (B^T d)[k]`` for one column ``d`` of 6 (F(4x4, 3x3)); the same
+    expressions as :func:`_bt6`."""
+    dst[i] = np.float32(4) * d0 - np.float32(5) * d2 + d4
+    dst[i + step] = d3 + d4 - np.float32(4) * (d1 + d2)
+    dst[i + 2 * step] = d4 - d3 + np.float32(4) * (d1 - d2)
+    dst[i + 3 * step] = d4 - d2 + np.float32(2) * (d3 - d1)
+    dst[i + 4 * step] = d4 - d2 - np.float32(2) * (d3 - d1)
+    dst[i + 5 * step] = np.float32(4) * d1 - np.float32(5) * d3 + d5
+
+
 def _input_f43(C):
     """F(4x4, 3x3) input transform for C channels:
     ``kernel(xf, shape, th, tw, t0, t1, vf)`` sets ``vf[q, 6*k + l, c] = (B^T d B)[k, l]`` for
     the tiles ``t = t0 + q < t1``, where ``d = xp[n, 4*ty : 4*ty + 6, 4*tx : 4*tx + 6, c]`` and
-    ``xp`` (shape ``(N, Hp, Wp, C)``, ``Hp >= 4*th + 2``, ``Wp >= 4*tw + 2``) is ``xf`` reshaped."""
+    ``xp`` (shape ``(N, Hp, Wp, C)``, ``Hp >= 4*th + 2``, ``Wp >= 4*tw + 2``) is ``xf`` reshaped.
+
+    Vectorised over the channels by LLVM's loop vectoriser (Numba leaves its SLP vectoriser off):
+    the innermost loops run over :func:`_channel_block` channels and write either a stack buffer
+    (``B^T d``, which cannot alias the arrays) or one output array at constant distances (C is a
+    compile-time constant), so no run-time overlap checks are needed.  The expressions and their
+    order are those of :func:`_bt6`, so the bits are those of a scalar loop.  On a 2-core Zen 3
+    (AVX2, one thread), 16 channels at 28 x 28, 64 images: 1.3-1.5 ms instead of 3.0 ms for a
+    scalar-compiled kernel (the 32- and 64-channel shapes were vectorised before and are unchanged).
+    """
+    CB = _channel_block(C)
+
     @njit(cache=True, nogil=True, boundscheck=False)
     def kernel(xf, shape, th, tw, t0, t1, vf):
         hp, wp = shape[1], shape[2]
-        rs, run, a2c = wp * C, 6 * C, 36 * C
-        s = np.empty(a2c, np.float32)                      # B^T d, order (k, j, c)
+        rs, a2c = wp * C, 36 * C
+        s = numba.carray(_stack_f32(2304), (2304,))          # B^T d, order (k, j, c), <= 36 * 64
         for q in range(t1 - t0):
             n, y, x = _tile_origin(t0 + q, th, tw, 4)
             b = ((n * hp + y) * wp + x) * C
-            r0, r1, r2 = xf[b:b + run], xf[b + rs:b + rs + run], xf[b + 2 * rs:b + 2 * rs + run]
-            r3, r4, r5 = xf[b + 3 * rs:b + 3 * rs + run], xf[b + 4 * rs:b + 4 * rs + run], xf[b + 5 * rs:b + 5 * rs + run]
-            for j in range(6):                             # columns: B^T d[:, j]
-                for c in range(C):
-                    u = j * C + c
-                    t = _bt6((r0[u], r1[u], r2[u], r3[u], r4[u], r5[u]))
-                    for k in range(6):
-                        s[(6 * k + j) * C + c] = t[k]
             v = vf[q * a2c:(q + 1) * a2c]
-            for k in range(6):                             # rows: (B^T d)[k, :] B
-                w = s[6 * k * C:6 * (k + 1) * C]
-                for c in range(C):
-                    t = _bt6((w[c], w[C + c], w[2 * C + c], w[3 * C + c], w[4 * C + c], w[5 * C + c]))
-                    for l in range(6):
-                        v[(6 * k + l) * C + c] = t[l]
+            for c0 in range(0, C, CB):
+                e = b + c0                                    # rows of the tile, from channel c0
+                r0, r1, r2 = xf[e:e + 6 * C], xf[e + rs:e + rs + 6 * C], xf[e + 2 * rs:e + 2 * rs + 6 * C]
+                r3, r4 = xf[e + 3 * rs:e + 3 * rs + 6 * C], xf[e + 4 * rs:e + 4 * rs + 6 * C]
+                r5 = xf[e + 5 * rs:e + 5 * rs + 6 * C]
+                for j in range(6):                            # columns: B^T d[:, j]
+                    for c in range(CB):
+                        u = j * C + c
+                        _bt6_store(r0[u], r1[u], r2[u], r3[u], r4[u], r5[u], s, j * CB + c, 6 * CB)
+                for k in range(6):                            # rows: (B^T d)[k, :] B
+                    dst = v[6 * k * C + c0:6 * k * C + c0 + 6 * C]
+                    for c in range(CB):
+                        w = 6 * k * CB + c
+                        _bt6_store(s[w], s[w + CB], s[w + 2 * CB], s[w + 3 * CB], s[w + 4 * CB],
+                                   s[w + 5 * CB], dst, c, C)
     return kernel
 
 
@@ -271,53 +303,77 @@ def _output_f43(O):
     ``t = t0 + q < t1``, ``out[n, 4*ty + i, 4*tx + j, o] = act((A^T M A)[i, j] + bias[o] (+ res))``
     with ``M = mf[q, :, o]`` as a 6 x 6 grid; ``out`` and ``res`` are flat NHWC of shape
     ``(N, oh, ow, O)`` (``res`` empty: no residual), ``out_hw = (oh, ow)``; pixels beyond
-    ``oh, ow`` are not written."""
+    ``oh, ow`` are not written.
+
+    Vectorised over the channels as :func:`_input_f43` (``A^T M`` in a stack buffer); the
+    expressions and their order are those of :func:`_at6` and the epilogue
+    ``act(t + bias (+ res))``, so the bits are those of a scalar loop.  2-core Zen 3, one thread,
+    16 channels at 28 x 28, 64 images: 1.6-1.7 ms instead of 3.1 ms.
+    """
+    OB = _channel_block(O)
+
     @njit(cache=True, nogil=True, boundscheck=False)
     def kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out):
         oh, ow = out_hw
         a2o = 36 * O
-        s = np.empty(24 * O, np.float32)                   # A^T M, order (i, j, o)
-        e = np.empty(16 * O, np.float32)                   # one edge tile's outputs
+        s = numba.carray(_stack_f32(1536), (1536,))          # A^T M, order (i, j, o), <= 24 * 64
+        e = numba.carray(_stack_f32(1024), (1024,))          # an edge tile's outputs, <= 16 * 64
         for q in range(t1 - t0):
             n, y, x = _tile_origin(t0 + q, th, tw, 4)
             mq = mf[q * a2o:(q + 1) * a2o]
-            for j in range(6):                             # columns: A^T M[:, j]
-                for o in range(O):
-                    t = _at6((mq[j * O + o], mq[(6 + j) * O + o], mq[(12 + j) * O + o],
-                              mq[(18 + j) * O + o], mq[(24 + j) * O + o], mq[(30 + j) * O + o]))
-                    for i in range(4):
-                        s[(6 * i + j) * O + o] = t[i]
             full = y + 4 <= oh and x + 4 <= ow
-            for i in range(4):                             # rows: (A^T M)[i, :] A
-                w = s[6 * i * O:6 * (i + 1) * O]
-                if full:
-                    b = ((n * oh + y + i) * ow + x) * O
-                    dst = out[b:b + 4 * O]
-                    if res.size == 0:
-                        for o in range(O):
-                            t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
-                            for j in range(4):
-                                dst[j * O + o] = _act(t[j] + bias[o], relu)
+            for o0 in range(0, O, OB):
+                for j in range(6):                            # columns: A^T M[:, j]
+                    mj = mq[j * O + o0:j * O + o0 + 30 * O + OB]
+                    for o in range(OB):
+                        u0, u1, u2, u3 = _at6((mj[o], mj[6 * O + o], mj[12 * O + o], mj[18 * O + o],
+                                               mj[24 * O + o], mj[30 * O + o]))
+                        s[j * OB + o] = u0
+                        s[(6 + j) * OB + o] = u1
+                        s[(12 + j) * OB + o] = u2
+                        s[(18 + j) * OB + o] = u3
+                bb = bias[o0:o0 + OB]
+                for i in range(4):                            # rows: (A^T M)[i, :] A
+                    if full:
+                        ob = ((n * oh + y + i) * ow + x) * O + o0
+                        dst = out[ob:ob + 3 * O + OB]
+                        if res.size == 0:
+                            for o in range(OB):
+                                w = 6 * i * OB + o
+                                u0, u1, u2, u3 = _at6((s[w], s[w + OB], s[w + 2 * OB], s[w + 3 * OB],
+                                                       s[w + 4 * OB], s[w + 5 * OB]))
+                                dst[o] = _act(u0 + bb[o], relu)
+                                dst[O + o] = _act(u1 + bb[o], relu)
+                                dst[2 * O + o] = _act(u2 + bb[o], relu)
+                                dst[3 * O + o] = _act(u3 + bb[o], relu)
+                        else:
+                            rr = res[ob:ob + 3 * O + OB]
+                            for o in range(OB):
+                                w = 6 * i * OB + o
+                                u0, u1, u2, u3 = _at6((s[w], s[w + OB], s[w + 2 * OB], s[w + 3 * OB],
+                                                       s[w + 4 * OB], s[w + 5 * OB]))
+                                dst[o] = _act(u0 + bb[o] + rr[o], relu)
+                                dst[O + o] = _act(u1 + bb[o] + rr[O + o], relu)
+                                dst[2 * O + o] = _act(u2 + bb[o] + rr[2 * O + o], relu)
+                                dst[3 * O + o] = _act(u3 + bb[o] + rr[3 * O + o], relu)
                     else:
-                        rr = res[b:b + 4 * O]
-                        for o in range(O):
-                            t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
-                            for j in range(4):
-                                dst[j * O + o] = _act(t[j] + bias[o] + rr[j * O + o], relu)
-                else:
-                    for o in range(O):
-                        t = _at6((w[o], w[O + o], w[2 * O + o], w[3 * O + o], w[4 * O + o], w[5 * O + o]))
-                        for j in range(4):
-                            e[(4 * i + j) * O + o] = t[j]
-            if not full:
-                for i in range(min(4, oh - y)):
-                    for j in range(min(4, ow - x)):
-                        b = ((n * oh + y + i) * ow + x + j) * O
-                        for o in range(O):
-                            v = e[(4 * i + j) * O + o] + bias[o]
-                            if res.size:
-                                v += res[b + o]
-                            out[b + o] = _act(v, relu)
+                        for o in range(OB):
+                            w = 6 * i * OB + o
+                            u0, u1, u2, u3 = _at6((s[w], s[w + OB], s[w + 2 * OB], s[w + 3 * OB],
+                                                   s[w + 4 * OB], s[w + 5 * OB]))
+                            e[4 * i * OB + o] = u0
+                            e[(4 * i + 1) * OB + o] = u1
+                            e[(4 * i + 2) * OB + o] = u2
+                            e[(4 * i + 3) * OB + o] = u3
+                if not full:
+                    for i in range(min(4, oh - y)):
+                        for j in range(min(4, ow - x)):
+                            ob = ((n * oh + y + i) * ow + x + j) * O + o0
+                            for o in range(OB):
+                                v = e[(4 * i + j) * OB + o] + bb[o]
+                                if res.size:
+                                    v += res[ob + o]
+                                out[ob + o] = _act(v, relu)
     return kernel
 
 
