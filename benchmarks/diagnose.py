@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""How well the data-free re-calibration predicts each BN's variance, on every zoo model (issue 15's gauge).
+
+For each zoo model and bit setting it runs :func:`dfmpc.diagnose.diagnose` as ``dfmpc diagnose`` does
+(the model's default re-calibration, c = 1) and records, over the re-calibrated BNs, the median and
+maximum ``|log(predicted variance / measured variance)|``, measured on the first ``--images`` shipped
+test images in the quantized network, beside the FP floor (the same figure for the full-precision
+network's trained statistics on those images, which no re-calibration can be expected to beat). The
+per-layer log ratios are kept in the JSON.
+
+Usage::
+
+    python benchmarks/diagnose.py                          # all zoo models at MP2/6; rewrites the README table
+    python benchmarks/diagnose.py --models resnet20 --settings 2/6,3/6 --no-readme
+    python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
+
+Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dfmpc.diagnose import diagnose
+from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
+from dfmpc.interop._atomic import write_atomically
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
+#: the issue's targets for the variance prediction (median, max |log ratio| over layers)
+TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
+
+
+def run(model: str, setting: str, images, recalibration: str) -> dict:
+    """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
+    lo, hi = map(int, setting.split("/"))
+    t0 = time.perf_counter()
+    d = diagnose(load_zoo_model(model), images, lo, hi, recalibration=recalibration, compensation="none",
+                 progress=False)
+    return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
+            "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
+            "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers}}
+
+
+def merge(new_rows: list[dict]) -> list[dict]:
+    """New rows replace the saved ones of the same model, setting and mode; the rest are kept."""
+    path = RESULTS / "diagnose.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = lambda r: (r["model"], r["setting"], r["recalibration"])
+    fresh = {key(r) for r in new_rows}
+    rows = [r for r in old if key(r) not in fresh] + new_rows
+    order = {m: i for i, m in enumerate(zoo_manifest())}
+    return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["setting"], r["recalibration"]))
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per model, setting and mode; a figure past the issue's target is marked."""
+    mark = lambda v, t: f"{v:.3f}" + ("" if v <= t else " ✗")
+    lines = ["| model | MP | re-calibration (probes) | BNs | median \\|log ratio\\| | max \\|log ratio\\| "
+             "| FP floor (median / max) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['setting']} | {r['recalibration']} ({r['probes'] or '-'}) | {r['layers']} "
+                     f"| {mark(r['median_abs_log_ratio'], TARGET_MEDIAN)} | {mark(r['max_abs_log_ratio'], TARGET_MAX)} "
+                     f"| {r['median_abs_log_ratio_trained']:.3f} / {r['max_abs_log_ratio_trained']:.3f} |")
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    start, end = MARKERS
+    if start not in s or end not in s:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    before, rest = s.split(start, 1)
+    _, after = rest.split(end, 1)
+    _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma-separated zoo models (default: all shipped)")
+    p.add_argument("--settings", default="2/6", help="comma-separated low/high bits (default %(default)s)")
+    p.add_argument("--recalibration", default="sequential", choices=("sequential", "analytic", "absorb"))
+    p.add_argument("--images", type=int, default=1000, help="first N shipped test images (default %(default)s)")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
+    a = p.parse_args(argv)
+    if a.images < 1:
+        raise SystemExit(f"--images: expected a positive number of images, got {a.images}")
+    if a.table_only:
+        rows = json.loads((RESULTS / "diagnose.json").read_text())["rows"]
+    else:
+        models = a.models.split(",") if a.models else list(zoo_manifest())
+        unknown = [m for m in models if m not in zoo_manifest()]
+        if unknown:
+            raise SystemExit(f"--models: not zoo models: {unknown}; zoo: {sorted(zoo_manifest())}")
+        x, _ = load_dataset("fashion-mnist")
+        new = []
+        for m in models:
+            for s in a.settings.split(","):
+                r = run(m, s, x[:a.images], a.recalibration)
+                print(f"{m} MP{s} {a.recalibration}: median {r['median_abs_log_ratio']:.3f} max "
+                      f"{r['max_abs_log_ratio']:.3f} (FP floor {r['median_abs_log_ratio_trained']:.3f} / "
+                      f"{r['max_abs_log_ratio_trained']:.3f}; {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                new.append(r)
+        rows = merge(new)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        _atomic_write(RESULTS / "diagnose.json", json.dumps({"rows": rows}, indent=1))
+    md = table(rows)
+    if not a.no_readme:
+        update_readme(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
