@@ -53,7 +53,11 @@ def split():
     return (x[:-N_CAL], y[:-N_CAL]), x[-N_CAL:]
 
 
-def run_model(arch, settings, lambda1, lambda2, log):
+#: the re-calibration columns of the table, in order; ``--modes`` measures a subset
+MODES = ("absorb", "analytic", "sequential", "sequential-noise", "data")
+
+
+def run_model(arch, settings, lambda1, lambda2, log, modes=MODES):
     g = load_zoo_model(arch)
     (xe, ye), cal = split()
     acc = lambda q: accuracy(q, xe, ye, progress=False)
@@ -61,13 +65,15 @@ def run_model(arch, settings, lambda1, lambda2, log):
            "fp32": acc(g), "settings": {}}
     log(f"{arch}: FP32 {100 * row['fp32']:.2f}%")
     probes, row["probe_seconds"] = {}, {}
-    for kind in ("distilled", "noise"):
+    kinds = [k for k, m in (("distilled", "sequential"), ("noise", "sequential-noise")) if m in modes]
+    for kind in kinds:
         t0 = time.perf_counter()
         probes[kind] = probe_inputs(g, n=DEFAULT_PROBE_IMAGES[kind], kind=kind, seed=0, progress=False)
         row["probe_seconds"][kind] = time.perf_counter() - t0
         log(f"  {kind} probes: {len(probes[kind])} images, {row['probe_seconds'][kind]:.1f} s")
-    modes = {"absorb": {}, "analytic": {}, "sequential": {"probes": probes["distilled"]},
-             "sequential-noise": {"recalibration": "sequential", "probes": probes["noise"]}, "data": {}}
+    extras = {"absorb": {}, "analytic": {}, "sequential": {"probes": probes.get("distilled")},
+              "sequential-noise": {"recalibration": "sequential", "probes": probes.get("noise")}, "data": {}}
+    modes = {m: extras[m] for m in MODES if m in modes}
     for s in settings:
         lo, hi = map(int, s.split("/"))
         res = {}
@@ -238,9 +244,12 @@ def merge_results(rows):
     path = RESULTS / "accuracy.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
     merged = {r["model"]: r for r in old.get("rows", [])}
-    for r in rows:
-        kept = merged.get(r["model"], {}).get("settings", {})
-        merged[r["model"]] = {**r, "settings": {**kept, **r["settings"]}}
+    for r in rows:                       # a new run replaces the figures it measured and keeps the others
+        old_row = merged.get(r["model"], {})
+        kept = old_row.get("settings", {})
+        settings = {**kept, **{s: {**kept.get(s, {}), **v} for s, v in r["settings"].items()}}
+        seconds = {**old_row.get("probe_seconds", {}), **r.get("probe_seconds", {})}
+        merged[r["model"]] = {**old_row, **r, "settings": settings, "probe_seconds": seconds}
     out = {"protocol": f"evaluate on Fashion-MNIST test[:-{N_CAL}], calibrate data-aware rows on test[-{N_CAL}:]",
            "rows": [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
                                               if m in zoo_manifest() else 99)]}
@@ -277,6 +286,9 @@ def main(argv=None):
     p.add_argument("--settings", default="2/6,3/6,6/6")
     p.add_argument("--lambda1", type=float, default=0.5)
     p.add_argument("--lambda2", type=float, default=0.0)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated re-calibration columns to measure (default: all); the others keep "
+                        "their saved figures")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--sweep", default=None, metavar="MODEL", help="run the lambda1 x lambda2 sweep on MODEL instead")
     p.add_argument("--eval-images", type=int, default=None, help="sweep: evaluate on the first N held-out images only")
@@ -317,7 +329,10 @@ def main(argv=None):
         return 0
     models = a.models.split(",") if a.models else list(zoo_manifest())
     settings = a.settings.split(",")
-    out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log) for m in models])
+    modes = a.modes.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {a.modes!r}")
+    out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log, modes) for m in models])
     md = table(out["rows"], ["2/6", "3/6", "6/6"])
     if not a.no_readme:
         update_readme(md)

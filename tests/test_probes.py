@@ -25,17 +25,20 @@ def resnet20():
 # ------------------------------------------------------------------------ the loss and its gradient
 
 @settings(max_examples=50)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 4), st.sampled_from([2, 3, 4]))
-def test_stat_loss_gradient_matches_finite_differences(seed, N, C, ndim):
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 4), st.sampled_from([2, 3, 4]),
+       st.sampled_from(["absolute", "relative"]))
+def test_stat_loss_gradient_matches_finite_differences(seed, N, C, ndim, objective):
     """D.2-D.3: the gradient of ||mu_b - mu||^2 + ||s_b - sigma||^2 (biased batch variance over every axis
-    but the channel) against central differences in float64, relative tolerance 1e-6."""
+    but the channel; D.6: each channel's terms weighted by 1 / (C sigma^2)) against central differences in
+    float64, relative tolerance 1e-6."""
     rng = np.random.default_rng(seed)
     shape = (N, C) + (3, 2)[:ndim - 2]
     z = rng.standard_normal(shape) * rng.uniform(0.5, 2) + rng.normal()
     mu, sigma, eps = rng.normal(size=C), rng.uniform(0.2, 2, C), 1e-3
-    loss, g = probes._stat_loss(z, mu, sigma, eps, True)
+    w = probes.channel_weights(sigma, objective)
+    loss, g = probes._stat_loss(z, mu, sigma, eps, True, w=w)
     assert g.shape == z.shape
-    f = lambda y: probes._stat_loss(y, mu, sigma, eps, False)[0]
+    f = lambda y: probes._stat_loss(y, mu, sigma, eps, False, w=w)[0]
     for _ in range(3):
         v = rng.standard_normal(shape)
         fd = (f(z + H_FD * v) - f(z - H_FD * v)) / (2 * H_FD)
@@ -55,6 +58,57 @@ def test_stat_loss_negative_control():
     fd = (f(z + H_FD * v) - f(z - H_FD * v)) / (2 * H_FD)
     assert abs(np.sum(g * v) - fd) <= 1e-6 * np.sum(np.abs(g * v))
     assert abs(np.sum(g_wrong * v) - fd) > 1e-3 * np.sum(np.abs(g * v))
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.floats(-1.0, 1.0), st.floats(-0.5, 0.5), st.floats(0.01, 100))
+def test_relative_objective_is_the_mismatch_in_sigma_units(seed, C, delta, kappa, scale):
+    """D.6 = D.5's per-layer error e_l: a batch whose channel means are off by delta sigma and whose
+    standard deviations are (1 + kappa) sigma has relative loss delta^2 + kappa^2 at any scale of sigma
+    (rel. 1e-9, float64), while D.1's value moves with the scale (negative control)."""
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(0.5, 2.0, C) * scale
+    mu = rng.normal(size=C) * scale
+    u = rng.standard_normal((64, C, 3, 3))
+    u = (u - u.mean(axis=(0, 2, 3), keepdims=True)) / u.std(axis=(0, 2, 3), keepdims=True)   # mean 0, std 1 exactly
+    eps = 0.0                                                  # s_b = the batch std exactly
+    z = (mu + delta * sigma)[None, :, None, None] + ((1 + kappa) * sigma)[None, :, None, None] * u
+    rel = probes._stat_loss(z, mu, sigma, eps, False, w=probes.channel_weights(sigma, "relative"))[0]
+    assert rel == pytest.approx(delta ** 2 + kappa ** 2, rel=1e-9, abs=1e-12)
+    absolute = probes._stat_loss(z, mu, sigma, eps, False, w=probes.channel_weights(sigma, "absolute"))[0]
+    assert absolute == pytest.approx(np.sum(sigma ** 2) * (delta ** 2 + kappa ** 2), rel=1e-9, abs=1e-12)
+
+
+def test_relative_loss_of_a_network_is_its_squared_mismatch_times_the_layers(resnet20):
+    """On ResNet-20, D.6 summed over the BNs equals L * D.5^2 (L = 21 BN layers) plus the input term,
+    on noise and on distilled images (rel. 1e-5: float32 moments against float64); D.1 does not
+    (negative control)."""
+    targets = probes.bn_targets(resnet20)
+    for x in (probes.probe_inputs(resnet20, n=4, kind="noise", seed=0),
+              probes.distill(resnet20, probes.probe_inputs(resnet20, n=4, kind="noise", seed=0), iterations=5).x):
+        x64 = x.astype(np.float64)
+        m, s = x64.mean(axis=(0, 2, 3)), np.sqrt(x64.var(axis=(0, 2, 3)) + probes.INPUT_EPS)
+        s0 = np.sqrt(1 + probes.INPUT_EPS)
+        input_term = np.mean(m ** 2 / s0 ** 2 + (s - s0) ** 2 / s0 ** 2)
+        expected = len(targets) * probes.bn_mismatch(resnet20, x) ** 2 + input_term
+        assert probes.bn_matching_loss(resnet20, x, objective="relative") == pytest.approx(expected, rel=1e-5)
+        assert probes.bn_matching_loss(resnet20, x) != pytest.approx(expected, rel=1e-2)
+
+
+def test_objective_is_checked_and_reaches_make_probes(resnet20):
+    """objective= in make_probes / distill: the default is D.6; an unknown name is refused, naming it."""
+    assert probes.DEFAULT_OBJECTIVE == "relative"
+    a = probes.make_probes(resnet20, n=2, seed=0, iterations=2, tolerance=None)
+    b = probes.distill(resnet20, probes.probe_inputs(resnet20, n=2, kind="noise", seed=0), iterations=2,
+                       objective="relative")
+    np.testing.assert_array_equal(a.x, b.x)
+    c = probes.make_probes(resnet20, n=2, seed=0, iterations=2, tolerance=None, objective="absolute")
+    assert not np.array_equal(a.x, c.x)
+    for call in (lambda: probes.make_probes(resnet20, n=2, iterations=1, objective="zeroq"),
+                 lambda: probes.distill(resnet20, a.x, iterations=1, objective=None),
+                 lambda: probes.bn_matching_loss(resnet20, a.x, objective="D.1")):
+        with pytest.raises(ValueError, match="objective"):
+            call()
 
 
 def test_float32_moments_match_float64():
@@ -150,7 +204,10 @@ def test_distill_history_and_batches(resnet20):
     assert len(r.loss) == 3 and r.x.shape == x0.shape
     r2 = probes.distill(resnet20, x0[:2], iterations=2)
     np.testing.assert_array_equal(r.x[:2], r2.x)
-    assert r2.loss[0] == pytest.approx(probes.bn_matching_loss(resnet20, x0[:2]), rel=1e-6)
+    assert r2.loss[0] == pytest.approx(probes.bn_matching_loss(resnet20, x0[:2], objective="relative"), rel=1e-6)
+    r3 = probes.distill(resnet20, x0[:2], iterations=2, objective="absolute")
+    assert r3.loss[0] == pytest.approx(probes.bn_matching_loss(resnet20, x0[:2]), rel=1e-6)
+    assert not np.array_equal(r3.x, r2.x)                       # the objective is used (negative control)
 
 
 def test_progress_line_only_when_asked(resnet20, capsys):
