@@ -86,7 +86,9 @@ def test_f43_transforms_equal_their_float32_twins(c, o, n, oh, ow, relu, with_re
     """The channel-vectorised F(4x4, 3x3) transform kernels give the same bits as whole-array float32
     NumPy twins with the same order of operations, with channel counts that take one pass (3, 16),
     several passes of a divisor of C (72: 2 x 36; 96: 2 x 48), edge tiles, bias, residual, ReLU, and a
-    tile range that starts inside the batch; negative control: a wrong twin is caught."""
+    tile range that starts inside the batch; the input transform also reading the zero padding in
+    place (an unpadded input, top and left pads of 0-2, tiles reaching past the bottom and right);
+    negative control: a wrong twin is caught."""
     rng = np.random.default_rng(seed)
     th, tw = winograd.tile_counts(oh, ow, 4)
     xp = rng.normal(size=(n, 4 * th + 2, 4 * tw + 2, c)).astype(np.float32)
@@ -96,6 +98,14 @@ def test_f43_transforms_equal_their_float32_twins(c, o, n, oh, ow, relu, with_re
     winograd.input_kernel(4, c)(xp.reshape(-1), xp.shape, th, tw, t0, n_t, v.reshape(-1))
     want_v = winograd_f43_input_f32(xp, th, tw)
     np.testing.assert_array_equal(v, want_v[t0:])
+    if c <= 64:                      # the padding read in place: the input without its zero border
+        pt, pl = 1 + seed % 2, seed // 2 % 2
+        xi = np.ascontiguousarray(xp[:, pt:pt + max(1, 4 * th - 1), pl:pl + max(1, 4 * tw - 2)])
+        xz = np.zeros_like(xp)
+        xz[:, pt:pt + xi.shape[1], pl:pl + xi.shape[2]] = xi
+        v[...] = np.nan
+        winograd.input_kernel(4, c)(xi.reshape(-1), xi.shape, th, tw, t0, n_t, v.reshape(-1), pt, pl)
+        np.testing.assert_array_equal(v, winograd_f43_input_f32(xz, th, tw)[t0:])
     M = rng.normal(size=(n_t, 36, o)).astype(np.float32)
     b = rng.normal(size=o).astype(np.float32)
     res = rng.normal(size=(n, oh, ow, o)).astype(np.float32) if with_res else None

@@ -227,9 +227,13 @@ def _bt6_store(d0, d1, d2, d3, d4, d5, dst, i, step):
 
 def _input_f43(C):
     """F(4x4, 3x3) input transform for C channels:
-    ``kernel(xf, shape, th, tw, t0, t1, vf)`` sets ``vf[q, 6*k + l, c] = (B^T d B)[k, l]`` for
-    the tiles ``t = t0 + q < t1``, where ``d = xp[n, 4*ty : 4*ty + 6, 4*tx : 4*tx + 6, c]`` and
-    ``xp`` (shape ``(N, Hp, Wp, C)``, ``Hp >= 4*th + 2``, ``Wp >= 4*tw + 2``) is ``xf`` reshaped.
+    ``kernel(xf, shape, th, tw, t0, t1, vf, pt=0, pl=0)`` sets ``vf[q, 6*k + l, c] = (B^T d B)[k, l]``
+    for the tiles ``t = t0 + q < t1``, where ``d = xp[n, 4*ty : 4*ty + 6, 4*tx : 4*tx + 6, c]`` and
+    ``xp`` is the input ``xf`` reshaped to ``shape = (N, H, W, C)``, shifted by ``pt`` rows and
+    ``pl`` columns of zeros and extended by zeros below and to the right as far as the tiles
+    reach: the padding is read, not copied (C <= 64; :func:`conv3x3` pads larger C itself and
+    passes ``pt = pl = 0``).  A tile that overlaps the padding is first copied into a stack
+    buffer with its zeros; the others are read in place.
 
     Vectorised over the channels by LLVM's loop vectoriser (Numba leaves its SLP vectoriser off):
     the innermost loops run over :func:`_channel_block` channels and write either a stack buffer
@@ -242,19 +246,41 @@ def _input_f43(C):
     CB = _channel_block(C)
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def kernel(xf, shape, th, tw, t0, t1, vf):
-        hp, wp = shape[1], shape[2]
-        rs, a2c = wp * C, 36 * C
+    def kernel(xf, shape, th, tw, t0, t1, vf, pt=0, pl=0):
+        h, wd = shape[1], shape[2]
+        rs, a2c = wd * C, 36 * C
         s = numba.carray(_stack_f32(2304), (2304,))          # B^T d, order (k, j, c), <= 36 * 64
+        d = numba.carray(_stack_f32(2304), (2304,))          # a border tile, zero-padded, (i, j, c)
         for q in range(t1 - t0):
             n, y, x = _tile_origin(t0 + q, th, tw, 4)
-            b = ((n * hp + y) * wp + x) * C
+            ry, rx = y - pt, x - pl                           # the tile's top-left input pixel
+            inside = ry >= 0 and ry + 6 <= h and rx >= 0 and rx + 6 <= wd
+            if not inside:                                    # copy it, zeros outside the input
+                if 36 * C > 2304:
+                    raise ValueError("xf: a tile reaches into the padding, read in place only up to 64 channels")
+                for i in range(6):
+                    for j in range(6):
+                        dst = d[(6 * i + j) * C:(6 * i + j + 1) * C]
+                        if 0 <= ry + i < h and 0 <= rx + j < wd:
+                            src = xf[((n * h + ry + i) * wd + rx + j) * C:((n * h + ry + i) * wd + rx + j + 1) * C]
+                            for c in range(C):
+                                dst[c] = src[c]
+                        else:
+                            for c in range(C):
+                                dst[c] = np.float32(0)
+            b = ((n * h + ry) * wd + rx) * C
             v = vf[q * a2c:(q + 1) * a2c]
             for c0 in range(0, C, CB):
-                e = b + c0                                    # rows of the tile, from channel c0
-                r0, r1, r2 = xf[e:e + 6 * C], xf[e + rs:e + rs + 6 * C], xf[e + 2 * rs:e + 2 * rs + 6 * C]
-                r3, r4 = xf[e + 3 * rs:e + 3 * rs + 6 * C], xf[e + 4 * rs:e + 4 * rs + 6 * C]
-                r5 = xf[e + 5 * rs:e + 5 * rs + 6 * C]
+                if inside:                                    # rows of the tile, from channel c0
+                    e = b + c0
+                    r0, r1, r2 = xf[e:e + 6 * C], xf[e + rs:e + rs + 6 * C], xf[e + 2 * rs:e + 2 * rs + 6 * C]
+                    r3, r4 = xf[e + 3 * rs:e + 3 * rs + 6 * C], xf[e + 4 * rs:e + 4 * rs + 6 * C]
+                    r5 = xf[e + 5 * rs:e + 5 * rs + 6 * C]
+                else:
+                    e, ds = c0, 6 * C
+                    r0, r1, r2 = d[e:e + 6 * C], d[e + ds:e + ds + 6 * C], d[e + 2 * ds:e + 2 * ds + 6 * C]
+                    r3, r4 = d[e + 3 * ds:e + 3 * ds + 6 * C], d[e + 4 * ds:e + 4 * ds + 6 * C]
+                    r5 = d[e + 5 * ds:e + 5 * ds + 6 * C]
                 for j in range(6):                            # columns: B^T d[:, j]
                     for c in range(CB):
                         u = j * C + c
@@ -475,7 +501,10 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     oh, ow = out_hw
     th, tw = tile_counts(oh, ow, m)
     pt, pl = pads[0], pads[1]
-    xp = padded(xn, pt, pl, th * m + 2, tw * m + 2)   # covers H + pads, and every tile
+    if m == 4 and c <= 64 and xn.flags.c_contiguous:
+        xp, shift = xn, (pt, pl)                      # the F(4x4) input kernel reads the padding
+    else:
+        xp, shift = padded(xn, pt, pl, th * m + 2, tw * m + 2), (0, 0)   # covers H + pads, every tile
     xf = xp.reshape(-1)
     if out is None:
         out = np.empty((n, oh, ow, o), np.float32)
@@ -500,7 +529,10 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
         for t0 in range(t_lo, t_hi, tb):
             t1 = min(t0 + tb, t_hi)
             k = t1 - t0
-            kin(xf, xp.shape, th, tw, t0, t1, vf)
+            if m == 4:
+                kin(xf, xp.shape, th, tw, t0, t1, vf, shift[0], shift[1])
+            else:
+                kin(xf, xp.shape, th, tw, t0, t1, vf)
             with lock:
                 np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
             kout(mf, th, tw, t0, t1, (oh, ow), bias, rf, relu, of)
