@@ -239,9 +239,10 @@ def _input_f43(C):
     the innermost loops run over :func:`_channel_block` channels and write either a stack buffer
     (``B^T d``, which cannot alias the arrays) or one output array at constant distances (C is a
     compile-time constant), so no run-time overlap checks are needed.  The expressions and their
-    order are those of :func:`_bt6`, so the bits are those of a scalar loop.  On a 2-core Zen 3
-    (AVX2, one thread), 16 channels at 28 x 28, 64 images: 1.3-1.5 ms instead of 3.0 ms for a
-    scalar-compiled kernel (the 32- and 64-channel shapes were vectorised before and are unchanged).
+    order are those of :func:`_bt6`, so the bits are those of a scalar loop.  On a 2-core AMD EPYC
+    (AVX2, LLVM ``znver1``; one thread), 16 channels at 28 x 28, 64 images: 1.3-1.5 ms instead of
+    3.0 ms for the scalar-compiled kernel before (the 32- and 64-channel shapes ran about as fast
+    before).
     """
     CB = _channel_block(C)
 
@@ -333,7 +334,7 @@ def _output_f43(O):
 
     Vectorised over the channels as :func:`_input_f43` (``A^T M`` in a stack buffer); the
     expressions and their order are those of :func:`_at6` and the epilogue
-    ``act(t + bias (+ res))``, so the bits are those of a scalar loop.  2-core Zen 3, one thread,
+    ``act(t + bias (+ res))``, so the bits are those of a scalar loop.  Same machine, one thread,
     16 channels at 28 x 28, 64 images: 1.6-1.7 ms instead of 3.1 ms.
     """
     OB = _channel_block(O)
