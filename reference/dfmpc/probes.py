@@ -67,14 +67,15 @@ DEFAULT_LR = 0.25
 #: what distillation minimises: ``relative`` (D.6: every channel's terms in units of its sigma, every BN
 #: layer weighted equally, so the loss is D.5 squared times the number of layers, plus the input term) or
 #: ``absolute`` (ZeroQ's D.1, each layer in its own units). Measured (16_probe_inputs.md, "The objective in
-#: D.5's units"): D.6 reaches the tolerance within the first 200 steps on every zoo model, where D.1 needs
+#: sigma units"): D.6 reaches the tolerance within the first 200 steps on every zoo model, where D.1 needs
 #: 400 and 800 on the MobileNetV2s, and the re-calibrated accuracy is the same or better.
 OBJECTIVES = ("relative", "absolute")
 DEFAULT_OBJECTIVE = "relative"
 #: converged: the probes' BN statistics match the trained ones to 10% of sigma, RMS over channels and BN
 #: layers (D.5, :func:`bn_mismatch`). Measured after the default budget (16_probe_inputs.md, "When to stop"):
-#: 0.055-0.088 on the zoo's ResNets, VGGs and DenseNet, whose probes therefore stay as they were; 0.12 and
-#: 0.16 on the MobileNetV2s, where the 17-block net gains 6.8 points at MP2/6 from the longer budget.
+#: with D.1, 0.055-0.088 on the zoo's ResNets, VGGs and DenseNet, and 0.12 and 0.16 on the MobileNetV2s, where
+#: the 17-block net gained 6.8 points at MP2/6 from the longer budget; with D.6 (the default), 0.030-0.074
+#: on every zoo model, so none needs more than the first budget.
 DEFAULT_TOLERANCE = 0.1
 #: the budget doubles at most until it is this many times the iterations asked for (200 -> 400 -> 800)
 MAX_BUDGET_FACTOR = 4
