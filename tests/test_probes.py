@@ -96,7 +96,8 @@ def test_relative_loss_of_a_network_is_its_squared_mismatch_times_the_layers(res
 
 
 def test_objective_is_checked_and_reaches_make_probes(resnet20):
-    """objective= in make_probes / distill: the default is D.6; an unknown name is refused, naming it."""
+    """objective= in make_probes / distill: the default is D.6; an unknown name is refused, naming it,
+    and channel_weights (D.6's weights) refuses a sigma that is not positive, finite and 1-D."""
     assert probes.DEFAULT_OBJECTIVE == "relative"
     a = probes.make_probes(resnet20, n=2, seed=0, iterations=2, tolerance=None)
     b = probes.distill(resnet20, probes.probe_inputs(resnet20, n=2, kind="noise", seed=0), iterations=2,
@@ -109,6 +110,11 @@ def test_objective_is_checked_and_reaches_make_probes(resnet20):
                  lambda: probes.bn_matching_loss(resnet20, a.x, objective="D.1")):
         with pytest.raises(ValueError, match="objective"):
             call()
+    with pytest.raises(ValueError, match="objective"):
+        probes.channel_weights(np.ones(3), "zeroq")
+    for bad in (np.zeros(2), np.array([1.0, np.nan]), np.ones((2, 2)), np.array([])):
+        with pytest.raises(ValueError, match="sigma"):
+            probes.channel_weights(bad, "relative")
 
 
 def test_float32_moments_match_float64():

@@ -245,16 +245,35 @@ def channel_weights(sigma: np.ndarray, objective: str) -> np.ndarray | float:
     Parameters
     ----------
     sigma : ndarray, shape (C,)
-        The BN's ``sqrt(var + eps)``, > 0.
+        The BN's ``sqrt(var + eps)``, finite and > 0.
     objective : {"relative", "absolute"}
 
     Returns
     -------
     float or ndarray, shape (C,)
+        1.0 for ``absolute``; float64 weights for ``relative``.
+
+    Raises
+    ------
+    ValueError
+        ``objective`` is not one of :data:`OBJECTIVES`, or ``sigma`` is not a non-empty 1-D array of
+        finite values > 0.
+
+    Examples
+    --------
+    With these weights one BN's D.6 term is the mean over its channels of the squared errors in units
+    of sigma: a mean off by one sigma in one of two channels gives 0.5.
+
+    >>> w = channel_weights(np.array([1.0, 2.0]), "relative")
+    >>> w.tolist(), float(np.sum(w * np.array([0.0, 2.0]) ** 2))
+    ([0.5, 0.125], 0.5)
     """
+    _check_objective(objective)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.ndim != 1 or sigma.size == 0 or not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+        raise ValueError(f"sigma: expected a non-empty 1-D array of finite values > 0, got shape {sigma.shape}")
     if objective == "absolute":
         return 1.0
-    sigma = np.asarray(sigma, dtype=np.float64)
     return 1.0 / (sigma.size * sigma ** 2)                                   # D.6
 
 
@@ -313,7 +332,8 @@ def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None,
     Returns
     -------
     float
-        ``sum_BN ||mu_b - mu||^2 + ||s_b - sigma||^2 + ||mean(x)||^2 + ||s(x) - 1||^2`` (D.1), >= 0.
+        ``sum_BN ||mu_b - mu||^2 + ||s_b - sigma||^2 + ||mean(x)||^2 + ||s(x) - 1||^2`` (D.1), >= 0;
+        for ``relative`` each channel's two terms are multiplied by :func:`channel_weights` (D.6).
 
     Raises
     ------
