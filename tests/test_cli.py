@@ -175,3 +175,19 @@ def test_probe_budget_options(capsys, model, data):
         assert rc == 2 and "--probe-tolerance" in err and len(err.strip().splitlines()) == 1
     rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-iterations", "-1")
     assert rc == 2 and "--probe-iterations" in err and len(err.strip().splitlines()) == 1
+
+
+def test_probe_objective_option(capsys, model, data):
+    """--probe-objective reaches the distillation (the two objectives give different probes, so different
+    re-calibrated statistics); an unknown objective is refused by argparse, naming the option."""
+    got = {}
+    for objective in ("absolute", "relative"):
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
+                           "2", "--probe-tolerance", "off", "--probe-objective", objective, "--json")
+        assert rc == 0, err
+        got[objective] = [r["predicted_var"] for r in json.loads(out)["layers"]]
+    assert got["absolute"] != got["relative"]
+    with pytest.raises(SystemExit) as e:                      # argparse's own refusal: usage, then the error
+        run(capsys, "diagnose", model, "--data", data, "--probe-objective", "sigma")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--probe-objective" in err and "sigma" in err

@@ -396,6 +396,25 @@ def test_quantize_network_passes_the_probe_budget_through(resnet20):
         dfmpc.quantize_network(resnet20, probe_tolerance=-1.0)
 
 
+def test_quantize_network_passes_the_probe_objective_through(resnet20):
+    """quantize_network(probe_objective=) makes the probes of probe_inputs(objective=) (same re-calibrated
+    network); D.1 and D.6 give different probes, so the probe cache keeps them apart (negative control:
+    asked in either order, each objective gets its own statistics); an unknown objective is refused."""
+    import dfmpc
+    bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])
+    kw = dict(compensation="none", probe_images=2, probe_iterations=3, probe_tolerance=None, progress=False)
+    for objective in ("absolute", "relative", "absolute"):
+        x = probes.probe_inputs(resnet20, n=2, seed=0, iterations=3, tolerance=None, objective=objective)
+        a, _ = dfmpc.quantize_network(resnet20, probe_objective=objective, **kw)
+        b, _ = dfmpc.quantize_network(resnet20, probes=x, progress=False, compensation="none")
+        np.testing.assert_array_equal(bn(a), bn(b))
+    d1, _ = dfmpc.quantize_network(resnet20, probe_objective="absolute", **kw)
+    d6, _ = dfmpc.quantize_network(resnet20, probe_objective="relative", **kw)
+    assert not np.array_equal(bn(d1), bn(d6))
+    with pytest.raises(ValueError, match="objective"):
+        dfmpc.quantize_network(resnet20, probe_objective="sigma", **kw)
+
+
 def test_make_probes_reports_how_the_probes_were_made(resnet20):
     """make_probes returns the images of probe_inputs with the steps of the run kept and its D.5
     mismatch; noise has neither. quantize_network names them in its report (negative control: a
