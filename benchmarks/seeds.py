@@ -45,9 +45,8 @@ def _atomic_write(path: Path, text: str) -> None:
     write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
-def run(model: str, setting: str, seed: int, x, y, backend: str) -> dict:
-    """One model, setting and probe seed: default DF-MPC and c = 1, both on the same probes."""
-    g = load_zoo_model(model)
+def run(model: str, g, setting: str, seed: int, x, y, backend: str) -> dict:
+    """One model (``g``, loaded once), setting and probe seed: default DF-MPC and c = 1, on the same probes."""
     lo, hi = map(int, setting.split("/"))
     row = {"model": model, "setting": setting, "seed": seed, "n_eval": int(len(x)), "backend": backend}
     for comp in ("dfmpc", "none"):
@@ -152,11 +151,13 @@ def main(argv=None) -> int:
         x, y = load_dataset("fashion-mnist")
         xe, ye = x[:-N_CAL], y[:-N_CAL]
         for m in models:
+            g = load_zoo_model(m)
             for s in a.settings.split(","):
                 for seed in seeds:
-                    r = run(m, s, seed, xe, ye, a.backend)
+                    r = run(m, g, s, seed, xe, ye, a.backend)
                     print(f"{m} MP{s} seed {seed}: DF-MPC {100 * r['dfmpc']:.2f}  c = 1 {100 * r['none']:.2f}  "
-                          f"({r['probes']}; {r['dfmpc_seconds'] + r['none_seconds']:.0f} s)", file=sys.stderr, flush=True)
+                          f"({r['probes']}; {r['dfmpc_seconds'] + r['none_seconds']:.0f} s)",
+                          file=sys.stderr, flush=True)
                     rows = merge([r])                    # saved after every run: a long job keeps what it measured
                     RESULTS.mkdir(parents=True, exist_ok=True)
                     _atomic_write(RESULTS / "seeds.json", json.dumps({"rows": rows}, indent=1))

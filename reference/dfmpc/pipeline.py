@@ -324,7 +324,7 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress, ite
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
     n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
-    key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance, objective)))  # any value hashes
+    key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance, objective)))  # hashable
     if key not in _PROBE_CACHE:
         made = make_probes(fp, n=n, kind=probes, seed=seed, progress=progress, iterations=iterations,
                            tolerance=tolerance, objective=objective)   # validates every argument first
@@ -343,8 +343,9 @@ def probes_label(kind: str, made) -> str:
     return f"{kind} ({len(made.x)} images, {made.iterations} steps, BN mismatch {made.mismatch:.3f})"
 
 
-#: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective): the last few are kept in memory, so quantizing
-#: the same network again (other bit-widths, compensation modes, methods of dfmpc.compare) distils once.
+#: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective): the last few are kept
+#: in memory, so quantizing the same network again (other bit-widths, compensation modes, methods of
+#: dfmpc.compare) distils once.
 _PROBE_CACHE: dict = {}
 _PROBE_CACHE_SIZE = 4
 
@@ -371,7 +372,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
-                     probe_objective: str = DEFAULT_OBJECTIVE, progress=None, low_quantizer: str = "auto", c_form: str = "auto"):
+                     probe_objective: str = DEFAULT_OBJECTIVE, progress=None, low_quantizer: str = "auto",
+                     c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters

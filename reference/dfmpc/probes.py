@@ -272,6 +272,12 @@ def channel_weights(sigma: np.ndarray, objective: str) -> np.ndarray | float:
     sigma = np.asarray(sigma, dtype=np.float64)
     if sigma.ndim != 1 or sigma.size == 0 or not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
         raise ValueError(f"sigma: expected a non-empty 1-D array of finite values > 0, got shape {sigma.shape}")
+    return _channel_weights(sigma, objective)
+
+
+def _channel_weights(sigma: np.ndarray, objective: str) -> np.ndarray | float:
+    """:func:`channel_weights` without the checks, for the distillation loop: its callers validated the
+    objective at the door, and ``sigma = sqrt(var + eps)`` of a checked BN is positive and finite."""
     if objective == "absolute":
         return 1.0
     return 1.0 / (sigma.size * sigma ** 2)                                   # D.6
@@ -295,7 +301,7 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
     loss, seeds, gx = 0.0, {}, np.zeros_like(x) if grad else None
     for t in targets:
         z = x if t.tensor == name else tape.values[t.tensor]
-        l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad, lazy=t.tensor != name, w=channel_weights(t.sigma, objective))
+        l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad, lazy=t.tensor != name, w=_channel_weights(t.sigma, objective))
         loss += l
         if g is None:
             continue
@@ -307,7 +313,7 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
             seeds[t.tensor] = _formed(seeds[t.tensor]) + _formed(g)
     C = x.shape[1]
     sigma_in = np.full(C, math.sqrt(1.0 + INPUT_EPS))
-    l, g = _stat_loss(x, np.zeros(C), sigma_in, INPUT_EPS, grad, w=channel_weights(sigma_in, objective))  # input term
+    l, g = _stat_loss(x, np.zeros(C), sigma_in, INPUT_EPS, grad, w=_channel_weights(sigma_in, objective))  # input term
     loss += l
     if grad:
         gx += g
