@@ -191,3 +191,19 @@ def test_probe_objective_option(capsys, model, data):
         run(capsys, "diagnose", model, "--data", data, "--probe-objective", "sigma")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--probe-objective" in err and "sigma" in err
+
+
+def test_probe_optimizer_option(capsys, model, data):
+    """--probe-optimizer reaches the distillation (Adam and L-BFGS give different probes, so different
+    re-calibrated statistics); an unknown optimizer is refused by argparse, naming the option."""
+    got = {}
+    for optimizer in ("adam", "lbfgs"):
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
+                           "2", "--probe-tolerance", "off", "--probe-optimizer", optimizer, "--json")
+        assert rc == 0, err
+        got[optimizer] = [r["predicted_var"] for r in json.loads(out)["layers"]]
+    assert got["adam"] != got["lbfgs"]
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "diagnose", model, "--data", data, "--probe-optimizer", "sgd")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--probe-optimizer" in err and "sgd" in err

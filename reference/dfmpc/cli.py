@@ -83,7 +83,8 @@ def _quant_kwargs(a):
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
-                probe_objective=a.probe_objective, progress=False if a.json else None)
+                probe_objective=a.probe_objective, probe_optimizer=a.probe_optimizer,
+                progress=False if a.json else None)
 
 
 def _calibration(a):
@@ -127,7 +128,7 @@ def cmd_demo(a) -> dict:
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
         made = make_probes(g, n=n, kind=a.probes, seed=a.seed, progress=None if show else False,
                            iterations=a.probe_iterations, tolerance=kw["probe_tolerance"],
-                           objective=a.probe_objective)
+                           objective=a.probe_objective, optimizer=a.probe_optimizer)
         kw["probes"] = made.x
         out["probe_seconds"] = time.perf_counter() - t0
         out["probes"] = probes_label(a.probes, made)
@@ -309,6 +310,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--probe-objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                         help="what distillation minimises: relative (D.6, each channel in units of its BN's sigma) "
                              "or absolute (ZeroQ's D.1) (default %(default)s)")
+        from .probes import DEFAULT_OPTIMIZER, OPTIMIZERS
+        sp.add_argument("--probe-optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                        help="how distillation moves the images: adam (ZeroQ's) or lbfgs (L-BFGS-B, the same cost "
+                             "per step) (default %(default)s)")
         sp.add_argument("--probe-tolerance", default=str(DEFAULT_TOLERANCE), metavar="T",
                         help="RMS relative mismatch of the probes' BN statistics at which distillation stops asking "
                              "for more steps, or 'off' for exactly --probe-iterations steps (default %(default)s)")

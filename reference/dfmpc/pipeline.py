@@ -35,8 +35,8 @@ from .compensation import closed_form, fold_into_bn, quadratic_coefficients, sca
 from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
-from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_OBJECTIVE, DEFAULT_TOLERANCE, PROBE_KINDS,
-                     make_probes, unmeasured_convs)
+from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER,
+                     DEFAULT_TOLERANCE, PROBE_KINDS, make_probes, unmeasured_convs)
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
 
@@ -313,7 +313,7 @@ def _check_calibration(x, why):
 
 
 def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress, iterations=DEFAULT_ITERATIONS,
-                  tolerance=DEFAULT_TOLERANCE, objective=DEFAULT_OBJECTIVE):
+                  tolerance=DEFAULT_TOLERANCE, objective=DEFAULT_OBJECTIVE, optimizer=DEFAULT_OPTIMIZER):
     """The sequential mode's inputs and their label for reports: ``probes`` is a kind of
     :func:`dfmpc.probes.make_probes` or an array of images."""
     if isinstance(probes, np.ndarray):
@@ -324,10 +324,11 @@ def _probe_images(fp: Graph, probes, probe_images: int, seed: int, progress, ite
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes: expected one of {PROBE_KINDS} or an image array, got {probes!r}")
     n = DEFAULT_PROBE_IMAGES[probes] if probe_images is None else probe_images
-    key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance, objective)))  # hashable
+    key = (graph_fingerprint(fp), probes) + tuple(map(repr, (n, seed, iterations, tolerance, objective,
+                                                              optimizer)))                     # hashable
     if key not in _PROBE_CACHE:
         made = make_probes(fp, n=n, kind=probes, seed=seed, progress=progress, iterations=iterations,
-                           tolerance=tolerance, objective=objective)   # validates every argument first
+                           tolerance=tolerance, objective=objective, optimizer=optimizer)   # validates every argument
         if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
             _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))          # oldest first
         _PROBE_CACHE[key] = made
@@ -343,8 +344,8 @@ def probes_label(kind: str, made) -> str:
     return f"{kind} ({len(made.x)} images, {made.iterations} steps, BN mismatch {made.mismatch:.3f})"
 
 
-#: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective): the last few are kept
-#: in memory, so quantizing the same network again (other bit-widths, compensation modes, methods of
+#: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective, optimizer): the
+#: last few are kept in memory, so quantizing the same network again (other bit-widths, compensation modes, methods of
 #: dfmpc.compare) distils once.
 _PROBE_CACHE: dict = {}
 _PROBE_CACHE_SIZE = 4
@@ -372,7 +373,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      input_mean=0.0, input_var=1.0, oracle_images: int = 64, weight_quantizer=None,
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
-                     probe_objective: str = DEFAULT_OBJECTIVE, progress=None, low_quantizer: str = "auto",
+                     probe_objective: str = DEFAULT_OBJECTIVE, probe_optimizer: str = DEFAULT_OPTIMIZER,
+                     progress=None, low_quantizer: str = "auto",
                      c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
@@ -430,6 +432,9 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     probe_objective : {"relative", "absolute"}
         What the distillation minimises (:func:`dfmpc.probes.distill`): D.6, every channel in units of
         its BN's sigma (default), or ZeroQ's D.1 (derivation 16).
+    probe_optimizer : {"adam", "lbfgs"}
+        How the distillation moves the images (:func:`dfmpc.probes.distill`; default
+        :data:`dfmpc.probes.DEFAULT_OPTIMIZER`).
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
@@ -474,8 +479,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         W, bits, low_quantizer if name in pairing.low else "auto"))
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
     probe_x, probes_made = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations,
-                                         probe_tolerance, probe_objective) if recalibration == "sequential" \
-        else (None, None)
+                                         probe_tolerance, probe_objective, probe_optimizer) \
+        if recalibration == "sequential" else (None, None)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
