@@ -48,7 +48,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def run(model: str, g, setting: str, seed: int, x, y, backend: str) -> dict:
     """One model (``g``, loaded once), setting and probe seed: default DF-MPC and c = 1, on the same probes."""
     lo, hi = map(int, setting.split("/"))
-    row = {"model": model, "setting": setting, "seed": seed, "n_eval": int(len(x)), "backend": backend}
+    row = {"model": model, "setting": setting, "seed": seed, "n_eval": int(len(x)), "backend": backend,
+           "probe_optimizer": dfmpc.probes.DEFAULT_OPTIMIZER}
     for comp in ("dfmpc", "none"):
         t0 = time.perf_counter()
         q, rep = dfmpc.quantize_network(g, lo, hi, compensation=comp, seed=seed)

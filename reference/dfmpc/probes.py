@@ -83,7 +83,7 @@ DEFAULT_TOLERANCE = 0.1
 #: 16_probe_inputs.md ("A quasi-Newton descent"): at the same 200 evaluations L-BFGS reaches a lower
 #: mismatch (D.5) and the sequential re-calibration sees more of the real drift.
 OPTIMIZERS = ("adam", "lbfgs")
-DEFAULT_OPTIMIZER = "adam"
+DEFAULT_OPTIMIZER = "lbfgs"
 #: L-BFGS memory: the number of (step, gradient change) pairs kept for the inverse-Hessian estimate
 LBFGS_MEMORY = 20
 #: the budget doubles at most until it is this many times the iterations asked for (200 -> 400 -> 800)
