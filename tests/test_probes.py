@@ -217,7 +217,7 @@ def test_distill_history_and_batches(resnet20):
 
 
 def test_lbfgs_descent_keeps_its_budget_and_history(resnet20, monkeypatch):
-    """optimizer="lbfgs" (16_probe_inputs.md, "A quasi-Newton descent"): at most ``iterations``
+    """optimizer="lbfgs" on D.6 (16_probe_inputs.md, "A quasi-Newton descent"): at most ``iterations``
     evaluations of L and dL/dx per batch, the same budget as Adam's steps (counted); the history starts at
     L(x0), never rises (the lowest loss so far) and ends at L of the images returned, the best evaluated; the D.6 loss falls
     below half its start in 12 evaluations (measured: 7.2 -> about 1.1). Same bits at 1 and 2 threads,
@@ -446,8 +446,8 @@ def test_quantize_network_passes_the_probe_objective_through(resnet20):
 
 
 def test_quantize_network_passes_the_probe_optimizer_through(resnet20):
-    """quantize_network(probe_optimizer=) makes the probes of probe_inputs(optimizer=); Adam and L-BFGS give
-    different probes, so the probe cache keeps them apart (asked in either order); an unknown optimizer
+    """quantize_network(probe_optimizer=) makes the probes of probe_inputs(optimizer=) (D.6 by either); Adam
+    and L-BFGS give different probes, so the probe cache keeps them apart (asked in either order); an unknown optimizer
     is refused."""
     import dfmpc
     bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])

@@ -424,8 +424,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     seed : int
         The seed the probes are made from.
     probe_iterations : int >= 0
-        Distillation budget in Adam steps (default 200), doubled while the probes miss
-        ``probe_tolerance``, up to 4x the first budget (:func:`dfmpc.probes.distill_to_tolerance`).
+        Distillation budget in steps (default 200; one evaluation of the loss and its input gradient
+        each), doubled while the probes miss ``probe_tolerance``, up to 4x the first budget (:func:`dfmpc.probes.distill_to_tolerance`).
     probe_tolerance : float > 0 or None
         RMS relative BN mismatch (D.5) the distilled probes should reach (default 0.1); None: exactly
         ``probe_iterations`` steps.

@@ -6,10 +6,10 @@ are made from the network alone:
 
 - ``kind="noise"``: standard-normal white noise of the input's shape (the baseline).
 - ``kind="distilled"``: ZeroQ's distilled data (Cai et al., CVPR 2020). Start from the same noise
-  and move the images, by Adam on the input, until every BatchNormalization node of the FP32
-  network sees, on its *input*, the per-channel batch mean and standard deviation it was trained
-  with (its running mean and ``sqrt(var + eps)``), and the images themselves have per-channel mean
-  0 and standard deviation 1 (the zoo's inputs are standardised):
+  and move the images (L-BFGS on the input by default, or ZeroQ's Adam) until every
+  BatchNormalization node of the FP32 network sees, on its *input*, the per-channel batch mean and
+  standard deviation it was trained with (its running mean and ``sqrt(var + eps)``), and the images
+  themselves have per-channel mean 0 and standard deviation 1 (the zoo's inputs are standardised):
 
   ``L(x) = sum_BN ||mu_b - mu||^2 + ||s_b - sigma||^2  +  ||mean(x)||^2 + ||s(x) - 1||^2``  (D.1)
 
