@@ -447,8 +447,8 @@ def test_quantize_network_passes_the_probe_objective_through(resnet20):
 
 def test_quantize_network_passes_the_probe_optimizer_through(resnet20):
     """quantize_network(probe_optimizer=) makes the probes of probe_inputs(optimizer=) (D.6 by either); Adam
-    and L-BFGS give different probes, so the probe cache keeps them apart (asked in either order); an unknown optimizer
-    is refused."""
+    and L-BFGS give different probes, so the probe cache keeps them apart (asked in either order); an
+    unknown optimizer is refused."""
     import dfmpc
     bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])
     kw = dict(compensation="none", probe_images=2, probe_iterations=3, probe_tolerance=None, progress=False)
