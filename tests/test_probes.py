@@ -220,8 +220,8 @@ def test_lbfgs_descent_keeps_its_budget_and_history(resnet20, monkeypatch):
     """optimizer="lbfgs" on D.6 (16_probe_inputs.md, "A quasi-Newton descent"): at most ``iterations``
     evaluations of L and dL/dx per batch, the same budget as Adam's steps (counted); the history starts at
     L(x0), never rises (the lowest loss so far) and ends at L of the images returned, the best evaluated; the D.6 loss falls
-    below half its start in 12 evaluations (measured: 7.2 -> about 1.1). Same bits at 1 and 2 threads,
-    and not Adam's images (negative control: the optimizer is used)."""
+    below half its start in 12 evaluations (measured: 7.2 -> about 1.1). Same bits at 1 and 2 Numba
+    threads and at 1 and 2 BLAS threads, and not Adam's images (negative control: the optimizer is used)."""
     x0 = probes.probe_inputs(resnet20, n=8, kind="noise", seed=0)
     calls = []
     real = probes._loss_and_grad
@@ -236,6 +236,9 @@ def test_lbfgs_descent_keeps_its_budget_and_history(resnet20, monkeypatch):
     assert r.loss[-1] < 0.5 * r.loss[0]
     two = probes.distill(resnet20, x0, iterations=12, optimizer="lbfgs", threads=2)
     np.testing.assert_array_equal(r.x, two.x)
+    monkeypatch.setattr(probes, "LBFGS_BLAS_THREADS", 2)              # BLAS threads inside L-BFGS-B
+    np.testing.assert_array_equal(r.x, probes.distill(resnet20, x0, iterations=12, optimizer="lbfgs").x)
+    monkeypatch.undo()
     adam = probes.distill(resnet20, x0, iterations=12, optimizer="adam")
     assert not np.array_equal(r.x, adam.x)
     np.testing.assert_array_equal(probes.distill(resnet20, x0, iterations=0, optimizer="lbfgs").x, x0)
