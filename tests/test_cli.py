@@ -177,33 +177,21 @@ def test_probe_budget_options(capsys, model, data):
     assert rc == 2 and "--probe-iterations" in err and len(err.strip().splitlines()) == 1
 
 
-def test_probe_objective_option(capsys, model, data):
-    """--probe-objective reaches the distillation (the two objectives give different probes, so different
-    re-calibrated statistics); an unknown objective is refused by argparse, naming the option."""
+@pytest.mark.parametrize("option, values, bad", [("objective", ("absolute", "relative"), "sigma"),
+                                                 ("optimizer", ("adam", "lbfgs"), "sgd")])
+def test_probe_options(capsys, model, data, option, values, bad):
+    """--probe-objective and --probe-optimizer reach the distillation (each pair of values gives different
+    probes, so different re-calibrated statistics); an unknown value is refused by argparse, naming the
+    option."""
     got = {}
-    for objective in ("absolute", "relative"):
+    for value in values:
         rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
-                           "2", "--probe-tolerance", "off", "--probe-objective", objective, "--json")
+                           "2", "--probe-tolerance", "off", f"--probe-{option}", value, "--json")
         assert rc == 0, err
-        got[objective] = [r["predicted_var"] for r in json.loads(out)["layers"]]
-    assert got["absolute"] != got["relative"]
+        got[value] = [r["predicted_var"] for r in json.loads(out)["layers"]]
+    assert got[values[0]] != got[values[1]]
     with pytest.raises(SystemExit) as e:                      # argparse's own refusal: usage, then the error
-        run(capsys, "diagnose", model, "--data", data, "--probe-objective", "sigma")
+        run(capsys, "diagnose", model, "--data", data, f"--probe-{option}", bad)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--probe-objective" in err and "sigma" in err
+    assert e.value.code == 2 and f"--probe-{option}" in err and bad in err
 
-
-def test_probe_optimizer_option(capsys, model, data):
-    """--probe-optimizer reaches the distillation (Adam and L-BFGS give different probes, so different
-    re-calibrated statistics); an unknown optimizer is refused by argparse, naming the option."""
-    got = {}
-    for optimizer in ("adam", "lbfgs"):
-        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
-                           "2", "--probe-tolerance", "off", "--probe-optimizer", optimizer, "--json")
-        assert rc == 0, err
-        got[optimizer] = [r["predicted_var"] for r in json.loads(out)["layers"]]
-    assert got["adam"] != got["lbfgs"]
-    with pytest.raises(SystemExit) as e:
-        run(capsys, "diagnose", model, "--data", data, "--probe-optimizer", "sgd")
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--probe-optimizer" in err and "sgd" in err

@@ -429,42 +429,28 @@ def test_quantize_network_passes_the_probe_budget_through(resnet20):
         dfmpc.quantize_network(resnet20, probe_tolerance=-1.0)
 
 
-def test_quantize_network_passes_the_probe_objective_through(resnet20):
-    """quantize_network(probe_objective=) makes the probes of probe_inputs(objective=) (same re-calibrated
-    network); D.1 and D.6 give different probes, so the probe cache keeps them apart (negative control:
-    asked in either order, each objective gets its own statistics); an unknown objective is refused."""
+@pytest.mark.parametrize("option, values, bad", [
+    ("objective", ("absolute", "relative"), "sigma"),                   # D.1 or D.6
+    ("optimizer", ("lbfgs", "adam"), "newton"),                         # how D.6 is minimised
+])
+def test_quantize_network_passes_the_probe_options_through(resnet20, option, values, bad):
+    """quantize_network(probe_objective=/probe_optimizer=) makes the probes of probe_inputs(objective=/
+    optimizer=) (same re-calibrated network, D.1 or D.6); the two values give different probes, so the
+    probe cache keeps them apart (negative control: asked in either order, each value gets its own
+    statistics); an unknown value is refused, naming the option."""
     import dfmpc
     bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])
     kw = dict(compensation="none", probe_images=2, probe_iterations=3, probe_tolerance=None, progress=False)
-    for objective in ("absolute", "relative", "absolute"):
-        x = probes.probe_inputs(resnet20, n=2, seed=0, iterations=3, tolerance=None, objective=objective)
-        a, _ = dfmpc.quantize_network(resnet20, probe_objective=objective, **kw)
+    for value in values + values[:1]:
+        x = probes.probe_inputs(resnet20, n=2, seed=0, iterations=3, tolerance=None, **{option: value})
+        a, _ = dfmpc.quantize_network(resnet20, **{f"probe_{option}": value}, **kw)
         b, _ = dfmpc.quantize_network(resnet20, probes=x, progress=False, compensation="none")
         np.testing.assert_array_equal(bn(a), bn(b))
-    d1, _ = dfmpc.quantize_network(resnet20, probe_objective="absolute", **kw)
-    d6, _ = dfmpc.quantize_network(resnet20, probe_objective="relative", **kw)
-    assert not np.array_equal(bn(d1), bn(d6))
-    with pytest.raises(ValueError, match="objective"):
-        dfmpc.quantize_network(resnet20, probe_objective="sigma", **kw)
-
-
-def test_quantize_network_passes_the_probe_optimizer_through(resnet20):
-    """quantize_network(probe_optimizer=) makes the probes of probe_inputs(optimizer=) (D.6 by either); Adam
-    and L-BFGS give different probes, so the probe cache keeps them apart (asked in either order); an
-    unknown optimizer is refused."""
-    import dfmpc
-    bn = lambda g: np.concatenate([n.params["mean"] for n in g.nodes_of("BatchNormalization")])
-    kw = dict(compensation="none", probe_images=2, probe_iterations=3, probe_tolerance=None, progress=False)
-    for optimizer in ("lbfgs", "adam", "lbfgs"):
-        x = probes.probe_inputs(resnet20, n=2, seed=0, iterations=3, tolerance=None, optimizer=optimizer)
-        a, _ = dfmpc.quantize_network(resnet20, probe_optimizer=optimizer, **kw)
-        b, _ = dfmpc.quantize_network(resnet20, probes=x, progress=False, compensation="none")
-        np.testing.assert_array_equal(bn(a), bn(b))
-    adam, _ = dfmpc.quantize_network(resnet20, probe_optimizer="adam", **kw)
-    lbfgs, _ = dfmpc.quantize_network(resnet20, probe_optimizer="lbfgs", **kw)
-    assert not np.array_equal(bn(adam), bn(lbfgs))
-    with pytest.raises(ValueError, match="optimizer"):
-        dfmpc.quantize_network(resnet20, probe_optimizer="newton", **kw)
+    first, _ = dfmpc.quantize_network(resnet20, **{f"probe_{option}": values[0]}, **kw)
+    second, _ = dfmpc.quantize_network(resnet20, **{f"probe_{option}": values[1]}, **kw)
+    assert not np.array_equal(bn(first), bn(second))
+    with pytest.raises(ValueError, match=option):
+        dfmpc.quantize_network(resnet20, **{f"probe_{option}": bad}, **kw)
 
 
 def test_make_probes_reports_how_the_probes_were_made(resnet20):
