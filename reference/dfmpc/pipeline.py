@@ -374,8 +374,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
                      probe_objective: str = DEFAULT_OBJECTIVE, probe_optimizer: str = DEFAULT_OPTIMIZER,
-                     progress=None, low_quantizer: str = "auto",
-                     c_form: str = "auto"):
+                     progress=None, low_quantizer: str = "auto", c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
     Parameters
@@ -425,7 +424,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         The seed the probes are made from.
     probe_iterations : int >= 0
         Distillation budget in steps (default 200; one evaluation of the loss and its input gradient
-        each), doubled while the probes miss ``probe_tolerance``, up to 4x the first budget (:func:`dfmpc.probes.distill_to_tolerance`).
+        each), doubled while the probes miss ``probe_tolerance``, up to 4x the first budget
+        (:func:`dfmpc.probes.distill_to_tolerance`).
     probe_tolerance : float > 0 or None
         RMS relative BN mismatch (D.5) the distilled probes should reach (default 0.1); None: exactly
         ``probe_iterations`` steps.

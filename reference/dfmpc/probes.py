@@ -595,6 +595,9 @@ def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, b
     from threadpoolctl import threadpool_limits
     for bi, s in enumerate(starts):
         xb = x[s:s + batch_size]                                  # a view: updated in place
+        if iterations == 0:                                        # no step: the loss of x0 only
+            losses[bi, 0] = _loss_and_grad(graph, targets, xb, grad=False, program=program, objective=objective)[0]
+            continue
         shape, seen, best = xb.shape, [], [math.inf, xb.copy()]
 
         def fun(v):
@@ -608,9 +611,6 @@ def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, b
             bar.update(bi * iterations + min(len(seen), iterations), postfix=f"BN loss {loss:.3g}")
             return loss, g.astype(np.float64).ravel()
 
-        if iterations == 0:                                        # no step: the loss of x0 only
-            losses[bi, 0] = _loss_and_grad(graph, targets, xb, grad=False, program=program, objective=objective)[0]
-            continue
         try:
             with threadpool_limits(limits=LBFGS_BLAS_THREADS, user_api="blas"):
                 minimize(fun, xb.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
