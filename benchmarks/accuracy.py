@@ -16,12 +16,16 @@ Usage::
 
     python benchmarks/accuracy.py                       # all zoo models, all settings; updates README.md
     python benchmarks/accuracy.py --models resnet20 --settings 2/6 --no-readme
+    python benchmarks/accuracy.py --modes sequential --settings 3/6,6/6 --backend onnxruntime   # faster evaluation
     python benchmarks/accuracy.py --sweep resnet56      # lambda1 x lambda2 sweep (paper Fig. 3)
     python benchmarks/accuracy.py --table-only          # README tables from benchmarks/results/accuracy.json
     python benchmarks/accuracy.py --paper-table         # README table in the paper's layout (PAPER_ROWS, STAND_INS)
     python benchmarks/accuracy.py --paper-table --measure-missing   # measures a stand-in's missing settings first
 
-Results are also written to ``benchmarks/results/accuracy.json`` (and ``sweep_<model>.json``).
+Results are also written to ``benchmarks/results/accuracy.json`` (and ``sweep_<model>.json``), merged
+after each model, so a run stopped part-way keeps the models it finished. ``--backend onnxruntime``
+(extra ``ort``) evaluates in onnxruntime, which gives the engine's predictions (``tests/test_backends.py``);
+each figure measured that way records ``"backend": "onnxruntime"``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 
 import dfmpc
 from dfmpc.interop._atomic import write_atomically
-from dfmpc.evaluation import accuracy, load_dataset, load_zoo_model, zoo_manifest
+from dfmpc.evaluation import BACKENDS, accuracy, load_dataset, load_zoo_model, zoo_manifest
 from dfmpc.pipeline import DEFAULT_PROBE_IMAGES
 from dfmpc.probes import probe_inputs
 
@@ -57,10 +61,11 @@ def split():
 MODES = ("absorb", "analytic", "sequential", "sequential-noise", "data")
 
 
-def run_model(arch, settings, lambda1, lambda2, log, modes=MODES):
+def run_model(arch, settings, lambda1, lambda2, log, modes=MODES, backend="engine"):
     g = load_zoo_model(arch)
     (xe, ye), cal = split()
-    acc = lambda q: accuracy(q, xe, ye, progress=False)
+    acc = lambda q: accuracy(q, xe, ye, progress=False, backend=backend)
+    tag = {} if backend == "engine" else {"backend": backend}
     row = {"model": arch, "n_eval": int(len(xe)), "n_calibration": N_CAL, "lambda1": lambda1, "lambda2": lambda2,
            "fp32": acc(g), "settings": {}}
     log(f"{arch}: FP32 {100 * row['fp32']:.2f}%")
@@ -91,7 +96,8 @@ def run_model(arch, settings, lambda1, lambda2, log, modes=MODES):
                     continue
                 a = acc(q)
                 res[f"{comp}/{rec}"] = {"accuracy": a, "quantize_seconds": rep.seconds,
-                                        "c_mean": float(np.mean([p.c_mean for p in rep.pairs])) if rep.pairs else None}
+                                        "c_mean": float(np.mean([p.c_mean for p in rep.pairs])) if rep.pairs else None,
+                                        **tag}
                 log(f"  MP{s} {comp:>6}/{rec:<8} {100 * a:6.2f}%  ({rep.seconds:.2f} s)")
         row["settings"][s] = res
         row["pairs"] = len(rep.pairs)
@@ -290,6 +296,8 @@ def main(argv=None):
                    help="comma-separated re-calibration columns to measure (default: all); the others keep "
                         "their saved figures")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    p.add_argument("--backend", default="engine", choices=BACKENDS,
+                   help="evaluation backend (default %(default)s; onnxruntime gives the same predictions faster)")
     p.add_argument("--sweep", default=None, metavar="MODEL", help="run the lambda1 x lambda2 sweep on MODEL instead")
     p.add_argument("--eval-images", type=int, default=None, help="sweep: evaluate on the first N held-out images only")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -332,7 +340,8 @@ def main(argv=None):
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {a.modes!r}")
-    out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log, modes) for m in models])
+    for m in models:                        # merged one model at a time: a stopped run keeps what it finished
+        out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log, modes, a.backend)])
     md = table(out["rows"], ["2/6", "3/6", "6/6"])
     if not a.no_readme:
         update_readme(md)
