@@ -1,8 +1,8 @@
 """Probe distillation speed: ``dfmpc.probes.probe_inputs`` at the library defaults on the zoo models.
 
 For each model: wall seconds and CPU seconds of one ``probe_inputs(graph, kind="distilled")`` call at
-the defaults (``DEFAULT_N`` images, ``DEFAULT_ITERATIONS`` Adam steps, ``DEFAULT_LR``), and the same
-per Adam step. Each figure is the median of ``--repeats`` runs after one short warm-up run (Numba
+the defaults (``DEFAULT_N`` images, ``DEFAULT_ITERATIONS`` steps of ``DEFAULT_OPTIMIZER``: L-BFGS-B
+evaluations of the loss and its gradient, or Adam steps), and the same per step. Each figure is the median of ``--repeats`` runs after one short warm-up run (Numba
 compilation). The CPU model, its SIMD flags, the thread count and the load average are recorded:
 on a machine shared with other jobs the wall time is inflated and noisy, the CPU time less so.
 
@@ -82,6 +82,7 @@ def time_model(name: str, repeats: int) -> dict:
     steps = probes.DEFAULT_ITERATIONS
     med = lambda v: sorted(v)[len(v) // 2]
     return {"model": name, "n": probes.DEFAULT_N, "iterations": steps, "lr": probes.DEFAULT_LR,
+            "optimizer": getattr(probes, "DEFAULT_OPTIMIZER", "adam"),
             "seconds": med(wall), "seconds_per_step": med(wall) / max(steps, 1),
             "cpu_seconds": med(cpu), "cpu_seconds_per_step": med(cpu) / max(steps, 1),
             "all_seconds": wall, "final_bn_matching_loss": loss, "probes_sha256": digest,
