@@ -2,9 +2,10 @@
 
 For each model: wall seconds and CPU seconds of one ``probe_inputs(graph, kind="distilled")`` call at
 the defaults (``DEFAULT_N`` images, ``DEFAULT_ITERATIONS`` steps of ``DEFAULT_OPTIMIZER``: L-BFGS-B
-evaluations of the loss and its gradient, or Adam steps), and the same per step. Each figure is the median of ``--repeats`` runs after one short warm-up run (Numba
-compilation). The CPU model, its SIMD flags, the thread count and the load average are recorded:
-on a machine shared with other jobs the wall time is inflated and noisy, the CPU time less so.
+evaluations of the loss and its gradient, or Adam steps), and the same per step. Each figure is the
+median of ``--repeats`` runs after one short warm-up run (Numba compilation). The CPU model, its SIMD
+flags, the thread count and the load average are recorded: on a machine shared with other jobs the
+wall time is inflated and noisy, the CPU time less so.
 
 Usage::
 
