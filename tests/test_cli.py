@@ -64,6 +64,19 @@ def test_quantize_writes_model_and_reports(capsys, model, data, tmp_path):
     assert rc == 0 and "pair" in out and "recalibration=sequential on distilled" in out
 
 
+def test_quantize_bn_folded_model_says_why(capsys, tmp_path):
+    """A model exported with BN folded into the convs quantizes at once (nothing to pair, no probes to
+    distil) and the output says why and how to export with BN kept."""
+    from test_pipeline_graphs import _bn_folded, every_op_graph
+    src = tmp_path / "folded.npz"
+    dfmpc.save_model(_bn_folded(every_op_graph()), src)
+    rc, out, err = run(capsys, "quantize", src, "-o", tmp_path / "q.npz")
+    assert rc == 0, err
+    assert "no BatchNormalization node" in out and "export_onnx" in out and "0 pairs" in out
+    rc, out, err = run(capsys, "quantize", src, "-o", tmp_path / "q2.npz", "--json")
+    assert rc == 0 and json.loads(out)["probes"] is None and json.loads(out)["pairs"] == []
+
+
 @pytest.mark.slow          # ~13 s
 def test_quantize_explicit_pairs(capsys, model, tmp_path):
     """--pair LOW HIGH uses the user's assignment; an impossible pair is refused naming it."""

@@ -129,6 +129,32 @@ def test_classifier_head_patterns(pattern, head):
     assert [n.op for n in graph][-2:] in (["Flatten", "Gemm"], ["Gemm", "Add"])
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("axes", [(2, 3), (-1, -2)])
+def test_spatial_reduce_mean_is_global_average_pool(opset, keepdims, axes):
+    """ReduceMean over H and W (PyTorch's ``x.mean((2, 3))``; axes an attribute before opset 18, an input
+    from 18) imports as GlobalAveragePool (+ Flatten when keepdims=0) and matches onnxruntime."""
+    inits = {"W": _w(5, 4)}
+    if opset >= 18:
+        inits["axes"] = np.array(axes, np.int64)
+        mean = helper.make_node("ReduceMean", ["x", "axes"], ["p"], keepdims=keepdims, name="m")
+    else:
+        mean = helper.make_node("ReduceMean", ["x"], ["p"], axes=list(axes), keepdims=keepdims, name="m")
+    nodes = [mean] + ([] if keepdims == 0 else [helper.make_node("Flatten", ["p"], ["pf"], axis=1)])
+    nodes.append(helper.make_node("Gemm", ["p" if keepdims == 0 else "pf", "W"], ["y"], transB=1))
+    graph = _check_against_ort(_model(nodes, inits, [2, 4, 5, 6], opset=opset), _w(2, 4, 5, 6, scale=1.0))
+    assert [n.op for n in graph] == ["GlobalAveragePool", "Flatten", "Gemm"]
+
+
+@pytest.mark.parametrize("axes", [(1,), (1, 2, 3), (3,)])
+def test_other_reduce_mean_refused(axes):
+    """A mean over channels, or over one spatial axis, is not a global average pool: refused, named."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], axes=list(axes), keepdims=1, name="red")]
+    with pytest.raises(ValueError, match=r"node 'red' \(ReduceMean\).*only a mean over the spatial axes"):
+        from_onnx(_model(nodes, {}, [1, 3, 4, 4]))
+
+
 def test_residual_concat_clip_dropout_identity_softmax():
     inits = {"W1": _w(4, 3, 3, 3), "W2": _w(4, 3, 1, 1), "W3": _w(3, 8, 1, 1),
              "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32), "ratio": np.array(0.3, np.float32)}

@@ -62,6 +62,38 @@ def test_every_op_graph_quantizes_in_every_mode(recalibration):
     assert not np.allclose(y, g.run(x), rtol=1e-3, atol=1e-3)           # something was quantized
 
 
+def _bn_folded(g):
+    """every_op_graph with every BatchNormalization folded into the conv before it, as torch.onnx.export
+    folds it by default: the same function, no BN node left."""
+    out = g.copy()
+    for bn in list(out.nodes_of("BatchNormalization")):
+        conv = out.producer(bn.inputs[0])
+        p = bn.params
+        s = p["gamma"] / np.sqrt(p["var"] + bn.attrs.get("epsilon", 1e-5))
+        conv.params["W"] = (conv.params["W"] * s[:, None, None, None]).astype(np.float32)
+        conv.params["B"] = ((conv.params.get("B", 0.0) - p["mean"]) * s + p["beta"]).astype(np.float32)
+        for n in out.nodes:
+            n.inputs = [conv.outputs[0] if t == bn.outputs[0] else t for t in n.inputs]
+        out.nodes.remove(bn)
+    return Graph(out.nodes, inputs=out.inputs, outputs=out.outputs, input_shapes=out.input_shapes)
+
+
+@pytest.mark.parametrize("recalibration", DATA_FREE)
+def test_bn_folded_graph_quantizes_without_probes(recalibration, monkeypatch):
+    """A graph without BN (folded on export) has nothing to pair or re-calibrate: every mode, the default
+    (distilled probes) included, quantizes it at the high bit-width, says why per layer, and makes no probes
+    (distillation would have no BN statistics to match)."""
+    import dfmpc.pipeline as pipeline
+    g = _bn_folded(every_op_graph())
+    x = np.random.default_rng(1).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(g.run(x), every_op_graph().run(x), rtol=1e-4, atol=1e-4)   # the same function
+    monkeypatch.setattr(pipeline, "make_probes", lambda *a, **k: pytest.fail("probes made for a graph without BN"))
+    q, rep = quantize_network(g, 2, 6, recalibration=recalibration)
+    assert not rep.pairs and rep.probes is None
+    assert all("no BatchNormalization after it" in rep.why_unpaired[n.name] for n in g.nodes if n.op == "Conv")
+    assert not np.allclose(q.run(x), g.run(x), rtol=1e-3, atol=1e-3)     # still quantized, at 6 bits
+
+
 def _relu6_everywhere(g):
     """every_op_graph with each Relu replaced by ReLU6 = Clip(0, 6) and BN outputs scaled up so the clip acts."""
     for n in g.nodes:

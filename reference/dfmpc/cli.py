@@ -147,6 +147,13 @@ def cmd_demo(a) -> dict:
     return out
 
 
+#: printed by ``dfmpc quantize`` for a model without BatchNormalization nodes
+NO_BN_NOTE = ("note: the model has no BatchNormalization node, so no conv can be ternary (DF-MPC needs the BN "
+              "statistics) and every layer stays at the high bit-width. If BN was folded into the convs on "
+              "export (torch.onnx.export's default), export with dfmpc.interop.torch_export.export_onnx, "
+              "which keeps it.")
+
+
 def cmd_quantize(a) -> dict:
     from .interop import save_model
     from .pipeline import quantize_network
@@ -178,6 +185,8 @@ def cmd_quantize(a) -> dict:
     if not a.json:
         from .pairing import find_pairs
         print(find_pairs(g, pairs=pairs).describe(a.low, a.high))
+        if not g.nodes_of("BatchNormalization"):
+            print(NO_BN_NOTE)
         print(rep.summary())
         print(f"wrote {a.output}")
     return {"model": a.model, "output": a.output, "format": a.format, **rep.to_dict()}

@@ -478,16 +478,18 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     quantize = weight_quantizer or (lambda W, bits, name: quantize_weights(
         W, bits, low_quantizer if name in pairing.low else "auto"))
     g = quantize_layers(fp, pairing, low_bits, high_bits, quantize)                      # 2. quantize
+    sites = recalibration_sites(fp, g)
+    # no BN to re-calibrate (e.g. BN folded into the convs on export): no probes to make either
     probe_x, probes_made = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations,
                                          probe_tolerance, probe_objective, probe_optimizer) \
-        if recalibration == "sequential" else (None, None)
+        if recalibration == "sequential" and sites else (None, None)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
                                 unpaired=list(pairing.unpaired), why_unpaired=dict(pairing.why_unpaired),
                                 rejected=list(pairing.rejected),
                                 probes=probes_made)
-    for site in recalibration_sites(fp, g):               # topological order: each site sees the ones before it
+    for site in sites:                                    # topological order: each site sees the ones before it
         bn_hat = RECALIBRATION_MODES[recalibration](ctx, site)                            # 3. re-calibrate
         pair = pairing.pair_of_low(site.conv)
         if pair is not None:

@@ -103,6 +103,10 @@ MAX_BUDGET_FACTOR = 4
 #: run at one thread (no pool hand-off at all) and the pass is fused further: ResNet-20's distillation 7.7 s
 #: against 10.6 s for the code these figures were taken with (load ~2, `benchmarks/probes.py --baseline`).
 DISTILL_THREADS = 1
+#: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
+NO_BN_MESSAGE = ("graph: has no BatchNormalization node to distil against; if BN was folded into the convs on "
+                 "export (torch.onnx.export's default), export with dfmpc.interop.torch_export.export_onnx, "
+                 "which keeps it, or use noise probes (kind='noise')")
 #: the virtual BN in front of the network: images standardised to mean 0, variance 1 (D.1's input term)
 INPUT_EPS = 1e-5
 
@@ -541,7 +545,7 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     batch_size = N if batch_size is None else _check_int(batch_size, "batch_size", 1)
     targets = bn_targets(graph)
     if not targets:
-        raise ValueError("graph: has no BatchNormalization node to distil against (use kind='noise')")
+        raise ValueError(NO_BN_MESSAGE)
     x = x0.copy()
     starts = list(range(0, N, batch_size))
     losses = np.zeros((len(starts), iterations + 1))

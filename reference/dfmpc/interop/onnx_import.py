@@ -14,7 +14,10 @@ What the importer does, in order:
    (``Conv``: W, B; ``BatchNormalization``: gamma, beta, mean, var -- never folded
    into the conv); ``Sum`` becomes ``Add``; ``MatMul`` with a constant matrix and
    ``Gemm`` (any transB, alpha, beta) become ``Gemm`` with ``W`` of shape (out, in);
-   a ``Reshape`` to rank 2 (``(N, -1)``, ``(1, K)``, ``(-1, K)``) becomes ``Flatten``.
+   a ``Reshape`` to rank 2 (``(N, -1)``, ``(1, K)``, ``(-1, K)``) becomes ``Flatten``;
+   a ``ReduceMean`` over the two spatial axes of an (N, C, H, W) tensor (PyTorch's
+   ``x.mean((2, 3))``) becomes ``GlobalAveragePool``, followed by ``Flatten`` when
+   ``keepdims=0``: the same mean of each channel over its H x W positions.
 
 The first axis of every graph input is treated as the batch axis, whatever
 its declared size in the file.
@@ -35,7 +38,7 @@ from ..engine.graph import Graph, Node
 IMPORTABLE_OPS = frozenset({
     "Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sum", "Mul", "Concat", "MaxPool",
     "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Softmax",
-    "Identity", "Dropout"})
+    "Identity", "Dropout", "ReduceMean"})
 
 
 def load_onnx(path: str | os.PathLike) -> Graph:
@@ -127,9 +130,14 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
             name, k = f"{base}_{k}", k + 1
         used_names.add(name)
         try:
-            ir_nodes.append(_convert(n, name, consts, shapes, opset))
+            made = _convert(n, name, consts, shapes, opset)
         except ValueError as err:
             raise ValueError(f"{source!r}: node {name!r} ({n.op_type}): {err}") from err
+        for extra in made[1:] if isinstance(made, list) else ():   # a second node of one ONNX node
+            while extra.name in used_names:
+                extra.name += "_"
+            used_names.add(extra.name)
+        ir_nodes.extend(made if isinstance(made, list) else [made])
     outputs = [o.name for o in model.graph.output]
     for o in outputs:
         if o in consts:
@@ -389,7 +397,32 @@ def _geometry_attrs(a, op):
     return out
 
 
-def _convert(n, name, consts, shapes, opset) -> Node:
+def _spatial_mean(n, name, acts, cst, shapes, opset, a) -> Node | list[Node]:
+    """``ReduceMean`` over axes (2, 3) of an (N, C, H, W) tensor as ``GlobalAveragePool`` (``keepdims=1``,
+    output (N, C, 1, 1)) or ``GlobalAveragePool`` then ``Flatten`` (``keepdims=0``, output (N, C)).
+    The axes are an attribute up to opset 17 and the second input from opset 18; any other reduction
+    is refused."""
+    if len(acts) != 1:
+        raise ValueError("expected one activation input")
+    axes = a.get("axes") if opset < 18 else (tuple(int(v) for v in cst[1].ravel()) if 1 in cst else None)
+    if opset >= 18 and 1 not in cst and len(n.input) > 1 and n.input[1]:
+        raise ValueError("the axes must be a constant")
+    rank = len(shapes[acts[0]]) if shapes.get(acts[0]) is not None else None
+    if rank is not None and rank != 4:
+        raise ValueError(f"only a mean over the spatial axes of an (N, C, H, W) tensor is supported, "
+                         f"got an input of rank {rank}")
+    axes = None if axes is None else sorted(int(v) + 4 if int(v) < 0 else int(v) for v in axes)
+    if axes != [2, 3]:
+        raise ValueError(f"only a mean over the spatial axes (2, 3) is supported, got axes "
+                         f"{'all' if axes is None else axes}")
+    if int(a.get("keepdims", 1)):
+        return Node(name, "GlobalAveragePool", acts, [n.output[0]])
+    pooled = f"{n.output[0]}/pooled"
+    return [Node(name, "GlobalAveragePool", acts, [pooled]),
+            Node(f"{name}/flatten", "Flatten", [pooled], [n.output[0]], {"axis": 1})]
+
+
+def _convert(n, name, consts, shapes, opset) -> Node | list[Node]:
     op, a = n.op_type, _attrs(n)
     acts, cst = _split(n, consts)
     out = [n.output[0]]
@@ -456,6 +489,8 @@ def _convert(n, name, consts, shapes, opset) -> Node:
         return Node(name, op, acts, out, attrs)
     if op == "Flatten":
         return Node(name, op, acts, out, {"axis": int(a.get("axis", 1))})
+    if op == "ReduceMean":
+        return _spatial_mean(n, name, acts, cst, shapes, opset, a)
     if op == "Reshape":
         target = [int(v) for v in _need_const(n, cst, 1, "the target shape").ravel()]
         in_shape = shapes.get(acts[0])
