@@ -155,6 +155,47 @@ def test_other_reduce_mean_refused(axes):
         from_onnx(_model(nodes, {}, [1, 3, 4, 4]))
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_normalisation_pad_and_squeeze_patterns(opset):
+    """What PyTorch exports for ``(x - m) / s`` inside the model, ``F.pad`` before a conv and
+    ``x.squeeze(-1).squeeze(-1)`` / ``x.squeeze()`` after a global pool: imported as Add / Mul constants,
+    pads merged into the conv, Flatten; the same outputs as onnxruntime."""
+    inits = {"m": np.array(0.286, np.float32), "s": np.array(0.353, np.float32), "w": _w(4, 3, 3, 3),
+             "W": _w(5, 4)}
+    nodes = [helper.make_node("Sub", ["x", "m"], ["a"]), helper.make_node("Div", ["a", "s"], ["b"])]
+    if opset >= 11:
+        inits.update({"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)})
+        nodes.append(helper.make_node("Pad", ["b", "pads"], ["c"], mode="constant"))
+    nodes += [helper.make_node("Conv", ["c", "w"], ["d"], pads=[1, 0, 0, 1]),
+              helper.make_node("GlobalAveragePool", ["d"], ["e"])]
+    if opset >= 13:
+        inits.update({"ax3": np.array([3], np.int64), "ax2": np.array([-1], np.int64)})
+        nodes += [helper.make_node("Squeeze", ["e", "ax3"], ["f1"]), helper.make_node("Squeeze", ["f1", "ax2"], ["f"])]
+    else:
+        nodes.append(helper.make_node("Squeeze", ["e"], ["f"]))            # every axis of size 1
+    nodes.append(helper.make_node("Gemm", ["f", "W"], ["y"], transB=1))
+    graph = _check_against_ort(_model(nodes, inits, [2, 3, 7, 6], opset=opset), _w(2, 3, 7, 6, scale=1.0))
+    assert [n.op for n in graph][:3] == ["Add", "Mul", "Conv"] and "Pad" not in [n.op for n in graph]
+    assert tuple(graph.nodes[2].attrs["pads"]) == (2, 2, 2, 2)            # (1+1, 2+0, 2+0, 1+1)
+    assert [n.op for n in graph][-2:] == ["Flatten", "Gemm"]
+
+
+def test_other_sub_div_squeeze_pad_refused():
+    """Patterns with no exact engine form are refused, naming the node and what is supported."""
+    cases = [
+        ([helper.make_node("Sub", ["c", "x"], ["y"], name="rsub")], {"c": np.float32(1)}, "rsub.*activation minus"),
+        ([helper.make_node("Div", ["x", "c"], ["y"], name="div0")], {"c": np.zeros(3, np.float32).reshape(1, 3, 1, 1)},
+         "div0.*zeros"),
+        ([helper.make_node("Squeeze", ["x", "ax"], ["y"], name="sq")], {"ax": np.array([0], np.int64)},
+         "sq.*Squeeze of the 1 x 1"),
+        ([helper.make_node("Pad", ["x", "p"], ["y"], name="pad", mode="reflect")],
+         {"p": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, "Pad x1: 'pad'"),
+    ]
+    for nodes, inits, match in cases:
+        with pytest.raises(ValueError, match=match):
+            from_onnx(_model(nodes, inits, [1, 3, 1, 1] if nodes[0].op_type == "Squeeze" else [1, 3, 4, 4]))
+
+
 def test_residual_concat_clip_dropout_identity_softmax():
     inits = {"W1": _w(4, 3, 3, 3), "W2": _w(4, 3, 1, 1), "W3": _w(3, 8, 1, 1),
              "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32), "ratio": np.array(0.3, np.float32)}

@@ -94,6 +94,63 @@ def test_bn_folded_graph_quantizes_without_probes(recalibration, monkeypatch):
     assert not np.allclose(q.run(x), g.run(x), rtol=1e-3, atol=1e-3)     # still quantized, at 6 bits
 
 
+def _torch_style_onnx(seed=0):
+    """An ONNX classifier written the way PyTorch exports common idioms: ``(x - m) / s`` in the model,
+    conv-BN-ReLU, ``F.pad`` before the next conv, conv-BN-ReLU twice, ``x.mean((2, 3))``, Linear."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+
+    def conv_bn_relu(i, src, c, o):
+        inits = {f"w{i}": (rng.standard_normal((o, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32),
+                 f"g{i}": rng.uniform(0.5, 1.5, o), f"b{i}": rng.normal(0, 0.1, o), f"m{i}": rng.normal(0, 0.1, o),
+                 f"v{i}": rng.uniform(0.5, 1.5, o)}
+        pads = [0, 0, 0, 0] if i == 1 else [1, 1, 1, 1]                  # conv 1 is padded by the Pad node
+        nodes = [helper.make_node("Conv", [src, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=pads),
+                 helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
+                                  name=f"bn{i}"),
+                 helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
+        return nodes, inits
+
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["xs"], name="sub"), helper.make_node("Div", ["xs", "std"], ["xn"])]
+    inits = {"mean": np.array(0.286), "std": np.array(0.353), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+             "axes": np.array([2, 3], np.int64), "W": rng.standard_normal((10, 8)) * 0.3, "B": np.zeros(10)}
+    src = "xn"
+    for i, (c, o) in enumerate([(1, 8), (8, 8), (8, 8)]):
+        if i == 1:
+            nodes.append(helper.make_node("Pad", [src, "pads"], ["padded"], name="pad"))
+            src = "padded"
+        more, more_inits = conv_bn_relu(i, src, c, o)
+        nodes += more
+        inits.update(more_inits)
+        src = f"r{i}"
+    nodes += [helper.make_node("ReduceMean", [src, "axes"], ["pooled"], keepdims=0, name="mean"),
+              helper.make_node("Gemm", ["pooled", "W", "B"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "torch_style", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])],
+                          initializer=[numpy_helper.from_array(np.asarray(v, np.float32 if k != "pads" and k != "axes"
+                                                                          else np.int64), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("recalibration", DATA_FREE)
+def test_torch_style_idioms_quantize_and_run_in_onnxruntime(recalibration, tmp_path):
+    """In-model normalisation, a Pad before a conv and ``x.mean((2, 3))`` import (as Add / Mul, conv pads and
+    GlobalAveragePool + Flatten), pair like any conv-BN-ReLU chain in every data-free mode (the default's
+    distillation crosses them), and the saved model gives our engine's outputs in onnxruntime."""
+    model = _torch_style_onnx()
+    g = from_onnx(model)
+    x = np.random.default_rng(2).uniform(0, 1, (8, 1, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(g.run(x), ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    q, rep = quantize_network(g, 2, 6, recalibration=recalibration, probe_iterations=20)
+    assert [(p.low, p.high) for p in rep.pairs] == [("conv1", "conv2")]  # conv0 stays high (the first layer)
+    path = tmp_path / "q.onnx"
+    save_model(q, path)
+    ref, got = q.run(x), ort_run(onnx.load(str(path)), {"x": x})[0]
+    assert np.all(np.isfinite(got)) and float(np.abs(got - ref).max() / np.abs(ref).max()) < REL_TOL
+
+
 def _relu6_everywhere(g):
     """every_op_graph with each Relu replaced by ReLU6 = Clip(0, 6) and BN outputs scaled up so the clip acts."""
     for n in g.nodes:

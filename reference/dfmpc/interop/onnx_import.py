@@ -17,7 +17,11 @@ What the importer does, in order:
    a ``Reshape`` to rank 2 (``(N, -1)``, ``(1, K)``, ``(-1, K)``) becomes ``Flatten``;
    a ``ReduceMean`` over the two spatial axes of an (N, C, H, W) tensor (PyTorch's
    ``x.mean((2, 3))``) becomes ``GlobalAveragePool``, followed by ``Flatten`` when
-   ``keepdims=0``: the same mean of each channel over its H x W positions.
+   ``keepdims=0``: the same mean of each channel over its H x W positions;
+   ``x - c`` and ``x / c`` with a constant ``c`` (e.g. normalisation inside the model) become ``Add``
+   of ``-c`` (exact) and ``Mul`` by ``1 / c`` (to within float32 rounding); a ``Squeeze`` of the
+   1 x 1 spatial axes of an (N, C, 1, 1) tensor becomes ``Flatten``; a zero ``Pad`` of H and W read
+   by one ``Conv`` alone (``F.pad`` / ``nn.ZeroPad2d`` before a conv) is merged into that conv's pads.
 
 The first axis of every graph input is treated as the batch axis, whatever
 its declared size in the file.
@@ -38,7 +42,7 @@ from ..engine.graph import Graph, Node
 IMPORTABLE_OPS = frozenset({
     "Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sum", "Mul", "Concat", "MaxPool",
     "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Softmax",
-    "Identity", "Dropout", "ReduceMean"})
+    "Identity", "Dropout", "ReduceMean", "Sub", "Div", "Squeeze"})
 
 
 def load_onnx(path: str | os.PathLike) -> Graph:
@@ -105,6 +109,7 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
     except ValueError as err:
         raise ValueError(f"{source!r}: {err}") from err
 
+    nodes = _merge_pads_into_convs(nodes, consts, {o.name for o in model.graph.output})
     batch_dependent = _batch_dependent(model, shapes, nodes)
     for n in nodes:
         for k, i in enumerate(n.input):
@@ -123,6 +128,10 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
     input_shapes = {i.name: _declared_shape(i)[1:] if _declared_shape(i) else None for i in inputs}
     used_names: set[str] = set()
     ir_nodes = []
+    readers: dict = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     for n in nodes:
         name = _node_name(n)
         base, k = name, 1
@@ -130,7 +139,7 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
             name, k = f"{base}_{k}", k + 1
         used_names.add(name)
         try:
-            made = _convert(n, name, consts, shapes, opset)
+            made = _convert(n, name, consts, shapes, opset, readers)
         except ValueError as err:
             raise ValueError(f"{source!r}: node {name!r} ({n.op_type}): {err}") from err
         for extra in made[1:] if isinstance(made, list) else ():   # a second node of one ONNX node
@@ -422,7 +431,80 @@ def _spatial_mean(n, name, acts, cst, shapes, opset, a) -> Node | list[Node]:
             Node(f"{name}/flatten", "Flatten", [pooled], [n.output[0]], {"axis": 1})]
 
 
-def _convert(n, name, consts, shapes, opset) -> Node | list[Node]:
+def _squeeze_to_flatten(n, name, acts, cst, shapes, opset, a, readers=()) -> Node:
+    """``Squeeze`` of 1 x 1 spatial axes after a global pool (PyTorch's ``x.squeeze()`` or
+    ``x.squeeze(-1).squeeze(-1)`` on an (N, C, 1, 1) tensor) as ``Flatten``.
+
+    The input's spatial axes must all be 1 and only they are squeezed. A Squeeze that leaves one of them
+    (the first of two) is taken only when Squeezes or Flattens alone read its output, so that the
+    flattened (N, C) it gives instead of (N, C, 1) reaches them alone. ``x.squeeze()`` also drops the batch
+    axis of a batch of one in ONNX; here the batch axis is always kept. Anything else is refused."""
+    if len(acts) != 1:
+        raise ValueError("expected one activation input")
+    axes = a.get("axes") if opset < 13 else (tuple(int(v) for v in cst[1].ravel()) if 1 in cst else None)
+    if opset >= 13 and 1 not in cst and len(n.input) > 1 and n.input[1]:
+        raise ValueError("the axes must be a constant")
+    shape = shapes.get(acts[0])
+    what = "only a Squeeze of the 1 x 1 spatial axes of an (N, C, 1, 1) tensor is supported"
+    if shape is None or len(shape) not in (3, 4) or any(d != 1 for d in shape[2:]) or shape[1] is None:
+        raise ValueError(f"{what}, got an input of shape {shape}")
+    rank = len(shape)
+    spatial = list(range(2, rank))
+    axes = [k for k in range(1, rank) if shape[k] == 1] if axes is None else \
+        sorted(int(v) + rank if int(v) < 0 else int(v) for v in axes)
+    partial = axes != spatial and axes and set(axes) <= set(spatial)
+    if axes == spatial or partial and readers and all(r.op_type in ("Squeeze", "Flatten") for r in readers):
+        return Node(name, "Flatten", acts, [n.output[0]], {"axis": 1})
+    raise ValueError(f"{what}, got axes {axes} of shape {shape}")
+
+
+def _merge_pads_into_convs(nodes, consts, graph_outputs):
+    """The nodes with every zero ``Pad`` of H and W whose output only one ``Conv`` reads merged into that
+    conv's ``pads`` (exact: the conv's own pads are zeros too). Other Pads are left, to be refused."""
+    readers = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    drop, conv_pads = set(), {}
+    for n in nodes:
+        if n.op_type != "Pad" or n.output[0] in graph_outputs or len(readers.get(n.output[0], [])) != 1:
+            continue
+        conv = readers[n.output[0]][0]
+        a = _attrs(n)
+        if conv.op_type != "Conv" or conv.input[0] != n.output[0] or a.get("mode", "constant") != "constant":
+            continue
+        if _attrs(conv).get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            continue
+        pads = a.get("pads") if "pads" in a else (consts.get(n.input[1]) if len(n.input) > 1 else None)
+        value = a.get("value", 0.0) if "pads" in a else (consts.get(n.input[2], 0.0) if len(n.input) > 2 and n.input[2]
+                                                          else 0.0)
+        if pads is None or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts) or len(n.input) > 3:
+            continue
+        pads = [int(v) for v in np.asarray(pads).ravel()]
+        if len(pads) != 8 or any(pads[k] for k in (0, 1, 4, 5)) or min(pads) < 0 or float(np.asarray(value)) != 0.0:
+            continue
+        conv_pads[conv.name or conv.output[0]] = (n.input[0], [pads[2], pads[3], pads[6], pads[7]])
+        drop.add(id(n))
+    out = []
+    for n in nodes:
+        if id(n) in drop:
+            continue
+        key = n.name or n.output[0]
+        if n.op_type == "Conv" and key in conv_pads:
+            src, extra = conv_pads[key]
+            own = list(_attrs(n).get("pads", (0, 0, 0, 0)))
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.input[0] = src
+            for attr in [x for x in m.attribute if x.name == "pads"]:
+                m.attribute.remove(attr)
+            m.attribute.append(helper.make_attribute("pads", [p + q for p, q in zip(own, extra)]))
+            n = m
+        out.append(n)
+    return out
+
+
+def _convert(n, name, consts, shapes, opset, readers=None) -> Node | list[Node]:
     op, a = n.op_type, _attrs(n)
     acts, cst = _split(n, consts)
     out = [n.output[0]]
@@ -461,6 +543,16 @@ def _convert(n, name, consts, shapes, opset) -> Node | list[Node]:
         lo = None if lo is None or np.isneginf(lo) or lo <= -3.4e38 else float(lo)
         hi = None if hi is None or np.isposinf(hi) or hi >= 3.4e38 else float(hi)
         return Node(name, op, acts, out, {"min": lo, "max": hi})
+    if op in ("Sub", "Div"):                    # activation -/÷ constant only
+        if len(acts) != 1 or acts[0] != n.input[0] or 1 not in cst:
+            raise ValueError(f"only an activation {'minus' if op == 'Sub' else 'divided by'} a constant is supported")
+        c = np.asarray(cst[1], np.float64)
+        if op == "Div" and np.any(c == 0):
+            raise ValueError("division by a constant with zeros")
+        return Node(name, "Add" if op == "Sub" else "Mul", acts, out, {},
+                    {"constant": _f32(-c if op == "Sub" else 1.0 / c)})
+    if op == "Squeeze":
+        return _squeeze_to_flatten(n, name, acts, cst, shapes, opset, a, (readers or {}).get(n.output[0], ()))
     if op in ("Add", "Sum", "Mul"):
         params = {}
         if cst:
