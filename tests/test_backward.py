@@ -170,7 +170,7 @@ def test_conv_forward_matches_the_loop_twin_and_the_engine(case):
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.sampled_from([2, 4]))
 def test_bn_relu_clip_vjps_match_finite_differences(seed, C, ndim):
-    """V.2 (BN, eval mode: affine per channel), V.3 (Relu), V.4 (Clip) against central differences."""
+    """V.2 (BN, eval mode: affine per channel), V.3 (Relu), V.4 (Clip), V.13 (LeakyRelu) against central differences."""
     rng = np.random.default_rng(seed)
     shape = (2, C) + (3, 4)[:ndim - 2]
     bn = Node("bn", "BatchNormalization", ["x"], ["y"], {"epsilon": 1e-3},
@@ -185,6 +185,18 @@ def test_bn_relu_clip_vjps_match_finite_differences(seed, C, ndim):
     x = np.where(np.abs(x - hi) < 1e-2, x + 2e-2, x)
     for attrs in ({"min": lo, "max": hi}, {"min": lo}, {"max": hi}, {"min": 0.0, "max": 6.0}):
         assert node_check(Node("c", "Clip", ["x"], ["y"], attrs), [x * 4], rng) < RTOL
+    for alpha in (0.01, 0.2, 1.0):                                          # V.13
+        assert node_check(Node("l", "LeakyRelu", ["x"], ["y"], {"alpha": alpha}), [away_from_zero(rng, shape)],
+                          rng) < RTOL
+
+
+def test_leaky_relu_vjp_negative_control():
+    """V.13 negative control: ReLU's mask (slope 0 below zero) in place of alpha fails the check."""
+    rng = np.random.default_rng(2)
+    node = Node("l", "LeakyRelu", ["x"], ["y"], {"alpha": 0.2})
+    x = away_from_zero(rng, (2, 3, 4, 4))
+    assert node_check(node, [x], rng) < RTOL
+    assert node_check(node, [x], rng, vjp=lambda node, slope, gy: (gy * (slope == 1),)) > 1e-3
 
 
 def test_relu_vjp_negative_control():
@@ -303,7 +315,7 @@ def test_unbroadcast_negative_control():
 
 def small_graph(rng, dtype=np.float64):
     """A graph with every differentiable op on the way: convs (strided, grouped, depthwise), BN, ReLU,
-    Clip, MaxPool, AveragePool, Concat, Add, Mul, GAP, Flatten, Gemm, Identity."""
+    Clip, MaxPool, AveragePool, Concat, Add, Mul, LeakyRelu, GAP, Flatten, Gemm, Identity."""
     p = lambda *s: rng.standard_normal(s).astype(dtype) * 0.5
 
     def bn(name, x, c):
@@ -321,7 +333,7 @@ def small_graph(rng, dtype=np.float64):
         bn("b3", "g", 9), Node("id", "Identity", ["b3"], ["id"]),
         Node("sc", "Conv", ["cat"], ["sc"], {}, {"W": p(9, 18, 1, 1)}),
         Node("add", "Add", ["id", "sc"], ["add"]), Node("mul", "Mul", ["add"], ["mul"], {}, {"constant": p(1, 9, 1, 1)}),
-        Node("r3", "Relu", ["mul"], ["r3"]), Node("gap", "GlobalAveragePool", ["r3"], ["gap"]),
+        Node("r3", "LeakyRelu", ["mul"], ["r3"], {"alpha": 0.1}), Node("gap", "GlobalAveragePool", ["r3"], ["gap"]),
         Node("fl", "Flatten", ["gap"], ["fl"], {"axis": 1}), Node("fc", "Gemm", ["fl"], ["out"], {}, {"W": p(4, 9), "B": p(4)}),
     ]
     return Graph(nodes, ["x"], ["out"], {"x": (2, 8, 8)})
@@ -379,6 +391,8 @@ def _torch_module(graph):
                 y = F.relu(xs[0])
             elif n.op == "Clip":
                 y = torch.clamp(xs[0], a.get("min"), a.get("max"))
+            elif n.op == "LeakyRelu":
+                y = F.leaky_relu(xs[0], a.get("alpha", 0.01))
             elif n.op == "MaxPool":
                 pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
                 y = F.max_pool2d(F.pad(xs[0], (pl, pr, pt, pb), value=-float("inf")), tuple(a["kernel_shape"]),

@@ -311,3 +311,71 @@ def test_zoo_mobilenet_pairs_grid_and_onnxruntime_e1(tmp_path):
     got, ref = sess.run(None, {q.inputs[0]: x})[0], q.run(x)
     assert np.array_equal(got.argmax(1), ref.argmax(1))
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------------- L.1: through a LeakyReLU
+
+def leaky(v, alpha):
+    return np.where(v >= 0, v, alpha * v)
+
+
+@given(st.data(), st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple), st.floats(0.0, 20.0),
+       st.floats(-1.0, 1.0))
+def test_lemma2_holds_through_a_leaky_relu_l1(data, shape, c, alpha):
+    """L.1: for |alpha| <= 1 and c >= 0, |c f(a) - f(b)| <= |c a - b| with f = LeakyRelu(alpha) (a, b in
+    [-30, 30] with zeros, ties, one sign and the end points; float slack 1e-12 relative), and f(c a) = c f(a)."""
+    a, b = data.draw(uniform_arrays(shape, -30.0, 30.0)), data.draw(uniform_arrays(shape, -30.0, 30.0))
+    lhs = np.abs(c * leaky(a, alpha) - leaky(b, alpha))
+    assert np.all(lhs <= np.abs(c * a - b) + 1e-12 * (1.0 + np.abs(c * a) + np.abs(b)))
+    np.testing.assert_allclose(leaky(c * a, alpha), c * leaky(a, alpha), rtol=1e-12, atol=1e-12)
+
+
+def test_lemma2_fails_through_a_steep_leaky_relu_negative_control_l1():
+    """L.1 negative control: with alpha = 3 (not 1-Lipschitz) the bound fails (c = 1, a = -1, b = -2: 3 > 1),
+    and on random points for a sizeable share."""
+    assert abs(leaky(-1.0, 3.0) - leaky(-2.0, 3.0)) > abs(-1.0 - -2.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=10_000), rng.normal(size=10_000)
+    assert np.mean(np.abs(0.8 * leaky(a, 3.0) - leaky(b, 3.0)) > np.abs(0.8 * a - b) + 1e-12) > 0.1
+
+
+def _leaky_net(alpha, seed=0):
+    """conv-BN-LeakyRelu -> conv-BN-LeakyRelu -> conv-BN-LeakyRelu -> GAP -> FC (two candidate pairs)."""
+    b = _Builder(seed)
+    t = "x"
+    for i, (c, o) in enumerate([(3, 16), (16, 16), (16, 16)]):
+        t = b.op(f"a{i}", "LeakyRelu", [b.bn(f"bn{i}", b.conv(f"c{i}", t, c, o, 3), o)], alpha=alpha)
+    t = b.linear("fc", b.op("fl", "Flatten", [b.op("gap", "GlobalAveragePool", [t])], axis=1), 16, 10)
+    return Graph(b.nodes, inputs=["x"], outputs=[t], input_shapes={"x": (3, 8, 8)})
+
+
+def test_pairs_fold_through_leaky_relu_and_refuse_alpha_above_one_l1():
+    """L.1 / H.1 in the pairing: LeakyRelu is positively homogeneous for any alpha (numerically checked), so
+    its chains pair with c folded into BN^l; with |alpha| > 1 they do not pair, and the reason names L.1."""
+    x = np.linspace(-20, 20, 401)
+    for alpha in (0.01, 0.2, 1.0, 3.0):
+        node = Node("a", "LeakyRelu", ["x"], ["y"], {"alpha": alpha})
+        assert positively_homogeneous(node) and all(np.allclose(leaky(c * x, alpha), c * leaky(x, alpha))
+                                                    for c in (0.0, 0.5, 2.0))
+    p = find_pairs(_leaky_net(0.1))
+    assert [(q.low, q.high, q.form) for q in p.pairs] == [("c1", "c2", "fold")]
+    steep = find_pairs(_leaky_net(3.0))
+    assert steep.pairs == [] and "L.1" in steep.why_unpaired["c1"] and "|alpha| > 1" in steep.why_unpaired["c1"]
+
+
+@pytest.mark.parametrize("recalibration", ["absorb", "analytic", "sequential", "data"])
+def test_leaky_relu_graph_quantizes_and_runs_in_onnxruntime_l1(recalibration, tmp_path):
+    """L.1 end to end: a LeakyRelu network quantizes in every re-calibration mode (the default's probes are
+    distilled through V.13; analytic uses M.14), c is folded into BN^l (the high conv stays on its grid), and
+    the saved ONNX model gives our engine's outputs in onnxruntime (1e-4 relative)."""
+    import onnx
+    from _onnx_helpers import ort_run
+    g = _leaky_net(0.1)
+    x = np.random.default_rng(3).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    q, rep = quantize_network(g, 2, 6, recalibration=recalibration, calibration_data=x, probe_iterations=20)
+    assert [(p.low, p.high, p.form) for p in rep.pairs] == [("c1", "c2", "fold")]
+    assert len(np.unique(q.node("c1").params["W"])) <= 3
+    path = tmp_path / "leaky.onnx"
+    dfmpc.save_model(q, path)
+    ref, got = q.run(x), ort_run(onnx.load(str(path)), {"x": x})[0]
+    assert np.all(np.isfinite(got)) and float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-4

@@ -196,6 +196,15 @@ def test_other_sub_div_squeeze_pad_refused():
             from_onnx(_model(nodes, inits, [1, 3, 1, 1] if nodes[0].op_type == "Squeeze" else [1, 3, 4, 4]))
 
 
+@pytest.mark.parametrize("alpha", [None, 0.2, 1.5])
+def test_leaky_relu(alpha):
+    """LeakyRelu (ONNX default alpha 0.01 when the attribute is missing) matches onnxruntime and round-trips."""
+    kw = {} if alpha is None else {"alpha": alpha}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("LeakyRelu", ["c"], ["y"], **kw)]
+    graph = _check_against_ort(_model(nodes, {"w": _w(4, 3, 3, 3)}, [2, 3, 5, 5]), _w(2, 3, 5, 5, scale=1.0))
+    assert graph.nodes[-1].attrs["alpha"] == pytest.approx(0.01 if alpha is None else alpha)
+
+
 def test_residual_concat_clip_dropout_identity_softmax():
     inits = {"W1": _w(4, 3, 3, 3), "W2": _w(4, 3, 1, 1), "W3": _w(3, 8, 1, 1),
              "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32), "ratio": np.array(0.3, np.float32)}

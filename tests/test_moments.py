@@ -208,9 +208,10 @@ def test_conv_auto_pad_same_upper():
 
 @pytest.mark.parametrize("op, attrs", [("BatchNormalization", {"epsilon": 1e-3}), ("Relu", {}),
                                        ("Clip", {"min": 0.0, "max": 1.0}), ("Clip", {"min": -0.5, "max": None}),
+                                       ("LeakyRelu", {"alpha": 0.1}), ("LeakyRelu", {"alpha": 0.5}),
                                        ("Identity", {}), ("Dropout", {})])
 def test_elementwise_rules_match_monte_carlo(op, attrs):
-    """M.3 (BN affine), M.4 (clipped Gaussian on a Gaussian input), M.13 (pass-through)."""
+    """M.3 (BN affine), M.4 (clipped Gaussian on a Gaussian input), M.14 (LeakyRelu), M.13 (pass-through)."""
     rng = np.random.default_rng(3)
     C = 5
     params = {}
@@ -222,6 +223,18 @@ def test_elementwise_rules_match_monte_carlo(op, attrs):
     m, v = channel_moments(rng, C)
     Y = run(g, gaussian(rng, 4000, (C, 4, 4), m, v))
     assert max(z_scores(propagate_moments(g, m, v)["y"], Y)) < Z
+
+
+def test_leaky_relu_rule_negative_control():
+    """M.14 negative control: ReLU's moments (dropping the alpha branch) miss a LeakyRelu(0.5)'s Monte Carlo."""
+    rng = np.random.default_rng(4)
+    C = 5
+    g = one_node(Node("n", "LeakyRelu", ["x"], ["y"], {"alpha": 0.5}), (C, 4, 4))
+    m, v = channel_moments(rng, C)
+    Y = run(g, gaussian(rng, 4000, (C, 4, 4), m, v))
+    assert max(z_scores(propagate_moments(g, m, v)["y"], Y)) < Z
+    wrong = clipped_gaussian_moments(m, v, 0.0, np.inf)
+    assert max(z_scores(wrong, Y)) > 3 * Z
 
 
 # ----------------------------------------------------------------------------- M.5 Add, M.6 Mul
@@ -535,7 +548,8 @@ def test_tensor_shapes_match_the_engine_on_a_graph_with_every_op():
              Node("cat", "Concat", ["mp", "ap"], ["cat"], {"axis": 1}),
              Node("mul", "Mul", ["cat"], ["mul"], {}, {"constant": f32(8, 1, 1)}),
              Node("add", "Add", ["mul", "cat"], ["add"], {}, {"constant": f32(1)}),
-             Node("id", "Identity", ["add"], ["id"]), Node("do", "Dropout", ["id"], ["do"]),
+             Node("id", "Identity", ["add"], ["id"]), Node("lr", "LeakyRelu", ["id"], ["lr"], {"alpha": 0.1}),
+             Node("do", "Dropout", ["lr"], ["do"]),
              Node("gap", "GlobalAveragePool", ["do"], ["gap"]), Node("fl", "Flatten", ["do"], ["fl"]),
              Node("fc", "Gemm", ["fl"], ["fc"], {}, {"W": f32(5, 32)}), Node("sm", "Softmax", ["fc"], ["sm"], {"axis": 1})]
     g = Graph(nodes, ["x"], ["sm", "gap"], {"x": (3, 9, 9)})

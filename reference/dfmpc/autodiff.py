@@ -494,6 +494,16 @@ def _mask_vjp(node, mask, gy):                                # V.3 / V.4: gy wh
     return (np.where(mask, gy, gy.dtype.type(0)),)
 
 
+def _leaky_relu_forward(node, x):
+    alpha = x.dtype.type(node.attrs.get("alpha", 0.01))
+    slope = np.where(x >= 0, x.dtype.type(1), alpha)              # dy/dx: 1, or alpha below 0
+    return x * slope, slope
+
+
+def _slope_vjp(node, slope, gy):                              # V.13: gy times the local slope
+    return (gy * slope,)
+
+
 def _clip_forward(node, x):
     lo, hi = node.attrs.get("min"), node.attrs.get("max")
     y = np.clip(x, None if lo is None else x.dtype.type(lo), None if hi is None else x.dtype.type(hi))
@@ -634,6 +644,7 @@ RULES: dict[str, Rule] = {
     "BatchNormalization": Rule(_bn_forward, _bn_vjp),
     "Relu": Rule(_relu_forward, _mask_vjp),
     "Clip": Rule(_clip_forward, _mask_vjp),
+    "LeakyRelu": Rule(_leaky_relu_forward, _slope_vjp),
     "MaxPool": Rule(_max_pool_forward, _max_pool_vjp),
     "AveragePool": Rule(_avg_pool_forward, _avg_pool_vjp),
     "GlobalAveragePool": Rule(_gap_forward, _gap_vjp),

@@ -13,6 +13,7 @@ op                     rule                                                     
 Conv                   exact spatial average under independence, zero padding included      M.2
 BatchNormalization     per-channel affine map                                                M.3
 Relu, Clip             clipped Gaussian (derivation 10, R.2)                                 M.4
+LeakyRelu              rectified Gaussian of x and of -x, combined                           M.14
 Add (Sum)              means add; variances add plus a stated branch correlation             M.5
 Mul                    constant: exact per-channel average; two activations: independent     M.6
 Concat                 channel axis: concatenate; spatial axis: mixture                      M.7
@@ -374,6 +375,40 @@ def relu_moments(node: Node, x: RuleInput) -> Moments:
     mean, var : ndarray, the input's shape.
     """
     return clipped_gaussian_moments(*x.moments[0], 0.0, np.inf)
+
+
+def leaky_relu_moments(node: Node, x: RuleInput) -> Moments:
+    """LeakyRelu(alpha) of a Gaussian input (M.14): ``f(X) = ReLU(X) - alpha ReLU(-X)``, whose two terms
+    are never both non-zero, so ``E f = E ReLU(X) - alpha E ReLU(-X)`` and
+    ``E f^2 = E ReLU(X)^2 + alpha^2 E ReLU(-X)^2``, each from R.2 (-X ~ N(-m, v)).
+
+    Parameters
+    ----------
+    node : Node
+        attr ``alpha`` (default 0.01).
+    x : RuleInput
+        One input, moments (C,) or (F,).
+
+    Returns
+    -------
+    mean, var : ndarray, the input's shape.
+
+    Examples
+    --------
+    alpha = 1 is the identity:
+
+    >>> node = Node("l", "LeakyRelu", ["x"], ["y"], {"alpha": 1.0})
+    >>> m, v = leaky_relu_moments(node, RuleInput([(np.array([0.3]), np.array([2.0]))], [(1,)], (1,)))
+    >>> np.allclose(m, 0.3), np.allclose(v, 2.0)
+    (True, True)
+    """
+    alpha = float(node.attrs.get("alpha", 0.01))
+    m, v = (np.asarray(a, dtype=np.float64) for a in x.moments[0])
+    mp, vp = clipped_gaussian_moments(m, v, 0.0, np.inf)                 # ReLU(X)
+    mn, vn = clipped_gaussian_moments(-m, v, 0.0, np.inf)                # ReLU(-X)
+    mean = mp - alpha * mn                                               # M.14
+    second = (vp + mp**2) + alpha**2 * (vn + mn**2)
+    return mean, np.maximum(second - mean**2, 0.0)
 
 
 def clip_moments(node: Node, x: RuleInput) -> Moments:
@@ -770,6 +805,7 @@ MOMENT_RULES: dict[str, Callable[[Node, RuleInput], Moments]] = {
     "BatchNormalization": batch_norm_moments,
     "Relu": relu_moments,
     "Clip": clip_moments,
+    "LeakyRelu": leaky_relu_moments,
     "Add": add_moments,
     "Mul": mul_moments,
     "Concat": concat_moments,

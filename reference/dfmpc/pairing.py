@@ -76,11 +76,16 @@ class Pair:
     form: str = "fold"
 
 
+#: the activations a pair may go through: ReLU and LeakyRelu with |alpha| <= 1 (c folded, derivation 17, H.1
+#: and L.1), Clip (c by Eq. (7) when it is not positively homogeneous, e.g. ReLU6)
+ACTIVATIONS = ("Relu", "LeakyRelu", "Clip")
+
+
 def positively_homogeneous(node: Node) -> bool:
     """Whether activation ``node`` satisfies ``f(c x) = c f(x)`` for every ``c >= 0`` (derivation 17, H.1).
 
-    ReLU is; ``Clip(lo, hi)`` is exactly when each bound is 0 or infinite (missing), so ReLU6 =
-    ``Clip(0, 6)`` is not.
+    ReLU and LeakyRelu (any alpha: ``f(cx) = cx`` or ``alpha c x``, by the sign of x) are; ``Clip(lo, hi)``
+    is exactly when each bound is 0 or infinite (missing), so ReLU6 = ``Clip(0, 6)`` is not.
 
     Examples
     --------
@@ -91,7 +96,7 @@ def positively_homogeneous(node: Node) -> bool:
     >>> x = np.array([1.0, 4.0]); bool(np.array_equal(np.clip(2 * x, 0, 6), 2 * np.clip(x, 0, 6)))   # H.1 fails
     False
     """
-    if node.op == "Relu":
+    if node.op in ("Relu", "LeakyRelu"):
         return True
     if node.op != "Clip":
         return False
@@ -192,7 +197,7 @@ def _chain(graph: Graph, A: Node, through_clip: bool = False):
     while nxt is not None and _per_channel_constant(nxt, bn.params["gamma"].shape[0]):
         affine.append(nxt)
         nxt = _single_consumer(graph, nxt.outputs[0])
-    if affine and nxt is not None and nxt.op in ("Relu", "Clip"):
+    if affine and nxt is not None and nxt.op in ACTIVATIONS:
         names = ", ".join(repr(n.name) for n in affine)
         return None, (f"per-channel {'/'.join(n.op for n in affine)} ({names}) between BN {bn.name!r} and the "
                       "activation: c folded into the BN would not scale them; merge them into the BN first "
@@ -201,9 +206,12 @@ def _chain(graph: Graph, A: Node, through_clip: bool = False):
     if act is None:
         last = affine[-1] if affine else bn
         return None, f"the BN output is read by {len(graph.consumers(last.outputs[0]))} nodes", False
-    if act.op not in ("Relu", "Clip"):
+    if act.op not in ACTIVATIONS:
         kind = " (a residual sum)" if act.op == "Add" and len(act.inputs) > 1 else ""
         return None, f"BN {bn.name!r} is followed by {act.op} {act.name!r}{kind}, not a ReLU", False
+    if act.op == "LeakyRelu" and abs(float(act.attrs.get("alpha", 0.01))) > 1:
+        return None, (f"activation {act.name!r} is LeakyRelu(alpha={act.attrs.get('alpha')}), not 1-Lipschitz "
+                      "(|alpha| > 1): Lemma 2, which DF-MPC's bound rests on, does not hold (derivation 17, L.1)"), False
     t = act.outputs[0]
     nxt = _single_consumer(graph, t)
     while nxt is not None and nxt.op in PASS_THROUGH:

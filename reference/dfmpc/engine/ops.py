@@ -68,6 +68,12 @@ def relu(node, x):
     return np.maximum(x, np.float32(0))
 
 
+def leaky_relu(node, x):
+    """LeakyRelu: x where x >= 0, ``alpha * x`` elsewhere (ONNX; ``alpha`` default 0.01)."""
+    alpha = np.float32(node.attrs.get("alpha", 0.01))
+    return np.where(x >= 0, x, alpha * x).astype(np.float32, copy=False)
+
+
 def clip(node, x):
     """Clip: min(max(x, min), max); ``min``/``max`` attrs may be None (unbounded). ReLU6 is Clip(0, 6)."""
     lo, hi = node.attrs.get("min"), node.attrs.get("max")
@@ -158,6 +164,7 @@ OPS = {
     "Conv": conv,
     "BatchNormalization": batch_norm,
     "Relu": relu,
+    "LeakyRelu": leaky_relu,
     "Clip": clip,
     "Add": add,
     "Mul": mul,

@@ -118,6 +118,8 @@ def to_onnx(graph: Graph, format: str = "float", bits: dict | None = None, repor
         elif op == "BatchNormalization":
             ins += [init(n, k, p[k]) for k in ("gamma", "beta", "mean", "var")]
             extra = {"epsilon": float(a.get("epsilon", 1e-5))}
+        elif op == "LeakyRelu":
+            extra = {"alpha": float(a.get("alpha", 0.01))}
         elif op == "Clip":
             ins += [init(n, "min", np.float32(-np.inf if a.get("min") is None else a["min"])),
                     init(n, "max", np.float32(np.inf if a.get("max") is None else a["max"]))]

@@ -42,7 +42,7 @@ from ..engine.graph import Graph, Node
 IMPORTABLE_OPS = frozenset({
     "Conv", "BatchNormalization", "Relu", "Clip", "Add", "Sum", "Mul", "Concat", "MaxPool",
     "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Softmax",
-    "Identity", "Dropout", "ReduceMean", "Sub", "Div", "Squeeze"})
+    "Identity", "Dropout", "ReduceMean", "Sub", "Div", "Squeeze", "LeakyRelu"})
 
 
 def load_onnx(path: str | os.PathLike) -> Graph:
@@ -528,6 +528,8 @@ def _convert(n, name, consts, shapes, opset, readers=None) -> Node | list[Node]:
         return Node(name, op, acts, out, {"epsilon": float(a.get("epsilon", 1e-5))}, p)
     if op in ("Relu", "Identity", "GlobalAveragePool"):
         return Node(name, op, acts, out)
+    if op == "LeakyRelu":
+        return Node(name, op, acts, out, {"alpha": float(a.get("alpha", 0.01))})
     if op == "Dropout":
         if a.get("training_mode") or (len(n.input) > 2 and n.input[2] in cst and bool(cst[2])):
             raise ValueError("Dropout in training mode is not supported")
