@@ -468,7 +468,59 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
     assert probes_label("noise", noise) == "noise (3 images)"
     _, rep = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=2,
                                     probe_tolerance=10.0, progress=False)
-    assert rep.probes == probes_label("distilled", r) and "2 steps" in rep.summary()
+    assert rep.probes == probes_label("distilled", r) + ", 4 shifted views each" and "2 steps" in rep.summary()
     _, rep3 = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=3,
                                      probe_tolerance=10.0, progress=False)
     assert rep3.probes != rep.probes and "3 steps" in rep3.probes
+
+
+# ------------------------------------------------------------------------ S.3: shifted views
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, len(probes.PROBE_SHIFTS)))
+def test_shifted_views_are_circular_shifts_of_each_image(seed, n, c, h, w, views):
+    """S.3: view k of image i is image i rolled by PROBE_SHIFTS[k] (checked pixel by pixel against index
+    arithmetic, any size, wrap-around included); view 0 is the image itself; views come view after view."""
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    v = probes.shifted_views(x, views)
+    assert v.shape == (views * n, c, h, w) and v.dtype == np.float32 and v.flags.c_contiguous
+    for k, (dy, dx) in enumerate(probes.PROBE_SHIFTS[:views]):
+        for i in range(h):
+            for j in range(w):
+                np.testing.assert_array_equal(v[k * n:(k + 1) * n, :, (i + dy) % h, (j + dx) % w], x[:, :, i, j])
+    np.testing.assert_array_equal(v[:n], x)
+
+
+def test_shifted_views_refuse_bad_arguments():
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    for bad in (0, 5, 1.5, True, None):
+        with pytest.raises(ValueError, match="views"):
+            probes.shifted_views(x, bad)
+    with pytest.raises(ValueError, match="x: expected"):
+        probes.shifted_views(x.astype(np.float64), 2)
+
+
+def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
+    """S.3 in the pipeline: the sequential pass runs on the probes' default views (4 for distilled and given
+    images, 1 for noise), or on ``probe_views`` of them, and the report says so; a bad value is refused
+    before any work (negative control: with one view the re-calibrated network differs)."""
+    import dfmpc
+    import dfmpc.recalibration as R
+    seen = []
+    real_init = R.RecalibrationContext.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        seen.append(None if self.probes is None else len(self.probes))
+    monkeypatch.setattr(R.RecalibrationContext, "__init__", spy)
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    q4, rep4 = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    q1, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1)
+    _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5)
+    assert seen == [12, 3, 5]
+    assert rep4.probes == "given (3 images), 4 shifted views each" and rep1.probes == "given (3 images)"
+    assert repn.probes == "noise (5 images)"
+    assert not np.array_equal(q4.run(x), q1.run(x))
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="probe_views"):
+            dfmpc.quantize_network(resnet20, probes="distilled", probe_views=bad)

@@ -50,7 +50,8 @@ from .engine.graph import Graph
 __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DEFAULT_LR", "probe_inputs",
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
-           "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER"]
+           "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
+           "PROBE_SHIFTS", "shifted_views"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -103,6 +104,13 @@ MAX_BUDGET_FACTOR = 4
 #: run at one thread (no pool hand-off at all) and the pass is fused further: ResNet-20's distillation 7.7 s
 #: against 10.6 s for the code these figures were taken with (load ~2, `benchmarks/probes.py --baseline`).
 DISTILL_THREADS = 1
+#: the circular shifts (rows, columns) of a probe image's views, in order: the image itself, then rolled by 2
+#: pixels along the three diagonals. The sequential re-calibration uses the first ``probe_views`` of them
+#: (derivation 16, "Shifted views of the probes", S.3): a conv net's statistics do not depend on where an
+#: object sits, and the shifted copies reach the last, strided stages at positions that the distillation did
+#: not fit jointly, which is where the probes alone see too little drift.
+PROBE_SHIFTS = ((0, 0), (2, 2), (-2, -2), (2, -2))
+
 #: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
 NO_BN_MESSAGE = ("graph: has no BatchNormalization node to distil against; if BN was folded into the convs on "
                  "export (torch.onnx.export's default), export with dfmpc.interop.torch_export.export_onnx, "
@@ -199,6 +207,43 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
         g += (a - b * mu_b).astype(r.dtype)
     shape = (z.shape[0],) + z.shape[2:] + (z.shape[1],)
     return loss, np.moveaxis(g.reshape(shape), -1, 1)
+
+
+def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
+    """The probes and their circularly shifted copies, ``views`` per image (derivation 16, S.3).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    views : int, 1 <= views <= len(PROBE_SHIFTS)
+        1 returns a copy of ``x``.
+
+    Returns
+    -------
+    ndarray, shape (views * N, C, H, W), float32
+        View k of every image (``np.roll`` by :data:`PROBE_SHIFTS` ``[k]`` along H and W), view after view.
+
+    Raises
+    ------
+    ValueError
+        ``x`` not a non-empty float32 (N, C, H, W) array, or ``views`` out of range.
+
+    Examples
+    --------
+    A pixel at (0, 0) moves to (2, 2) in the second view and wraps around to (H - 2, W - 2) in the third:
+
+    >>> x = np.zeros((1, 1, 6, 6), np.float32); x[0, 0, 0, 0] = 1
+    >>> v = shifted_views(x, 3)
+    >>> v.shape, [tuple(int(i) for i in np.argwhere(im[0])[0]) for im in v]
+    ((3, 1, 6, 6), [(0, 0), (2, 2), (4, 4)])
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    views = _check_int(views, "views", 1)
+    if views > len(PROBE_SHIFTS):
+        raise ValueError(f"views: expected an integer in [1, {len(PROBE_SHIFTS)}], got {views}")
+    return np.ascontiguousarray(np.concatenate([np.roll(x, s, axis=(2, 3)) for s in PROBE_SHIFTS[:views]]))
 
 
 def _formed(g):
