@@ -474,12 +474,12 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
     assert rep3.probes != rep.probes and "3 steps" in rep3.probes
 
 
-# ------------------------------------------------------------------------ S.3: shifted views
+# ------------------------------------------------------------------------ S.4: shifted views
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9),
        st.integers(1, len(probes.PROBE_SHIFTS)))
 def test_shifted_views_are_circular_shifts_of_each_image(seed, n, c, h, w, views):
-    """S.3: view k of image i is image i rolled by PROBE_SHIFTS[k] (checked pixel by pixel against index
+    """S.4: view k of image i is image i rolled by PROBE_SHIFTS[k] (checked pixel by pixel against index
     arithmetic, any size, wrap-around included); view 0 is the image itself; views come view after view."""
     x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
     v = probes.shifted_views(x, views)
@@ -501,7 +501,7 @@ def test_shifted_views_refuse_bad_arguments():
 
 
 def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
-    """S.3 in the pipeline: the sequential pass runs on the probes' default views (4 for distilled and given
+    """S.4 in the pipeline: the sequential pass runs on the probes' default views (4 for distilled and given
     images, 1 for noise), or on ``probe_views`` of them, and the report says so; a bad value is refused
     before any work (negative control: with one view the re-calibrated network differs)."""
     import dfmpc

@@ -58,7 +58,7 @@ DEFAULT_PROBES = DEFAULT_KIND
 #: gets enough images for stable per-channel statistics.
 DEFAULT_PROBE_IMAGES = {"distilled": DEFAULT_N, "noise": 256}
 #: views per probe image (:func:`dfmpc.probes.shifted_views`) when ``probe_views`` is not given: the image and
-#: its three diagonal 2-pixel shifts for distilled probes and for given images (derivation 16, S.3; ResNet-20's
+#: its three diagonal 2-pixel shifts for distilled probes and for given images (derivation 15, S.4; ResNet-20's
 #: largest |log ratio| of ``dfmpc diagnose`` fell from 0.16-0.27 to 0.09-0.17 over three seeds); white noise
 #: is already independent from pixel to pixel, so its views would add nothing but work.
 DEFAULT_PROBE_VIEWS = {"distilled": len(PROBE_SHIFTS), "noise": 1, "given": len(PROBE_SHIFTS)}
@@ -445,7 +445,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         :data:`dfmpc.probes.DEFAULT_OPTIMIZER`).
     probe_views : int in [1, 4], optional
         ``sequential`` only: each probe image is used with its first ``probe_views`` circular shifts
-        (:func:`dfmpc.probes.shifted_views`, derivation 16, S.3); default :data:`DEFAULT_PROBE_VIEWS` of the
+        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4); default :data:`DEFAULT_PROBE_VIEWS` of the
         kind (4 for distilled and for given images, 1 for noise).
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
@@ -501,7 +501,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     if probe_x is not None:
         views = DEFAULT_PROBE_VIEWS["given" if isinstance(probes, np.ndarray) else probes] \
             if probe_views is None else probe_views
-        probe_x = shifted_views(probe_x, views)                                            # derivation 16, S.3
+        probe_x = shifted_views(probe_x, views)                                            # derivation 15, S.4
         probes_made += "" if views == 1 else f", {views} shifted views each"
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}

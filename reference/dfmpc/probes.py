@@ -106,7 +106,7 @@ MAX_BUDGET_FACTOR = 4
 DISTILL_THREADS = 1
 #: the circular shifts (rows, columns) of a probe image's views, in order: the image itself, then rolled by 2
 #: pixels along the three diagonals. The sequential re-calibration uses the first ``probe_views`` of them
-#: (derivation 16, "Shifted views of the probes", S.3): a conv net's statistics do not depend on where an
+#: (derivation 15, S.4): a conv net's statistics do not depend on where an
 #: object sits, and the shifted copies reach the last, strided stages at positions that the distillation did
 #: not fit jointly, which is where the probes alone see too little drift.
 PROBE_SHIFTS = ((0, 0), (2, 2), (-2, -2), (2, -2))
@@ -210,7 +210,7 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
 
 
 def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
-    """The probes and their circularly shifted copies, ``views`` per image (derivation 16, S.3).
+    """The probes and their circularly shifted copies, ``views`` per image (derivation 15, S.4).
 
     Parameters
     ----------
