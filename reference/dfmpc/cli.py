@@ -136,7 +136,7 @@ def cmd_demo(a) -> dict:
         out["probes"] = probes_label(a.probes, made) + ("" if kw["probe_views"] == 1 else
                                                         f", {kw['probe_views']} shifted views each")
         if show:
-            print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
+            print(f"  (sequential re-calibration on {out['probes']}; made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")
     modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
     for mode in modes:                            # separate what re-calibration does from what c does
