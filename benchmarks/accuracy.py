@@ -77,8 +77,7 @@ def run_model(arch, settings, lambda1, lambda2, log, modes=MODES, backend="engin
         row["probe_seconds"][kind] = time.perf_counter() - t0
         log(f"  {kind} probes: {len(probes[kind])} images, {row['probe_seconds'][kind]:.1f} s")
     extras = {"absorb": {}, "analytic": {}, "sequential": {"probes": probes.get("distilled")},
-              "sequential-noise": {"recalibration": "sequential", "probes": probes.get("noise"),
-                                   "probe_views": dfmpc.pipeline.DEFAULT_PROBE_VIEWS["noise"]}, "data": {}}
+              "sequential-noise": {"recalibration": "sequential", "probes": probes.get("noise")}, "data": {}}
     modes = {m: extras[m] for m in MODES if m in modes}
     for s in settings:
         lo, hi = map(int, s.split("/"))

@@ -13,6 +13,7 @@ Usage::
     python benchmarks/diagnose.py                          # all zoo models at MP2/6; rewrites the README table
     python benchmarks/diagnose.py --models resnet20 --settings 2/6,3/6 --no-readme
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
+    python benchmarks/diagnose.py --probe-views 4          # shifted views of the probes (not the default)
 
 Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there).
 """
@@ -40,20 +41,24 @@ def _atomic_write(path: Path, text: str) -> None:
     write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
-def run(model: str, setting: str, images, recalibration: str) -> dict:
+def results_path(probe_views: int) -> Path:
+    """Where the rows go: ``diagnose.json`` for the default one view, ``diagnose_views<V>.json`` otherwise."""
+    return RESULTS / ("diagnose.json" if probe_views == 1 else f"diagnose_views{probe_views}.json")
+
+
+def run(model: str, setting: str, images, recalibration: str, probe_views: int = 1) -> dict:
     """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
     lo, hi = map(int, setting.split("/"))
     t0 = time.perf_counter()
     d = diagnose(load_zoo_model(model), images, lo, hi, recalibration=recalibration, compensation="none",
-                 progress=False)
+                 probe_views=probe_views, progress=False)
     return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
             "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
             "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers}}
 
 
-def merge(new_rows: list[dict]) -> list[dict]:
-    """New rows replace the saved ones of the same model, setting and mode; the rest are kept."""
-    path = RESULTS / "diagnose.json"
+def merge(new_rows: list[dict], path: Path) -> list[dict]:
+    """New rows replace the saved ones (in ``path``) of the same model, setting and mode; the rest are kept."""
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     key = lambda r: (r["model"], r["setting"], r["recalibration"])
     fresh = {key(r) for r in new_rows}
@@ -93,11 +98,19 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="first N shipped test images (default %(default)s)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
+    p.add_argument("--probe-views", type=int, default=1, metavar="V",
+                   help="views per probe image (1-4, default 1 = the library's default); other than 1, the rows "
+                        "go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
     a = p.parse_args(argv)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number of images, got {a.images}")
+    if not 1 <= a.probe_views <= 4:
+        raise SystemExit(f"--probe-views: expected 1 to 4, got {a.probe_views}")
+    path = results_path(a.probe_views)
+    if a.probe_views != 1:
+        a.no_readme = True
     if a.table_only:
-        rows = json.loads((RESULTS / "diagnose.json").read_text())["rows"]
+        rows = json.loads(path.read_text())["rows"]
     else:
         models = a.models.split(",") if a.models else list(zoo_manifest())
         unknown = [m for m in models if m not in zoo_manifest()]
@@ -107,14 +120,14 @@ def main(argv=None) -> int:
         new = []
         for m in models:
             for s in a.settings.split(","):
-                r = run(m, s, x[:a.images], a.recalibration)
+                r = run(m, s, x[:a.images], a.recalibration, a.probe_views)
                 print(f"{m} MP{s} {a.recalibration}: median {r['median_abs_log_ratio']:.3f} max "
                       f"{r['max_abs_log_ratio']:.3f} (FP floor {r['median_abs_log_ratio_trained']:.3f} / "
                       f"{r['max_abs_log_ratio_trained']:.3f}; {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
                 new.append(r)
-        rows = merge(new)
+        rows = merge(new, path)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        _atomic_write(RESULTS / "diagnose.json", json.dumps({"rows": rows}, indent=1))
+        _atomic_write(path, json.dumps({"rows": rows}, indent=1))
     md = table(rows)
     if not a.no_readme:
         update_readme(md)

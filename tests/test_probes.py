@@ -468,7 +468,7 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
     assert probes_label("noise", noise) == "noise (3 images)"
     _, rep = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=2,
                                     probe_tolerance=10.0, progress=False)
-    assert rep.probes == probes_label("distilled", r) + ", 4 shifted views each" and "2 steps" in rep.summary()
+    assert rep.probes == probes_label("distilled", r) and "2 steps" in rep.summary()
     _, rep3 = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=3,
                                      probe_tolerance=10.0, progress=False)
     assert rep3.probes != rep.probes and "3 steps" in rep3.probes
@@ -501,11 +501,14 @@ def test_shifted_views_refuse_bad_arguments():
 
 
 def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
-    """S.4 in the pipeline: the sequential pass runs on the probes' default views (4 for distilled and given
-    images, 1 for noise), or on ``probe_views`` of them, and the report says so; a bad value is refused
-    before any work (negative control: with one view the re-calibrated network differs)."""
+    """S.4 in the pipeline: the sequential pass runs on the probes alone by default (DEFAULT_PROBE_VIEWS = 1)
+    and on ``probe_views`` views of each when asked, for given, distilled or noise probes, and the report
+    says so; a bad value is refused before any work (negative control: with four views the re-calibrated
+    network differs)."""
     import dfmpc
     import dfmpc.recalibration as R
+    from dfmpc.pipeline import DEFAULT_PROBE_VIEWS
+    assert DEFAULT_PROBE_VIEWS == 1
     seen = []
     real_init = R.RecalibrationContext.__init__
 
@@ -514,13 +517,13 @@ def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
         seen.append(None if self.probes is None else len(self.probes))
     monkeypatch.setattr(R.RecalibrationContext, "__init__", spy)
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    q4, rep4 = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
-    q1, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1)
-    _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5)
-    assert seen == [12, 3, 5]
+    q1, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    q4, rep4 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=4)
+    _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5, probe_views=2)
+    assert seen == [3, 12, 10]
     assert rep4.probes == "given (3 images), 4 shifted views each" and rep1.probes == "given (3 images)"
-    assert repn.probes == "noise (5 images)"
+    assert repn.probes == "noise (5 images), 2 shifted views each"
     assert not np.array_equal(q4.run(x), q1.run(x))
-    for bad in (0, 5, 2.0, True):
+    for bad in (0, 5, 2.0, True, None):
         with pytest.raises(ValueError, match="probe_views"):
             dfmpc.quantize_network(resnet20, probes="distilled", probe_views=bad)

@@ -115,7 +115,7 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
         bn = measured_bn(site.bn, X)
         fp.node(site.bn_node).params.update(mean=bn.mean.astype(np.float32), var=bn.var.astype(np.float32))
     q_seq, _ = quantize_network(fp, recalibration="sequential", compensation="none", probes=images,
-                                probe_views=1)                  # the images themselves, not their shifts (S.4)
+                                probe_views=1)                  # the images themselves (the default), not shifts (S.4)
     q_dat, _ = quantize_network(fp, recalibration="data", compensation="none", calibration_data=images)
     for bn in q_seq.nodes_of("BatchNormalization"):
         ref = q_dat.node(bn.name).params
@@ -130,10 +130,10 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
 
 def test_sequential_report_names_its_probes(net, images):
     q, rep = quantize_network(net, recalibration="sequential", probes=images)
-    assert rep.recalibration == "sequential" and rep.probes == "given (24 images), 4 shifted views each"
-    assert "sequential on given (24 images), 4 shifted views each" in rep.summary()
-    assert quantize_network(net, recalibration="sequential", probes=images, probe_views=1)[1].probes == \
-        "given (24 images)"
+    assert rep.recalibration == "sequential" and rep.probes == "given (24 images)"
+    assert "sequential on given (24 images)" in rep.summary()
+    assert quantize_network(net, recalibration="sequential", probes=images, probe_views=4)[1].probes == \
+        "given (24 images), 4 shifted views each"
     with pytest.raises(ValueError, match="probes"):
         quantize_network(net, recalibration="sequential", probes=images.astype(np.float64))
     with pytest.raises(ValueError, match="probes"):

@@ -122,7 +122,7 @@ def cmd_demo(a) -> dict:
     q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": "absorb"})
     row("no_compensation", f"MP{a.low}/{a.high} without compensation (absorb, c = 1)", q)
     if a.recalibration == "sequential":          # make the probes once, for both sequential rows
-        from .pipeline import DEFAULT_PROBE_IMAGES, DEFAULT_PROBE_VIEWS, probes_label
+        from .pipeline import DEFAULT_PROBE_IMAGES, probes_label
         from .probes import make_probes
         t0 = time.perf_counter()
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
@@ -130,13 +130,11 @@ def cmd_demo(a) -> dict:
                            iterations=a.probe_iterations, tolerance=kw["probe_tolerance"],
                            objective=a.probe_objective, optimizer=a.probe_optimizer)
         kw["probes"] = made.x
-        if kw["probe_views"] is None:                # the kind's views, not those of given images
-            kw["probe_views"] = DEFAULT_PROBE_VIEWS[a.probes]
         out["probe_seconds"] = time.perf_counter() - t0
         out["probes"] = probes_label(a.probes, made) + ("" if kw["probe_views"] == 1 else
                                                         f", {kw['probe_views']} shifted views each")
         if show:
-            print(f"  (sequential re-calibration on {out['probes']}; made from the model alone in "
+            print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")
     modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
     for mode in modes:                            # separate what re-calibration does from what c does
@@ -314,9 +312,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="how many probe images (default: " + ", ".join(
                             f"{n} {k}" for k, n in DEFAULT_PROBE_IMAGES.items()) + ")")
         sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
-        sp.add_argument("--probe-views", type=int, default=None, metavar="V",
-                        help="views per probe image: the image and its 2-pixel diagonal shifts, 1 to 4 "
-                             "(default: 4 for distilled probes, 1 for noise)")
+        from .pipeline import DEFAULT_PROBE_VIEWS
+        sp.add_argument("--probe-views", type=int, default=DEFAULT_PROBE_VIEWS, metavar="V",
+                        help="views per probe image in the sequential pass: the image and V - 1 of its 2-pixel "
+                             "diagonal shifts, 1 to 4 (default %(default)s; derivation 15, S.4)")
         from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
         sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                         help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "

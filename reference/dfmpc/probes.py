@@ -106,9 +106,9 @@ MAX_BUDGET_FACTOR = 4
 DISTILL_THREADS = 1
 #: the circular shifts (rows, columns) of a probe image's views, in order: the image itself, then rolled by 2
 #: pixels along the three diagonals. The sequential re-calibration uses the first ``probe_views`` of them
-#: (derivation 15, S.4): a conv net's statistics do not depend on where an
-#: object sits, and the shifted copies reach the last, strided stages at positions that the distillation did
-#: not fit jointly, which is where the probes alone see too little drift.
+#: (derivation 15, S.4; default one): a conv net's statistics do not depend on where an object sits, and the
+#: shifted copies reach the last, strided stages at positions that the distillation did not fit jointly,
+#: which is where the probes alone see too little drift.
 PROBE_SHIFTS = ((0, 0), (2, 2), (-2, -2), (2, -2))
 
 #: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
