@@ -28,8 +28,9 @@ def same_params(g, snapshot):
     return all(np.array_equal(n.params[k], snapshot[n.name][k]) for n in g.nodes for k in n.params)
 
 
-def vgg_chain(seed=0):
-    """conv -> BN -> ReLU -> MaxPool -> conv -> BN -> ReLU -> GAP -> Flatten -> Gemm, random BN statistics."""
+def vgg_chain(seed=0, act="Relu"):
+    """conv -> BN -> act -> MaxPool -> conv -> BN -> act -> GAP -> Flatten -> Gemm, random BN statistics
+    (act: ReLU, or LeakyRelu(0.1), elementwise like it, so OCS duplicates its channels as exactly)."""
     r = np.random.default_rng(seed)
     f32 = lambda *s, scale=1.0: (scale * r.normal(size=s)).astype(np.float32)
 
@@ -38,10 +39,10 @@ def vgg_chain(seed=0):
                     {"gamma": r.uniform(0.5, 1.5, C).astype(np.float32), "beta": f32(C, scale=0.3),
                      "mean": f32(C, scale=0.3), "var": r.uniform(0.5, 2, C).astype(np.float32)})
     nodes = [Node("c1", "Conv", ["x"], ["a1"], {"pads": (1, 1, 1, 1)}, {"W": f32(8, 1, 3, 3)}),
-             bn("b1", "a1", "n1", 8), Node("r1", "Relu", ["n1"], ["h1"]),
+             bn("b1", "a1", "n1", 8), Node("r1", act, ["n1"], ["h1"], {"alpha": 0.1} if act == "LeakyRelu" else {}),
              Node("p1", "MaxPool", ["h1"], ["m1"], {"kernel_shape": (2, 2), "strides": (2, 2)}),
              Node("c2", "Conv", ["m1"], ["a2"], {"pads": (1, 1, 1, 1)}, {"W": f32(12, 8, 3, 3, scale=0.3)}),
-             bn("b2", "a2", "n2", 12), Node("r2", "Relu", ["n2"], ["h2"]),
+             bn("b2", "a2", "n2", 12), Node("r2", act, ["n2"], ["h2"], {"alpha": 0.1} if act == "LeakyRelu" else {}),
              Node("gap", "GlobalAveragePool", ["h2"], ["g"]), Node("fl", "Flatten", ["g"], ["f"]),
              Node("fc", "Gemm", ["f"], ["y"], {}, {"W": f32(10, 12, scale=0.3), "B": f32(10, scale=0.1)})]
     return Graph(nodes, ["x"], ["y"], {"x": (1, 28, 28)})
@@ -114,7 +115,8 @@ def test_ocs_split_negative_control():
     assert not np.allclose(W_s @ np.concatenate([x, np.zeros(1)]), W @ x)
 
 
-@pytest.mark.parametrize("builder", [lambda: resnet_cifar(20, seed=2), vgg_chain], ids=["resnet20", "vgg_chain"])
+@pytest.mark.parametrize("builder", [lambda: resnet_cifar(20, seed=2), vgg_chain, lambda: vgg_chain(act="LeakyRelu")],
+                         ids=["resnet20", "vgg_chain", "vgg_chain_leaky"])
 def test_ocs_network_keeps_fp32_output(builder):
     """OCS-split on a whole graph: duplicating producer rows and BN channels leaves the FP32 output unchanged
     (float32, within 1e-5 of max |logit|), grows each split layer by ceil(0.05 C), and does not touch the input."""

@@ -74,7 +74,7 @@ def splittable_layers(graph: Graph) -> tuple[list[SplitChain], list[tuple[str, s
         if bn is None or bn.op != "BatchNormalization":
             continue
         between, nxt, pooled = [], _only_consumer(graph, bn.outputs[0]), False
-        while nxt is not None and (nxt.op in ("Relu", "Clip") + _PER_CHANNEL):
+        while nxt is not None and (nxt.op in ("Relu", "LeakyRelu", "Clip") + _PER_CHANNEL):
             if nxt.op == "Flatten" and not pooled:      # Flatten of an HxW map mixes channels and positions
                 nxt = None
                 break
