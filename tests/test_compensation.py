@@ -305,3 +305,27 @@ def test_closed_form_from_coefficients_checks_its_input():
         closed_form([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="den: expected non-negative"):
         closed_form([-1.0], [1.0])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 4))
+def test_eq27_on_least_squares_ternary_weights_is_the_sigma_ratio(seed, O, I):
+    """Derivation 15, "Why it is not the default": with gammahat = gamma, lambda1 = lambda2 = 0 and What_j a
+    least-squares scale of a ternary pattern (<What_j, W_j> = ||What_j||^2), Eq. (27) gives
+    c_j = sigmahat_j / sigma_j exactly (float64, 1e-12 relative), whatever muhat and betahat: folded into
+    BN^l, c restores the trained sigma. Negative control: twice the least-squares scale gives half the ratio."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(O, I, 3, 3))
+    T = np.sign(W) * (np.abs(W) > 0.7 * np.abs(W).mean())
+    T[:, 0, 0, 0] = np.where(T[:, 0, 0, 0] == 0, 1.0, T[:, 0, 0, 0])          # no all-zero channel
+    a = np.einsum("oihw,oihw->o", W, T) / np.einsum("oihw,oihw->o", T, T)
+    W_hat = a[:, None, None, None] * T
+    gamma, beta = rng.uniform(0.5, 2.0, O), rng.normal(size=O)
+    bn = dfmpc.BatchNorm(gamma=gamma, beta=beta, mean=rng.normal(size=O), var=rng.uniform(0.5, 2.0, O))
+    bn_hat = dfmpc.BatchNorm(gamma=gamma, beta=rng.normal(size=O), mean=rng.normal(size=O),
+                             var=rng.uniform(0.1, 4.0, O))
+    ratio = np.sqrt((bn_hat.var + bn_hat.eps) / (bn.var + bn.eps))
+    c = dfmpc.compensation_coefficients(W, W_hat, bn, bn_hat, lambda1=0.0)
+    np.testing.assert_allclose(c, ratio, rtol=1e-12)
+    c2 = dfmpc.compensation_coefficients(W, 2.0 * W_hat, bn, bn_hat, lambda1=0.0)    # not least squares
+    np.testing.assert_allclose(c2, ratio / 2.0, rtol=1e-12)
+    assert not np.allclose(c2, ratio, rtol=1e-3)
