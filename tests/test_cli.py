@@ -190,6 +190,22 @@ def test_probe_budget_options(capsys, model, data):
     assert rc == 2 and "--probe-iterations" in err and len(err.strip().splitlines()) == 1
 
 
+def test_probe_views_option(capsys, model, data):
+    """--probe-views reaches the sequential pass (4 views give other statistics than 1, and the JSON names
+    them); a value outside 1..4 is one line naming the option, before any distillation."""
+    got = {}
+    for views in ("1", "4"):
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
+                           "2", "--probe-tolerance", "off", "--probe-views", views, "--json")
+        assert rc == 0, err
+        got[views] = [r["predicted_var"] for r in json.loads(out)["layers"]]
+    assert got["1"] != got["4"]
+    for bad in ("0", "5"):
+        rc, out, err = run(capsys, "quantize", model, "-o", data.parent / "never.npz", "--probe-views", bad)
+        assert rc == 2 and "--probe-views" in err and len(err.strip().splitlines()) == 1
+        assert not (data.parent / "never.npz").exists()
+
+
 @pytest.mark.parametrize("option, values, bad", [("objective", ("absolute", "relative"), "sigma"),
                                                  ("optimizer", ("adam", "lbfgs"), "sgd")])
 def test_probe_options(capsys, model, data, option, values, bad):

@@ -80,6 +80,9 @@ def _quant_kwargs(a):
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     if a.probe_iterations < 0:
         raise ValueError(f"--probe-iterations: expected a number of steps >= 0, got {a.probe_iterations}")
+    from .probes import PROBE_SHIFTS
+    if not 1 <= a.probe_views <= len(PROBE_SHIFTS):
+        raise ValueError(f"--probe-views: expected 1 to {len(PROBE_SHIFTS)} views per probe image, got {a.probe_views}")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
