@@ -80,9 +80,8 @@ def _quant_kwargs(a):
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     if a.probe_iterations < 0:
         raise ValueError(f"--probe-iterations: expected a number of steps >= 0, got {a.probe_iterations}")
-    from .probes import PROBE_SHIFTS
-    if not 1 <= a.probe_views <= len(PROBE_SHIFTS):
-        raise ValueError(f"--probe-views: expected 1 to {len(PROBE_SHIFTS)} views per probe image, got {a.probe_views}")
+    from .probes import check_views
+    check_views(a.probe_views, "--probe-views")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
@@ -125,7 +124,7 @@ def cmd_demo(a) -> dict:
     q, _ = quantize_network(g, compensation="none", **{**kw, "recalibration": "absorb"})
     row("no_compensation", f"MP{a.low}/{a.high} without compensation (absorb, c = 1)", q)
     if a.recalibration == "sequential":          # make the probes once, for both sequential rows
-        from .pipeline import DEFAULT_PROBE_IMAGES, probes_label
+        from .pipeline import DEFAULT_PROBE_IMAGES, probes_label, views_label
         from .probes import make_probes
         t0 = time.perf_counter()
         n = DEFAULT_PROBE_IMAGES[a.probes] if a.probe_images is None else a.probe_images
@@ -134,8 +133,7 @@ def cmd_demo(a) -> dict:
                            objective=a.probe_objective, optimizer=a.probe_optimizer)
         kw["probes"] = made.x
         out["probe_seconds"] = time.perf_counter() - t0
-        out["probes"] = probes_label(a.probes, made) + ("" if kw["probe_views"] == 1 else
-                                                        f", {kw['probe_views']} shifted views each")
+        out["probes"] = probes_label(a.probes, made) + views_label(kw["probe_views"])
         if show:
             print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")

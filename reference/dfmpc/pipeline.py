@@ -25,7 +25,6 @@ Activations stay float32 (the paper's setting: weights MP2/6, activations FP32).
 from __future__ import annotations
 
 import hashlib
-import numbers
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,7 +36,7 @@ from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
 from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER,
-                     DEFAULT_TOLERANCE, PROBE_KINDS, PROBE_SHIFTS, make_probes, shifted_views,
+                     DEFAULT_TOLERANCE, PROBE_KINDS, check_views, make_probes, shifted_views,
                      unmeasured_convs)
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
@@ -351,6 +350,12 @@ def probes_label(kind: str, made) -> str:
     return f"{kind} ({len(made.x)} images, {made.iterations} steps, BN mismatch {made.mismatch:.3f})"
 
 
+def views_label(views: int) -> str:
+    """What reports add to the probes' label for ``views`` shifted views each: ``", 4 shifted views each"``, or
+    nothing for one view."""
+    return "" if views == 1 else f", {views} shifted views each"
+
+
 #: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective, optimizer): the
 #: last few are kept in memory, so quantizing the same network again (other bit-widths, compensation modes, methods of
 #: dfmpc.compare) distils once.
@@ -476,9 +481,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         raise ValueError(f"compensation: expected one of {COMPENSATIONS}, got {compensation!r}")
     if c_form not in C_FORMS:
         raise ValueError(f"c_form: expected one of {C_FORMS}, got {c_form!r}")
-    if isinstance(probe_views, bool) or not isinstance(probe_views, numbers.Integral) \
-            or not 1 <= probe_views <= len(PROBE_SHIFTS):
-        raise ValueError(f"probe_views: expected an integer in [1, {len(PROBE_SHIFTS)}], got {probe_views!r}")
+    probe_views = check_views(probe_views, "probe_views")
     if recalibration == "data" or compensation == "oracle":
         calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
@@ -499,8 +502,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                                          probe_tolerance, probe_objective, probe_optimizer) \
         if recalibration == "sequential" and sites else (None, None)
     if probe_x is not None and probe_views > 1:
-        probe_x = shifted_views(probe_x, int(probe_views))                                 # derivation 15, S.4
-        probes_made += f", {int(probe_views)} shifted views each"
+        probe_x = shifted_views(probe_x, probe_views)                                      # derivation 15, S.4
+        probes_made += views_label(probe_views)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,

@@ -20,6 +20,9 @@ are made from the network alone:
   The input gradient is one reverse sweep through the graph (:mod:`dfmpc.autodiff`); the forward
   stops at the last BN. Derivation and tests: ``data_free_derivations/16_probe_inputs.md``.
 
+  The sequential re-calibration can also use shifted copies of the probes (:func:`shifted_views`,
+  ``probe_views``; derivation 15, S.4), an option, not the default.
+
   The budget adapts to the network: when the distilled images still miss the BN statistics by more
   than :data:`DEFAULT_TOLERANCE` (RMS relative mismatch, D.5, :func:`bn_mismatch`), the distillation
   is run again from the same noise with twice the iterations, up to :data:`MAX_BUDGET_FACTOR` times
@@ -51,7 +54,7 @@ __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DE
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
            "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
-           "PROBE_SHIFTS", "shifted_views"]
+           "PROBE_SHIFTS", "shifted_views", "check_views"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -240,10 +243,15 @@ def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
         raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    views = _check_int(views, "views", 1)
-    if views > len(PROBE_SHIFTS):
-        raise ValueError(f"views: expected an integer in [1, {len(PROBE_SHIFTS)}], got {views}")
+    views = check_views(views)
     return np.ascontiguousarray(np.concatenate([np.roll(x, s, axis=(2, 3)) for s in PROBE_SHIFTS[:views]]))
+
+
+def check_views(views, name: str = "views") -> int:
+    """``views`` as an int in ``[1, len(PROBE_SHIFTS)]``; otherwise a ValueError naming ``name``."""
+    if isinstance(views, bool) or not isinstance(views, numbers.Integral) or not 1 <= views <= len(PROBE_SHIFTS):
+        raise ValueError(f"{name}: expected an integer in [1, {len(PROBE_SHIFTS)}], got {views!r}")
+    return int(views)
 
 
 def _formed(g):

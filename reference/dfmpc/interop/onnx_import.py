@@ -128,10 +128,7 @@ def from_onnx(model: onnx.ModelProto, source: str = "model") -> Graph:
     input_shapes = {i.name: _declared_shape(i)[1:] if _declared_shape(i) else None for i in inputs}
     used_names: set[str] = set()
     ir_nodes = []
-    readers: dict = {}
-    for n in nodes:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _reader_map(nodes)
     for n in nodes:
         name = _node_name(n)
         base, k = name, 1
@@ -458,13 +455,19 @@ def _squeeze_to_flatten(n, name, acts, cst, shapes, opset, a, readers=()) -> Nod
     raise ValueError(f"{what}, got axes {axes} of shape {shape}")
 
 
-def _merge_pads_into_convs(nodes, consts, graph_outputs):
-    """The nodes with every zero ``Pad`` of H and W whose output only one ``Conv`` reads merged into that
-    conv's ``pads`` (exact: the conv's own pads are zeros too). Other Pads are left, to be refused."""
-    readers = {}
+def _reader_map(nodes) -> dict:
+    """Tensor name -> the nodes that read it, in order."""
+    readers: dict = {}
     for n in nodes:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    return readers
+
+
+def _merge_pads_into_convs(nodes, consts, graph_outputs):
+    """The nodes with every zero ``Pad`` of H and W whose output only one ``Conv`` reads merged into that
+    conv's ``pads`` (exact: the conv's own pads are zeros too). Other Pads are left, to be refused."""
+    readers = _reader_map(nodes)
     drop, conv_pads = set(), {}
     for n in nodes:
         if n.op_type != "Pad" or n.output[0] in graph_outputs or len(readers.get(n.output[0], [])) != 1:
@@ -475,10 +478,12 @@ def _merge_pads_into_convs(nodes, consts, graph_outputs):
             continue
         if _attrs(conv).get("auto_pad", "NOTSET") not in ("NOTSET", ""):
             continue
-        pads = a.get("pads") if "pads" in a else (consts.get(n.input[1]) if len(n.input) > 1 else None)
-        value = a.get("value", 0.0) if "pads" in a else (consts.get(n.input[2], 0.0) if len(n.input) > 2 and n.input[2]
-                                                          else 0.0)
-        if pads is None or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts) or len(n.input) > 3:
+        ins = list(n.input[1:])                 # opset 11+: pads, constant_value, axes (18+)
+        if "pads" in a:                                     # before opset 11: attributes
+            pads, value = a["pads"], a.get("value", 0.0)
+        elif ins and ins[0] in consts and len(ins) <= 2 and (len(ins) < 2 or not ins[1] or ins[1] in consts):
+            pads, value = consts[ins[0]], consts[ins[1]] if len(ins) == 2 and ins[1] else 0.0
+        else:
             continue
         pads = [int(v) for v in np.asarray(pads).ravel()]
         if len(pads) != 8 or any(pads[k] for k in (0, 1, 4, 5)) or min(pads) < 0 or float(np.asarray(value)) != 0.0:
