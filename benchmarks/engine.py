@@ -51,7 +51,7 @@ def _args():
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (for every engine and BLAS)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=16, help="dfmpc engine chunk size (images)")
-    p.add_argument("--conv-kernel", choices=["auto", "direct", "blocked", "im2col_blas", "winograd_f2", "winograd_f4"],
+    p.add_argument("--conv-kernel", choices=["auto", "direct", "blocked", "im2col_blas", "winograd_f2", "winograd_f4", "winograd_f4_numba"],
                    default="auto", help="dense-conv kernel of the engine: measured per shape (auto, default) "
                    "or one for every conv")
     p.add_argument("--json", action="store_true", help="print one JSON object only")

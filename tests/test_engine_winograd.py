@@ -2,7 +2,8 @@
 dfmpc.engine.kernel_choice).
 
 Twins: the plain-loop float64 Winograd of dfmpc.engine.reference_kernels (the same algorithm, tile by
-tile, with the transform matrices) and the float64 reference convolution dfmpc.conv2d.
+tile, with the transform matrices) and the float64 reference convolution dfmpc.conv2d; for the Numba
+products kernel, the batched matmul it replaces.
 
 Rounding (float32): measured against dfmpc.conv2d and expressed relative to
 S = max over outputs of sum |w| |x| (the largest sum of absolute products, which is what float32
@@ -121,6 +122,71 @@ def test_f43_transforms_equal_their_float32_twins(c, o, n, oh, ow, relu, with_re
     assert not np.array_equal(out, wrong)
 
 
+#: products kernel cases: every (A2, C, O) is one compiled kernel, so few of each
+PRODUCT_SHAPES = [(36, 1, 16), (36, 16, 16), (36, 40, 32), (16, 3, 16)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(PRODUCT_SHAPES), st.integers(1, 11), st.integers(0, 2**16))
+def test_products_kernel_matches_matmul(shape, k, seed):
+    """products_kernel's M[t, xi] = V[t, xi] @ U[xi] equals the float64 batched matmul (its twin, the
+    BLAS path of conv3x3) to within the float32 bound of a C-term dot product, C 2^-24 sum |v||u| (the
+    test allows twice that); tiles k = 1..11 cover a last block of 1-4 tiles, and rows past k are not
+    written. Negative control: U with its grid points reversed is caught."""
+    a2, c, o = shape
+    rng = np.random.default_rng(seed)
+    V = rng.normal(size=(k + 2, a2, c)).astype(np.float32)
+    U = rng.normal(size=(a2, c, o)).astype(np.float32)
+    M = np.full((k + 2, a2, o), np.nan, np.float32)
+    winograd.products_kernel(a2, c, o)(V.reshape(-1), U.reshape(-1), M.reshape(-1), k)
+    V64, U64 = V[:k].astype(np.float64), U.astype(np.float64)
+    want = np.matmul(V64.transpose(1, 0, 2), U64).transpose(1, 0, 2)
+    bound = 2 * c * 2.0 ** -24 * np.matmul(np.abs(V64).transpose(1, 0, 2), np.abs(U64)).transpose(1, 0, 2)
+    assert np.all(np.abs(M[:k] - want) <= bound)
+    assert np.isnan(M[k:]).all()
+    wrong = np.matmul(V64.transpose(1, 0, 2), U64[::-1]).transpose(1, 0, 2)
+    assert not np.all(np.abs(M[:k] - wrong) <= bound)
+
+
+def test_products_kernel_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="o: .*multiple of 16"):
+        winograd.products_kernel(36, 8, 24)
+    x = np.zeros((1, 4, 4, 2), np.float32)
+    with pytest.raises(ValueError, match="products must be"):
+        winograd.conv3x3(x, winograd.weight_transform(np.zeros((16, 2, 3, 3), np.float32), 4),
+                         np.zeros(16, np.float32), (1, 1, 1, 1), (4, 4), 4, products="mkl")
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 16, 40]), st.sampled_from([16, 32]), st.integers(1, 11),
+       st.integers(1, 11), st.booleans(), st.booleans(), st.sampled_from([None, 1, 3]), st.integers(0, 2**16))
+def test_winograd_numba_products_conv_matches_twins(n, c, o, h, wd, relu, with_res, block, seed):
+    """conv3x3(products="numba") equals the float64 plain-loop Winograd and dfmpc.conv2d (F(4x4) bound),
+    with bias, residual and ReLU, and the BLAS-products conv3x3 to the same bound; splitting across two
+    threads changes no bit."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, c, h, wd)).astype(np.float32)
+    w = rng.normal(size=(o, c, 3, 3)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    twin = winograd_conv_loops(x, w, pads, 4, b)
+    res = rng.normal(size=(n, h, wd, o)).astype(np.float32) if with_res else None
+    if res is not None:
+        twin = twin + res.transpose(0, 3, 1, 2)
+    twin = np.maximum(twin, 0) if relu else twin
+    xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    U = winograd.weight_transform(w, 4)
+    got = winograd.conv3x3(xn, U, b, pads, (h, wd), 4, relu, res, block=block, products="numba")
+    tol = REL_TOL[4] * _scale(x, w, pads)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), twin, atol=tol, rtol=0)
+    blas = winograd.conv3x3(xn, U, b, pads, (h, wd), 4, relu, res, block=block)
+    np.testing.assert_allclose(got, blas, atol=tol, rtol=0)
+    split = winograd.conv3x3(xn, U, b, pads, (h, wd), 4, relu, res, block=block or 1, pool=conv_module._pool(),
+                             products="numba")
+    np.testing.assert_array_equal(split, winograd.conv3x3(xn, U, b, pads, (h, wd), 4, relu, res,
+                                                          block=block or 1, products="numba"))
+
+
 def test_winograd_twin_is_the_convolution():
     """The plain-loop Winograd is exact up to float64 rounding (it defines the algorithm, not an approximation)."""
     rng = np.random.default_rng(0)
@@ -143,16 +209,22 @@ def test_winograd_negative_control():
     assert err > 1e3 * REL_TOL[4] * _scale(x, w, (1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("kernel", ["winograd_f2", "winograd_f4"])
-def test_conv2d_f32_winograd_through_the_engine(kernel):
+@pytest.mark.parametrize("kernel, o", [("winograd_f2", 8), ("winograd_f4", 8), ("winograd_f4_numba", 16),
+                                      ("winograd_f4_numba", 8)])
+def test_conv2d_f32_winograd_through_the_engine(kernel, o, monkeypatch):
     """conv2d_f32 with a Winograd kernel forced: 3x3 stride 1 runs it (NCHW view of NHWC input, residual,
-    ReLU); other geometry falls back to the direct kernel; the cached filter transform follows in-place edits."""
+    ReLU); other geometry falls back to the direct kernel, and so does "winograd_f4_numba" on 8 output
+    channels (checked: its products kernel is never asked for); the cached filter transform follows
+    in-place edits."""
     rng = np.random.default_rng(2)
     x = np.ascontiguousarray(rng.normal(size=(2, 9, 10, 8)).astype(np.float32)).transpose(0, 3, 1, 2)
-    w = rng.normal(size=(8, 8, 3, 3)).astype(np.float32)
-    b = rng.normal(size=8).astype(np.float32)
-    res = rng.normal(size=(2, 8, 9, 10)).astype(np.float32)
+    w = rng.normal(size=(o, 8, 3, 3)).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    res = rng.normal(size=(2, o, 9, 10)).astype(np.float32)
     m = 2 if kernel == "winograd_f2" else 4
+    asked = []
+    real = winograd.products_kernel
+    monkeypatch.setattr(winograd, "products_kernel", lambda *a: asked.append(a) or real(*a))
     saved = conv_module.KERNEL
     try:
         conv_module.KERNEL = kernel
@@ -165,6 +237,7 @@ def test_conv2d_f32_winograd_through_the_engine(kernel):
         np.testing.assert_allclose(got, reference_conv2d(x, w, 2, 1, bias=b), atol=1e-4, rtol=0)
     finally:
         conv_module.KERNEL = saved
+    assert bool(asked) == (kernel == "winograd_f4_numba" and o == 16)
 
 
 def test_choose_keeps_the_fastest_that_agrees(tmp_path, monkeypatch):

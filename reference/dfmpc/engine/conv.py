@@ -30,7 +30,10 @@ seen and remembered on disk per CPU (:mod:`dfmpc.engine.kernel_choice`):
 - ``"im2col_blas"``: im2col as above + ``np.matmul`` (BLAS);
 - ``"winograd_f2"``, ``"winograd_f4"`` (3x3, stride 1, dilation 1 only): Winograd
   F(2x2, 3x3) / F(4x4, 3x3), :mod:`dfmpc.engine.winograd`, with the filters' transform
-  cached per weight array.
+  cached per weight array and the element-wise products as one batched ``np.matmul`` (BLAS);
+- ``"winograd_f4_numba"``: the same F(4x4, 3x3) with the products made by a register-blocked
+  Numba loop (:func:`~dfmpc.engine.winograd.products_kernel`; output channels a multiple of 16),
+  which beats BLAS on the many small products of narrow layers.
 
 Memory: the output of a dense conv comes from the calling thread's arena when the executor runs
 the graph (:mod:`dfmpc.engine.arena`: the arrays of dropped tensors are reused), the padded input
@@ -74,7 +77,7 @@ KERNEL = "auto"
 
 #: the dense-conv kernels, in the order they are measured ("direct" first: the others are
 #: checked against it)
-DENSE_KERNELS = ("direct", "blocked", "im2col_blas", "winograd_f2", "winograd_f4")
+DENSE_KERNELS = ("direct", "blocked", "im2col_blas", "winograd_f2", "winograd_f4", "winograd_f4_numba")
 
 #: target size of one im2col buffer; measured on ResNet-20 (2-core Zen 5, OpenBLAS):
 #: 1-4 MB keep cols in L2/L3 next to the matmul; 14 MB (32 images at 28x28x16) ran 1.5x slower
@@ -281,20 +284,25 @@ MEASURE_MACS = 1 << 25
 BLAS_HANDICAP = 2.0
 
 
-def applicable_kernels(kernel, strides, dilations, out_hw=None) -> tuple[str, ...]:
+def applicable_kernels(kernel, strides, dilations, out_hw=None, out_channels=None) -> tuple[str, ...]:
     """The dense-conv kernels that can compute a conv of this geometry.
 
-    Winograd applies to 3x3, stride 1, dilation 1.  With ``out_hw`` given (the measured
-    candidates), F(2x2, 3x3) is only tried where F(4x4, 3x3)'s tiles overhang the output by 20 %
-    more than its own (e.g. 14 x 14: 16 x 16 vs 14 x 14), so that fewer kernels are compiled.
+    Winograd applies to 3x3, stride 1, dilation 1; ``"winograd_f4_numba"`` (its products by
+    :func:`~dfmpc.engine.winograd.products_kernel`) also needs a multiple of 16 output channels,
+    checked when ``out_channels`` is given.  With ``out_hw`` given (the measured candidates),
+    F(2x2, 3x3) is only tried where F(4x4, 3x3)'s tiles overhang the output by 20 % more than its
+    own (e.g. 14 x 14: 16 x 16 vs 14 x 14), so that fewer kernels are compiled.
     """
     if not (tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)):
         return DENSE_KERNELS[:3]
+    names = DENSE_KERNELS
+    if out_channels is not None and out_channels % winograd.PRODUCT_LANES:
+        names = tuple(k for k in names if k != "winograd_f4_numba")
     if out_hw is None:
-        return DENSE_KERNELS
+        return names
     oh, ow = out_hw
     area = [-(-oh // m) * m * -(-ow // m) * m for m in (2, 4)]
-    return DENSE_KERNELS if area[1] > 1.2 * area[0] else DENSE_KERNELS[:3] + DENSE_KERNELS[4:]
+    return names if area[1] > 1.2 * area[0] else tuple(k for k in names if k != "winograd_f2")
 
 
 def small_conv_kernel(c: int, o: int, kernel) -> str:
@@ -318,7 +326,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
     if n == 0:
         return np.empty((0, oh, ow, o), np.float32).transpose(0, 3, 1, 2)
     xn = x.transpose(0, 2, 3, 1)                            # NHWC view
-    names = applicable_kernels((kh, kw), strides, dilations)
+    names = applicable_kernels((kh, kw), strides, dilations, out_channels=o)
     threads = numba.get_num_threads()
 
     def run(name):
@@ -345,7 +353,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
                 scale = float(np.abs(xs).max(initial=0.0)) * float(np.abs(w).reshape(o, -1).sum(axis=1).max()) + 1.0
                 cands = {kn: (lambda kn=kn: _run_dense(kn, xs, w, wt, b, strides, pads, dilations, oh, ow, relu,
                                                       rs, threads))
-                         for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow))}
+                         for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow), o)}
                 name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale,
                                                {"im2col_blas": BLAS_HANDICAP} if threads > 1 else None)
                 if k == n:
@@ -362,7 +370,8 @@ def _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, 
         m = 2 if name == "winograd_f2" else 4
         U = _cached_weight(w, m, lambda v: winograd.weight_transform(v, m))
         return winograd.conv3x3(xn, U, b, pads, (oh, ow), m, relu, res, out=arena.empty((n, oh, ow, o)),
-                                pool=_pool() if threads > 1 else None)
+                                pool=_pool() if threads > 1 else None,
+                                products="numba" if name == "winograd_f4_numba" else "blas")
     blas = name == "im2col_blas"
     wt = dense_weight(w) if wt is None else wt
     out = arena.empty((n, oh, ow, o))

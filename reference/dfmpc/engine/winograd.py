@@ -41,7 +41,7 @@ import numpy as np
 from numba import njit
 
 from .blocked import _stack_f32
-from .kernels_numba import padded
+from .kernels_numba import _DOT_MATH, padded
 
 #: B^T, G, A^T of F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.1 and 4.2),
 #: interpolation points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), plus infinity.
@@ -455,7 +455,71 @@ def _output_f23(O):
     return kernel
 
 
-def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=None, pool=None):
+#: output channels x tiles of running sums held in registers by :func:`products_kernel`: two AVX2
+#: vectors (one AVX-512 vector) of channels for each of 4 tiles, 8 accumulators, as in
+#: :mod:`dfmpc.engine.blocked`
+PRODUCT_LANES, PRODUCT_TILES = 16, 4
+
+
+def products_kernel(a2: int, c: int, o: int):
+    """The compiled element-wise products of F(m x m, 3x3) for ``a2 = (m+2)^2`` grid points, ``c``
+    input and ``o`` output channels (``o`` a multiple of :data:`PRODUCT_LANES`); see :func:`_products`."""
+    if o % PRODUCT_LANES:
+        raise ValueError(f"o: the products kernel needs a multiple of {PRODUCT_LANES} output channels, got {o}")
+    return _kernel(("products", a2, c, o), _products, (a2, c, o))
+
+
+def _products(shape):
+    """``kernel(vf, uf, mf, k)``: ``M[t, xi] = V[t, xi] @ U[xi]`` for the tiles ``t < k`` and every
+    grid point ``xi``, with ``V`` (T, A2, C), ``U`` (A2, C, O) and ``M`` (T, A2, O) passed flat
+    (``vf``, ``uf``, ``mf``; ``T >= k``).
+
+    The same products as the batched ``np.matmul`` of :func:`conv3x3` (its twin in the tests), by a
+    register-blocked loop in place of BLAS: for 4 tiles and 16 output channels at a time, the 64
+    running sums stay in SIMD registers over the C input channels (a stack buffer indexed by
+    constants, kept in registers by LLVM's scalar replacement, as in :mod:`dfmpc.engine.blocked`).
+    A2, C and O are compile-time constants and the indices unsigned, so the loop over C carries no
+    bounds or negative-index arithmetic. The sums run over C in order, as one dot product each:
+    float32 rounding of the same size as BLAS's, not the same bits.
+    Why: ResNet-20's products are many small matrices (C = O = 16-64, 50-230 tiles), where
+    OpenBLAS's sgemm ran at 7-18 GFLOP/s on a 2-core AMD EPYC (``znver1``, one thread) and this
+    loop at 21-23 (measured in the same process, alternating).
+    """
+    A2, C, O = shape
+    L, P = PRODUCT_LANES, PRODUCT_TILES
+
+    @njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
+    def kernel(vf, uf, mf, k):
+        acc = numba.carray(_stack_f32(64), (64,))             # P x L running sums
+        for t0 in range(0, k, P):
+            t1, t2, t3 = min(t0 + 1, k - 1), min(t0 + 2, k - 1), min(t0 + 3, k - 1)   # the last block repeats
+            for xi in range(A2):
+                r0, r1 = np.uint64((t0 * A2 + xi) * C), np.uint64((t1 * A2 + xi) * C)
+                r2, r3 = np.uint64((t2 * A2 + xi) * C), np.uint64((t3 * A2 + xi) * C)
+                for o0 in range(0, O, L):
+                    for j in range(P * L):
+                        acc[j] = np.float32(0)
+                    ub = np.uint64(xi * C * O + o0)
+                    for ci in range(C):
+                        c = np.uint64(ci)
+                        v0, v1, v2, v3 = vf[r0 + c], vf[r1 + c], vf[r2 + c], vf[r3 + c]
+                        uc = ub + c * np.uint64(O)
+                        for j in range(L):
+                            u = uf[uc + np.uint64(j)]
+                            acc[j] += v0 * u
+                            acc[L + j] += v1 * u
+                            acc[2 * L + j] += v2 * u
+                            acc[3 * L + j] += v3 * u
+                    for i in range(P):
+                        if t0 + i < k:
+                            mb = np.uint64(((t0 + i) * A2 + xi) * O + o0)
+                            for j in range(L):
+                                mf[mb + np.uint64(j)] = acc[i * L + j]
+    return kernel
+
+
+def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=None, pool=None,
+            products="blas"):
     """Dense 3x3 stride-1 conv of an NHWC batch by F(m x m, 3x3), block of tiles by block of tiles.
 
     Parameters
@@ -481,6 +545,9 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     pool : concurrent.futures.Executor, optional
         When given, the blocks are split in two halves and one half runs on ``pool`` (the kernels
         release the GIL, and so does ``np.matmul``).
+    products : {"blas", "numba"}
+        How the element-wise products ``M[xi] = V[xi] U[xi]`` are made: one batched ``np.matmul``
+        (BLAS), or :func:`products_kernel` (needs O a multiple of :data:`PRODUCT_LANES`).
 
     Returns
     -------
@@ -499,6 +566,8 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     """
     n, h, wd, c = xn.shape
     a2, o = U.shape[0], U.shape[2]
+    if products not in ("blas", "numba"):
+        raise ValueError(f"products must be 'blas' or 'numba', got {products!r}")
     oh, ow = out_hw
     th, tw = tile_counts(oh, ow, m)
     pt, pl = pads[0], pads[1]
@@ -514,7 +583,8 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     kin, kout = input_kernel(m, c), output_kernel(m, o)
     n_t = n * th * tw
     tb = block or default_block(m, c, o)
-    if pool is not None:
+    kmul = products_kernel(a2, c, o) if products == "numba" else None
+    if pool is not None and kmul is None:
         # two threads each calling sgemm: keep every product below OpenBLAS's threshold for
         # threading it (M*N*K <= 4 * 65536), or both threads wait for the one BLAS worker
         # (measured: F(2x2, 3x3) at C = O = 64 and 128-tile blocks ran 300x slower)
@@ -522,7 +592,8 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     tb = min(n_t, tb)
     # a product that OpenBLAS would thread is made by one Python thread at a time (BLAS_LOCK):
     # the batch-split workers of dfmpc.engine.executor each run this function at once
-    lock = BLAS_LOCK if tb * c * o > BLAS_SERIAL_MNK else contextlib.nullcontext()
+    lock = BLAS_LOCK if kmul is None and tb * c * o > BLAS_SERIAL_MNK else contextlib.nullcontext()
+    uf = U.reshape(-1) if kmul is not None else None
 
     def run(t_lo, t_hi):
         V, M = _scratch((tb, a2, c), (tb, a2, o))
@@ -534,8 +605,11 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
                 kin(xf, xp.shape, th, tw, t0, t1, vf, shift[0], shift[1])
             else:
                 kin(xf, xp.shape, th, tw, t0, t1, vf)
-            with lock:
-                np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
+            if kmul is not None:
+                kmul(vf, uf, mf, k)                                                     # M[xi] = V[xi] U[xi]
+            else:
+                with lock:
+                    np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
             kout(mf, th, tw, t0, t1, (oh, ow), bias, rf, relu, of)
 
     n_blocks = -(-n_t // tb)
