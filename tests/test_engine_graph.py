@@ -172,3 +172,30 @@ def test_conv_bn_add_relu_fusion_matches_unfused():
         unfused = g.run_many(x, outputs=["ab", "y"])
         np.testing.assert_allclose(fused, unfused["y"], rtol=1e-5, atol=1e-5)
         assert (fused >= 0).all() and (fused == 0).any()
+
+
+@pytest.mark.parametrize("edit", ["W", "var", "epsilon", "new array"])
+def test_folded_weights_are_reused_until_a_parameter_changes(edit):
+    """The executor keeps the BN-folded weights of a conv between calls (so that the kernels' layouts of
+    them are kept too) and folds anew when the conv's or the BN's parameters change, in place or by a new
+    array; negative control: after the edit the output is not the stale one, it equals a fresh copy's."""
+    from dfmpc.engine import executor
+    g = _tiny()
+    x = np.random.default_rng(1).normal(size=(3, 2, 5, 5)).astype(np.float32)
+    first = g.run(x)
+    conv, bn = g.node("conv"), g.node("bn")
+    kept = executor._FOLDED[(id(conv), id(bn))][2]
+    np.testing.assert_array_equal(g.run(x), first)
+    assert executor._FOLDED[(id(conv), id(bn))][2] is kept           # reused, not folded again
+    if edit == "W":
+        conv.params["W"] *= -1                                        # in place
+    elif edit == "var":
+        bn.params["var"][0] = 4.0
+    elif edit == "epsilon":
+        bn.attrs["epsilon"] = 0.5
+    else:
+        bn.params["gamma"] = np.full(4, 2.0, np.float32)
+    got = g.run(x)
+    assert executor._FOLDED[(id(conv), id(bn))][2] is not kept
+    assert not np.allclose(got, first)
+    np.testing.assert_array_equal(got, g.copy().run(x))

@@ -167,3 +167,25 @@ def test_serial_kernels_release_the_gil():
               winograd.output_kernel(2, 3), winograd.output_kernel(4, 3)]
     assert all(k.targetoptions.get("nogil") is True for k in serial)
     assert not numba.njit(lambda a: a + 1).targetoptions.get("nogil", False)
+
+
+def test_num_threads_is_numba_get_num_threads_on_every_thread():
+    """kn.num_threads() (the lock-free read the kernels use) equals numba.get_num_threads() after
+    numba.set_num_threads on the calling thread and in another thread (the setting is per thread)."""
+    before = numba.get_num_threads()
+    try:
+        for n in (1, before):
+            numba.set_num_threads(n)
+            assert kn.num_threads() == numba.get_num_threads() == n
+        seen = []
+
+        def other():
+            numba.set_num_threads(1)
+            seen.append((kn.num_threads(), numba.get_num_threads()))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen == [(1, 1)] and kn.num_threads() == numba.get_num_threads() == before
+    finally:
+        numba.set_num_threads(before)

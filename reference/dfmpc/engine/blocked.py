@@ -39,7 +39,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .kernels_numba import _DOT_MATH, _finish
+from .kernels_numba import _DOT_MATH, _finish, num_threads
 
 #: output channels per block: two AVX2 vectors of float32 (one AVX-512 vector)
 LANES = 16
@@ -132,7 +132,7 @@ def conv_blocked(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, gro
         group = max(LANES, WEIGHT_BYTES // (4 * wb.shape[0] * wb.shape[1] * LANES) * LANES)
     if group % LANES or group <= 0:
         raise ValueError(f"group: expected a positive multiple of {LANES}, got {group}")
-    threads = numba.get_num_threads()
+    threads = num_threads()
     if threads > 1:
         _conv_blocked_par(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group, threads)
     else:

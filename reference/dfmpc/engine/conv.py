@@ -68,7 +68,7 @@ import numba
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import arena, blocked, kernel_choice, winograd
-from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt, padded
+from .kernels_numba import conv3rows_nhwc, conv_grouped, matmul_nt, num_threads, padded
 
 #: dense-conv kernel: "auto" (measured per shape, :mod:`dfmpc.engine.kernel_choice`), or one of
 #: :data:`DENSE_KERNELS` for every dense conv (a Winograd name falls back to "direct" where it
@@ -327,7 +327,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
         return np.empty((0, oh, ow, o), np.float32).transpose(0, 3, 1, 2)
     xn = x.transpose(0, 2, 3, 1)                            # NHWC view
     names = applicable_kernels((kh, kw), strides, dilations, out_channels=o)
-    threads = numba.get_num_threads()
+    threads = num_threads()
 
     def run(name):
         return _run_dense(name, xn, w, wt, b, strides, pads, dilations, oh, ow, relu, res, threads)

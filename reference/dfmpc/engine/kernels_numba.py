@@ -40,6 +40,19 @@ if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER ==
 _DOT_MATH = {"reassoc", "contract"}
 
 
+def num_threads() -> int:
+    """``numba.get_num_threads()`` of the calling thread, without its per-call locks once Numba's
+    thread pool is up (``get_num_threads`` takes two locks on every call to check that; with the
+    batch-split workers of :mod:`dfmpc.engine.executor` asking on every conv, they contended).
+    Falls back to the public call if Numba's internals differ from those of the pinned version."""
+    par = numba.np.ufunc.parallel
+    if getattr(par, "_is_initialized", False) and hasattr(par, "_get_num_threads"):
+        n = par._get_num_threads()
+        if n > 0:
+            return n
+    return numba.get_num_threads()
+
+
 @njit(inline="always", fastmath=_DOT_MATH)
 def _finish(s, bias, res, p, o, relu):
     """Epilogue of one output: ``act(s + bias[o] (+ res[p, o]))``; ``res`` None or (P, O)."""
@@ -80,7 +93,7 @@ def matmul_nt(a, b, bias, relu, res, out):
     out : ndarray, shape (P, O), float32
         Written, not read.
     """
-    (_matmul_nt_par if numba.get_num_threads() > 1 else _matmul_nt_ser)(a, b, bias, relu, res, out)
+    (_matmul_nt_par if num_threads() > 1 else _matmul_nt_ser)(a, b, bias, relu, res, out)
 
 
 @njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
@@ -194,7 +207,7 @@ def conv3rows_nhwc(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
     out : ndarray, shape (N*oh*ow, O), float32
         Written, not read (NHWC output).
     """
-    f = _conv3rows_par if numba.get_num_threads() > 1 else _conv3rows_ser
+    f = _conv3rows_par if num_threads() > 1 else _conv3rows_ser
     f(xf, shape, w, strides, dh, out_hw, bias, relu, res, out)
 
 
@@ -326,7 +339,7 @@ def conv_grouped(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
     Numba thread, e.g. a batch-split worker of :mod:`dfmpc.engine.executor`) and the parallel
     one give the same bits.
     """
-    f = _conv_grouped_par if numba.get_num_threads() > 1 else _conv_grouped_ser
+    f = _conv_grouped_par if num_threads() > 1 else _conv_grouped_ser
     return f(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow)
 
 

@@ -34,6 +34,7 @@ A. Lavin and S. Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import numba
@@ -631,7 +632,7 @@ def _scratch(shape_v, shape_m):
     a fresh ``np.empty`` of this size is new pages from the OS on every call (page faults, cold
     cache), which cost as much as the products themselves (measured in ResNet-20: 0.2-0.9 ms per
     block of 227 tiles against 0.16 ms for the same product on reused memory)."""
-    nv, nm = int(np.prod(shape_v)), int(np.prod(shape_m))
+    nv, nm = math.prod(shape_v), math.prod(shape_m)          # (np.prod on a tuple: ~5 us, GIL held)
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.size < nv + nm:
         buf = _LOCAL.buf = np.empty(nv + nm, np.float32)
