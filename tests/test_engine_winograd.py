@@ -327,3 +327,39 @@ def test_pool_works_in_a_forked_child():
 
 def _child_pool_answers():
     return conv_module._pool().submit(lambda: 42).result(timeout=30)
+
+
+
+def test_blas_carries_its_handicap_at_every_thread_count(tmp_path, monkeypatch):
+    """The measured choice passes BLAS_HANDICAP for im2col + BLAS at one Numba thread as at two (the
+    batch-split workers run at one thread each, beside each other, while OpenBLAS threads its products),
+    so the same shape gets the same choice, and the same bits, at both thread counts; and a handicap
+    does decide: a candidate 1.5x faster but handicapped 2x loses (negative control of its use)."""
+    import numba
+    monkeypatch.setenv("DFMPC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_memory", {})
+    monkeypatch.setattr(kernel_choice, "_loaded", True)
+    monkeypatch.setattr(conv_module, "KERNEL", "auto")
+    monkeypatch.setattr(conv_module, "MEASURE_MIN_MACS", 1)
+    seen = []
+    real = kernel_choice.choose
+    monkeypatch.setattr(kernel_choice, "choose",
+                        lambda key, c, r, t, h=None: seen.append((key, h)) or real(key, c, r, t, h))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 8, 10, 10)).astype(np.float32)
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            conv2d_f32(x, w, pads=(1, 1, 1, 1))
+    finally:
+        numba.set_num_threads(before)
+    assert [k[-3:] for k, _ in seen] == [" t1", " t2"]
+    assert all(h == {"im2col_blas": conv_module.BLAS_HANDICAP} for _, h in seen)
+    monkeypatch.setattr(kernel_choice, "REPEATS", 1)
+    times = iter([0.0, 3.0, 0.0, 2.0])                       # untimed warm-up is not counted here
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: next(times))
+    name, _ = real("k", {"direct": lambda: np.zeros(1), "im2col_blas": lambda: np.zeros(1)}, "direct", 1.0,
+                   {"im2col_blas": 2.0})
+    assert name == "direct"

@@ -275,12 +275,16 @@ def is_unmeasured() -> bool:
 #: the candidates are measured on the first images of the batch, about this many multiply-adds
 MEASURE_MACS = 1 << 25
 
-#: at more than one thread, im2col + BLAS must measure this many times faster than the Numba
-#: kernels to be chosen: OpenBLAS's worker threads spin after each product and take the cores
-#: the Numba kernels that follow need, which timing one conv alone does not see.  Measured in
-#: ResNet-20 on 500-image batches (2 threads, loaded 2-core Zen 3): the 64-channel 7x7 convs,
-#: chosen as im2col + BLAS at 5.3 ms vs 8.3 ms for ``blocked`` on 18 images, took 4.5 s of a
-#: 10.8 s run over 2000 images; at one thread no such cost was seen
+#: im2col + BLAS must measure this many times faster than the Numba kernels to be chosen, at any
+#: thread count: OpenBLAS's worker threads spin after each product and take the cores the Numba
+#: kernels that follow need, which timing one conv alone does not see.  Measured in ResNet-20 on
+#: 500-image batches (2 threads, loaded 2-core Zen 3): the 64-channel 7x7 convs, chosen as
+#: im2col + BLAS at 5.3 ms vs 8.3 ms for ``blocked`` on 18 images, took 4.5 s of a 10.8 s run over
+#: 2000 images.  It applies at one Numba thread too (since 2026-12-06): the executor's batch-split
+#: workers each run at one Numba thread, beside each other, and OpenBLAS still threads their
+#: products; with the stride-2 convs of the shipped ResNet-20 on BLAS, a 10,000-image evaluation
+#: at two threads took 11.0-13.5 s, with them on ``blocked`` 8.3-9.4 s (alternating, one process).
+#: One setting for both keeps the choices, and so the bits, the same at one and at two threads.
 BLAS_HANDICAP = 2.0
 
 
@@ -355,7 +359,7 @@ def _conv_dense(x, w, b, strides, pads, dilations, oh, ow, wt=None, relu=False, 
                                                       rs, threads))
                          for kn in applicable_kernels((kh, kw), strides, dilations, (oh, ow), o)}
                 name, y = kernel_choice.choose(key, cands, "direct", 1e-3 * scale,
-                                               {"im2col_blas": BLAS_HANDICAP} if threads > 1 else None)
+                                               {"im2col_blas": BLAS_HANDICAP})
                 if k == n:
                     return y.transpose(0, 3, 1, 2)
     return run(name).transpose(0, 3, 1, 2)

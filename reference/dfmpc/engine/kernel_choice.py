@@ -36,8 +36,9 @@ SIMD_FEATURES = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512v
 
 #: version of the candidate set, part of the file name: a file measured before a kernel was added
 #: or its rules changed is not read (2: "blocked"; 3: the ``handicap`` of :func:`choose`; 4: the
-#: channel-vectorised F(4x4) transforms, which changed which kernel wins; 5: "winograd_f4_numba")
-CANDIDATES_VERSION = 5
+#: channel-vectorised F(4x4) transforms, which changed which kernel wins; 5: "winograd_f4_numba";
+#: 6: the BLAS handicap at one thread too)
+CANDIDATES_VERSION = 6
 
 #: timed runs per candidate when measuring (the minimum is kept), after one untimed run
 REPEATS = 5
