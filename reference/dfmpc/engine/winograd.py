@@ -11,7 +11,9 @@ points ``xi``, one matrix product over channels:
 
     M[xi] (T, O) = V[xi] (T, C) @ U[xi] (C, O)     V = B^T d B per tile,  U = G g G^T per filter
 
-which this module hands to BLAS as one batched ``np.matmul`` (alpha^2 products).  The input
+which this module hands to BLAS as one batched ``np.matmul`` (alpha^2 products), or, for a multiple of
+16 output channels, to its own register-blocked loop (:func:`products_kernel`), which is faster on the
+small products of narrow layers.  The input
 transform (``V``) and the output transform (``Y = A^T M A``, with the bias, a residual and ReLU
 applied as each output is written) are Numba kernels vectorised over the channels, which are
 contiguous in NHWC memory.  Multiplies per output pixel and channel pair: 9 direct,
