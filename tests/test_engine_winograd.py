@@ -148,6 +148,40 @@ def test_products_kernel_matches_matmul(shape, k, seed):
     assert not np.all(np.abs(M[:k] - wrong) <= bound)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_blocks_kernel_is_the_python_loop_over_blocks(m):
+    """blocks_kernel (the loop over tile blocks in one Numba call, used by conv3x3 with Numba products)
+    gives the same bits as calling the input, products and output kernels block by block from Python;
+    negative control: blocks left out of the range are not written."""
+    rng = np.random.default_rng(7)
+    n, h, wd, c, o, tb = 2, 9, 7, 16, 32, 3
+    xp = rng.normal(size=(n, h + 2 + 4, wd + 2 + 4, c)).astype(np.float32)   # padded, past the last tile
+    th, tw = winograd.tile_counts(h, wd, m)
+    U = winograd.weight_transform(rng.normal(size=(o, c, 3, 3)).astype(np.float32), m)
+    b = rng.normal(size=o).astype(np.float32)
+    a2, n_t = (m + 2) ** 2, n * th * tw
+    kin, kmul, kout = winograd.input_kernel(m, c), winograd.products_kernel(a2, c, o), winograd.output_kernel(m, o)
+    want = np.zeros((n, h, wd, o), np.float32)
+    V, M = np.empty(tb * a2 * c, np.float32), np.empty(tb * a2 * o, np.float32)
+    no_res = np.empty(0, np.float32)
+    for t0 in range(0, n_t, tb):
+        t1 = min(t0 + tb, n_t)
+        if m == 4:
+            kin(xp.reshape(-1), xp.shape, th, tw, t0, t1, V, 0, 0)
+        else:
+            kin(xp.reshape(-1), xp.shape, th, tw, t0, t1, V)
+        kmul(V, U.reshape(-1), M, t1 - t0)
+        kout(M, th, tw, t0, t1, (h, wd), b, no_res, True, want.reshape(-1))
+    got = np.zeros_like(want)
+    winograd.blocks_kernel(m, c, o)(xp.reshape(-1), xp.shape, th, tw, 0, n_t, tb, V, U.reshape(-1), M, (h, wd), b,
+                                    no_res, True, got.reshape(-1), 0, 0)
+    np.testing.assert_array_equal(got, want)
+    part = np.zeros_like(want)
+    winograd.blocks_kernel(m, c, o)(xp.reshape(-1), xp.shape, th, tw, tb, n_t, tb, V, U.reshape(-1), M, (h, wd), b,
+                                    no_res, True, part.reshape(-1), 0, 0)
+    assert not np.array_equal(part, want) and np.array_equal(part[1:], want[1:])
+
+
 def test_products_kernel_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="o: .*multiple of 16"):
         winograd.products_kernel(36, 8, 24)

@@ -521,6 +521,39 @@ def _products(shape):
     return kernel
 
 
+def blocks_kernel(m: int, c: int, o: int):
+    """The compiled loop over tile blocks of F(m x m, 3x3) with Numba products (see :func:`_blocks`)."""
+    return _kernel(("blocks", m, c, o), _blocks, (m, c, o))
+
+
+def _blocks(shape):
+    """``kernel(xf, shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, out_hw, bias, res, relu, out, pt, pl)``: the
+    tiles ``t_lo .. t_hi - 1``, ``tb`` at a time, each block through the input transform, the products
+    (:func:`products_kernel`) and the output transform, as :func:`conv3x3`'s Python loop does with BLAS
+    products. One call per conv instead of three per block: each call of a Numba kernel from Python
+    takes the GIL for a few microseconds, and at 64 images the 16-channel convs of ResNet-20 have 55
+    blocks (``pt``, ``pl``: see :func:`_input_f43`; ignored for m = 2). Same kernels, same order, same bits."""
+    m, C, O = shape
+    kin, kmul, kout = input_kernel(m, C), products_kernel((m + 2) ** 2, C, O), output_kernel(m, O)
+    if m == 4:
+        @njit(cache=True, nogil=True)
+        def kernel(xf, shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, out_hw, bias, res, relu, out, pt, pl):
+            for t0 in range(t_lo, t_hi, tb):
+                t1 = min(t0 + tb, t_hi)
+                kin(xf, shape, th, tw, t0, t1, vf, pt, pl)
+                kmul(vf, uf, mf, t1 - t0)
+                kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)
+    else:
+        @njit(cache=True, nogil=True)
+        def kernel(xf, shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, out_hw, bias, res, relu, out, pt, pl):
+            for t0 in range(t_lo, t_hi, tb):
+                t1 = min(t0 + tb, t_hi)
+                kin(xf, shape, th, tw, t0, t1, vf)
+                kmul(vf, uf, mf, t1 - t0)
+                kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)
+    return kernel
+
+
 def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=None, pool=None,
             products="blas"):
     """Dense 3x3 stride-1 conv of an NHWC batch by F(m x m, 3x3), block of tiles by block of tiles.
@@ -601,6 +634,10 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
     def run(t_lo, t_hi):
         V, M = _scratch((tb, a2, c), (tb, a2, o))
         vf, mf = V.reshape(-1), M.reshape(-1)
+        if kmul is not None:                      # the whole loop in one Numba call
+            blocks_kernel(m, c, o)(xf, xp.shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, (oh, ow), bias, rf,
+                                   relu, of, shift[0], shift[1])
+            return
         for t0 in range(t_lo, t_hi, tb):
             t1 = min(t0 + tb, t_hi)
             k = t1 - t0
@@ -608,11 +645,8 @@ def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=
                 kin(xf, xp.shape, th, tw, t0, t1, vf, shift[0], shift[1])
             else:
                 kin(xf, xp.shape, th, tw, t0, t1, vf)
-            if kmul is not None:
-                kmul(vf, uf, mf, k)                                                     # M[xi] = V[xi] U[xi]
-            else:
-                with lock:
-                    np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
+            with lock:
+                np.matmul(V[:k].transpose(1, 0, 2), U, out=M[:k].transpose(1, 0, 2))  # M[xi] = V[xi] U[xi]
             kout(mf, th, tw, t0, t1, (oh, ow), bias, rf, relu, of)
 
     n_blocks = -(-n_t // tb)
