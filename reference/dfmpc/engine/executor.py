@@ -149,7 +149,9 @@ def _fold_bn(conv, bn):
 #: inputs, folded)``: reused while the parameters are unchanged, so that the kernels' cached layouts of
 #: the folded weights (Winograd's transformed filters, the blocked layout; keyed by the array) are
 #: reused from call to call as well. Remaking them took about 17 ms per ResNet-20 call, with the GIL
-#: held (a profile of 256-image calls at two threads, 2026-12-06).
+#: held (a profile of 256-image calls at two threads, 2026-12-06). Memory: while a graph's nodes live,
+#: its conv weights are held about three more times (the copies, the folded weights, their layouts);
+#: an entry goes when its conv or BN node is collected.
 _FOLDED: dict = {}
 _FOLDED_LOCK = threading.Lock()
 

@@ -486,7 +486,8 @@ def _products(shape):
     float32 rounding of the same size as BLAS's, not the same bits.
     Why: ResNet-20's products are many small matrices (C = O = 16-64, 50-230 tiles), where
     OpenBLAS's sgemm ran at 7-18 GFLOP/s on a 2-core AMD EPYC (``znver1``, one thread) and this
-    loop at 21-23 (measured in the same process, alternating).
+    loop at 21-34 (21-23 and 31-33 in a slow and a fast phase of the host's load; measured in the
+    same process, alternating with BLAS).
     """
     A2, C, O = shape
     L, P = PRODUCT_LANES, PRODUCT_TILES
