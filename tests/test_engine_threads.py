@@ -138,7 +138,7 @@ def test_worker_error_reaches_caller_as_the_same_value_error(threads):
 def test_one_numba_thread_is_per_thread(threads):
     """What the split relies on: a worker's set_num_threads(1) leaves the caller's count alone."""
     threads(2)
-    pool = executor._chunk_pool(2)
+    pool = executor.worker_pool(2)
     assert pool.submit(numba.get_num_threads).result() == 1
     assert numba.get_num_threads() == 2
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from dfmpc import probes
 from dfmpc.engine import Graph, Node
+from dfmpc.engine.conv import unmeasured
 from dfmpc.evaluation import load_zoo_model
 
 from test_backward import H_FD, _torch_module, f64_params, small_graph
@@ -182,17 +183,23 @@ def test_distillation_is_reproducible_and_starts_from_the_noise(resnet20):
                                   probes.probe_inputs(resnet20, n=4, kind="noise", seed=1))
 
 
-def test_distillation_gives_the_same_bits_at_any_thread_count_and_restores_it(resnet20):
-    """D.1's descent is the same computation at 1 and 2 Numba threads (bit-identical images), so the
-    single-thread default (DISTILL_THREADS, chosen for speed) cannot change a result; the caller's thread
-    setting is restored afterwards, also when the call fails. Negative control: the images did move."""
+def test_distillation_gives_the_same_bits_at_any_thread_count_and_restores_it(resnet20, monkeypatch):
+    """D.1's descent is the same computation on 1 thread and with the batch shared by 2 worker
+    threads (bit-identical images), so the default (DISTILL_THREADS: the caller's Numba thread count,
+    chosen for speed) cannot change a result; the caller's thread setting is restored afterwards, also
+    when the call fails. Negative controls: the images did move, and the workers did run the parts."""
     import numba
+    from dfmpc.engine import executor
     x0 = probes.probe_inputs(resnet20, n=8, kind="noise", seed=3)
     before = numba.get_num_threads()
     one = probes.distill(resnet20, x0, iterations=3, threads=1).x
     assert numba.get_num_threads() == before
+    pools, real = [], executor.worker_pool
+    monkeypatch.setattr(executor, "worker_pool", lambda n: pools.append(n) or real(n))
     two = probes.distill(resnet20, x0, iterations=3, threads=2).x
     np.testing.assert_array_equal(one, two)
+    assert pools and set(pools) == {2}                      # the parts ran on two worker threads
+    monkeypatch.undo()
     mine = probes.distill(resnet20, x0, iterations=3, threads=None).x
     np.testing.assert_array_equal(one, mine)
     assert not np.array_equal(one, x0)                      # the images moved: the equality is not vacuous
@@ -200,6 +207,59 @@ def test_distillation_gives_the_same_bits_at_any_thread_count_and_restores_it(re
         with pytest.raises(ValueError, match="threads"):
             probes.distill(resnet20, x0, iterations=1, threads=bad)
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenetv2_small"])
+def test_loss_and_gradient_are_the_same_bits_in_any_number_of_parts(name):
+    """_loss_and_grad with the batch cut into parts, each part's forward and reverse pass on a worker
+    thread and the batch statistics (D.2) over the parts joined again, gives L and dL/dx bit for bit as
+    in one piece, in both objectives: every op treats each image alone and every kernel's sums run in an
+    order that does not depend on the batch (strided and 1x1 convs, Concat, depthwise convs and ReLU6 on
+    the way), with the kernels that distill fixes (``unmeasured``; a timed choice may differ by batch
+    size). Negative control: one image changed changes the gradient."""
+    g = load_zoo_model(name)
+    targets = probes.bn_targets(g)
+    program = probes._program(g, targets)
+    x = probes.probe_inputs(g, n=5, kind="noise", seed=7)
+    with unmeasured():                                  # the kernels distill runs (not the timed choice)
+        for objective in ("relative", "absolute"):
+            l1, g1 = probes._loss_and_grad(g, targets, x, program=program, objective=objective)
+            for parts in (2, 3, 5, 9):
+                lp, gp = probes._loss_and_grad(g, targets, x, program=program, objective=objective, parts=parts)
+                assert lp == l1
+                np.testing.assert_array_equal(gp, g1)
+        x2 = x.copy()
+        x2[4] *= 1.5
+        assert not np.array_equal(probes._loss_and_grad(g, targets, x2, program=program, parts=2)[1], g1)
+
+
+def test_parts_handle_a_bn_on_the_input_and_two_bns_on_one_tensor():
+    """The cases of _loss_and_grad no zoo model has: a BN reading the graph input (its D.3 gradient joins
+    the input's directly) and two BNs reading one tensor (their D.3 seeds are summed per part). Same bits
+    in any number of parts as in one, on a graph with every differentiable op (test_backward.small_graph)."""
+    base = small_graph(np.random.default_rng(5), np.float32)
+    rng = np.random.default_rng(6)
+
+    def bn(name, x, c):
+        return Node(name, "BatchNormalization", [x], [name], {"epsilon": 1e-5},
+                    {"gamma": rng.standard_normal(c).astype(np.float32) + 1, "beta": np.zeros(c, np.float32),
+                     "mean": rng.standard_normal(c).astype(np.float32), "var": np.ones(c, np.float32)})
+    nodes = [bn("bx", "x", 2)] + base.nodes + [bn("b1_again", "c1", 6),
+                                                Node("extra", "Add", ["b1_again", "bx_c"], ["extra"])]
+    nodes.insert(1, Node("cx", "Conv", ["bx"], ["bx_c"], {"pads": (1, 1, 1, 1)},
+                         {"W": rng.standard_normal((6, 2, 3, 3)).astype(np.float32)}))
+    g = Graph(nodes, ["x"], ["out", "extra"], base.input_shapes)
+    targets = probes.bn_targets(g)
+    assert [t.tensor for t in targets].count("c1") == 2 and targets[0].tensor == "x"
+    program = probes._program(g, targets)
+    x = rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+    with unmeasured():
+        l1, g1 = probes._loss_and_grad(g, targets, x, program=program, objective="relative")
+        for parts in (2, 3, 4):
+            lp, gp = probes._loss_and_grad(g, targets, x, program=program, objective="relative", parts=parts)
+            assert lp == l1
+            np.testing.assert_array_equal(gp, g1)
+    assert np.abs(g1).max() > 0
 
 
 def test_distill_history_and_batches(resnet20):

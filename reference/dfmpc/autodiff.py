@@ -41,7 +41,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .engine.conv import conv2d_f32 as _engine_conv2d
 from .engine.conv import conv_output_size
 from .engine.conv import dense_weight as _dense_weight
+from .engine.conv import freeze as _freeze
 from .engine.graph import Graph, Node
+from .engine.kernels_numba import num_threads as _num_threads
 from .engine.ops import _geometry
 
 __all__ = ["RULES", "Tape", "Program", "record", "input_gradient", "conv_forward", "conv_vjp", "max_pool_forward",
@@ -205,7 +207,7 @@ class _TransposedConv:
                 if not ti or not tj or r1 < r0 or c1 < c0:
                     self.complete = False                   # this phase's gradient is zero
                     continue
-                Wp = np.ascontiguousarray(Wt[:, :, ti][:, :, :, tj], dtype=np.float32)
+                Wp = _freeze(np.array(Wt[:, :, ti][:, :, :, tj], dtype=np.float32, order="C"))   # private
                 self.phases.append((a, b, slice(r0, r1 + 1), slice(c0, c1 + 1), (pt, pl, pb, pr), (dh, dw),
                                     Wp, _dense_weight(Wp) if groups == 1 else None))
 
@@ -671,9 +673,9 @@ def _nhwc_rows(a):
 
 def _rows_variant(parallel):
     """The one-pass float32 row kernels of V.2-V.3, with (``parallel=True``) or without Numba's thread
-    pool. Distillation runs at one Numba thread (:data:`dfmpc.probes.DISTILL_THREADS`), where handing
-    each call to the pool costs more than the loop (as the engine found for its kernels:
-    ``engine/kernels_numba.py``). ``parallel`` is read in each body so that Numba's on-disk cache tells
+    pool. Distillation runs them at one Numba thread (each part of its batch on a worker thread,
+    :data:`dfmpc.probes.DISTILL_THREADS`), where handing each call to the pool costs more than the
+    loop (as the engine found for its kernels: ``engine/kernels_numba.py``). ``parallel`` is read in each body so that Numba's on-disk cache tells
     the variants apart. Both variants make the same operations per element, so the same bits."""
 
     @njit(parallel=parallel, cache=True, nogil=True)
@@ -758,7 +760,7 @@ def _rows_variant(parallel):
 def _pick(par, ser):
     """The row kernel for the current Numba thread count (the serial one at one thread)."""
     def run(*args):
-        return (par if numba.get_num_threads() > 1 else ser)(*args)
+        return (par if _num_threads() > 1 else ser)(*args)
     run.__name__, run.__doc__ = par.__name__, f"{par.__name__}: the pool variant at 2+ Numba threads, else the serial one."
     return run
 
@@ -1096,7 +1098,7 @@ class _Step:
         ow = conv_output_size(x_shape[3], W.shape[3], strides[1], pads[1], pads[3], dilations[1])
         if oh <= 0 or ow <= 0 or x_shape[1] != W.shape[1] * groups or W.shape[0] % groups:
             return                                              # the generic rule raises the error
-        self.W32 = np.ascontiguousarray(W, dtype=np.float32)
+        self.W32 = _freeze(np.array(W, dtype=np.float32, order="C"))   # a private copy: no per-call check
         B = node.params.get("B")
         self.B32 = None if B is None else np.asarray(B, np.float32)
         self.wt = _dense_weight(self.W32) if groups == 1 else None

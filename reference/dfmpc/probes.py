@@ -37,6 +37,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -98,15 +99,18 @@ LBFGS_MEMORY = 20
 LBFGS_BLAS_THREADS = 1
 #: the budget doubles at most until it is this many times the iterations asked for (200 -> 400 -> 800)
 MAX_BUDGET_FACTOR = 4
-#: Numba threads while distilling. The default probe batch (8 images) is too small to split: per op a
-#: thread hand-off costs about what the second core saves, and on a shared machine the second thread
-#: waits. Measured on an idle 2-core AMD EPYC (AVX2): distilling ResNet-20's default probes 10.5 s at
-#: 1 thread against 12.9 s at 2; the whole `dfmpc quantize resnet20` 12.2 s with the process at 1 thread
-#: (NUMBA_NUM_THREADS=1) against 14.5 s at 2
-#: (`benchmarks/probes.py` times the distillation). Since then serial twins of the reverse pass's row kernels
-#: run at one thread (no pool hand-off at all) and the pass is fused further: ResNet-20's distillation 7.7 s
-#: against 10.6 s for the code these figures were taken with (load ~2, `benchmarks/probes.py --baseline`).
-DISTILL_THREADS = 1
+#: Threads that share each probe batch while distilling (:func:`distill`'s ``threads``); None: the caller's
+#: Numba thread count. Each part of the batch runs its forward and reverse pass on a worker thread at one
+#: Numba thread, and the parts are joined for D.2's statistics (16_probe_inputs.md, "The batch in parts"):
+#: the same bits at any count. Splitting each op across Numba's pool instead was slower at 8 images (a
+#: hand-off per op), so 1 was the default until the parts ran whole passes. Measured on a 2-core AMD EPYC
+#: (`znver1`, AVX2) whose second core was partly taken by other load (load average 1.2 before the run),
+#: `python benchmarks/probes.py --repeats 3 --baseline OLD/reference` against the one-thread code, same
+#: probe bits: ResNet-20 12.1 s against 16.1 s (0.75x), ResNet-56 1.01x, the bottleneck ResNet 0.83x,
+#: VGG-small 0.58x, at 1.0-1.7x the CPU time (``benchmarks/results/probes.json``). How much the second
+#: core brings depends on how free it is: the blocked conv kernel alone ran 1.6-1.85x as fast on two threads
+#: in one minute of this session and about 1x in another.
+DISTILL_THREADS = None
 #: the circular shifts (rows, columns) of a probe image's views, in order: the image itself, then rolled by 2
 #: pixels along the three diagonals. The sequential re-calibration uses the first ``probe_views`` of them
 #: (derivation 15, S.4; default one): a conv net's statistics do not depend on where an object sits, and the
@@ -362,36 +366,77 @@ def _check_objective(objective):
 
 
 def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: bool = True,
-                   program: Program | None = None, objective: str = "absolute"):
+                   program: Program | None = None, objective: str = "absolute", parts: int = 1):
     """L (D.1, or D.6 for ``objective="relative"``) on the batch x (N, C, H, W) and, if ``grad``, dL/dx
     of x's shape and dtype.
 
     ``program``: :func:`_program` of ``graph`` and ``targets``, reused across calls (made if None).
+    ``parts``: the images are cut into this many consecutive parts (at most N), and each part's forward
+    and reverse pass runs on a worker thread at one Numba thread (:func:`_split_passes`); the batch
+    statistics are taken over the parts joined again. Every op on the way treats each image alone and,
+    with the kernels fixed as :func:`distill` fixes them (:func:`unmeasured_convs`), every kernel sums in
+    an order that does not depend on the batch, so L and dL/dx are the same bits for any ``parts``
+    (``tests/test_probes.py``).
     """
     name = graph.inputs[0]
-    tape = (program or _program(graph, targets)).record(x)
-    loss, seeds, gx = 0.0, {}, np.zeros_like(x) if grad else None
+    program = program or _program(graph, targets)
+    bounds = _part_bounds(len(x), parts)
+    tapes = _split_passes(lambda xp: program.record(xp), [(x[a:b],) for a, b in zip(bounds, bounds[1:])])
+    loss, seeds, gx = 0.0, [{} for _ in tapes], np.zeros_like(x) if grad else None
     for t in targets:
-        z = x if t.tensor == name else tape.values[t.tensor]
+        z = x if t.tensor == name else _joined([tape.values[t.tensor] for tape in tapes])
         l, g = _stat_loss(z, t.mu, t.sigma, t.eps, grad, lazy=t.tensor != name, w=_channel_weights(t.sigma, objective))
         loss += l
         if g is None:
             continue
         if t.tensor == name:
             gx += g
-        elif t.tensor not in seeds:
-            seeds[t.tensor] = g
-        else:                                                   # two BNs read one tensor
-            seeds[t.tensor] = _formed(seeds[t.tensor]) + _formed(g)
+            continue
+        for tape, s, a, b in zip(tapes, seeds, bounds, bounds[1:]):
+            gp = AffineSeed(tape.values[t.tensor], g.b, g.c) if isinstance(g, AffineSeed) else g[a:b]
+            s[t.tensor] = gp if t.tensor not in s else _formed(s[t.tensor]) + _formed(gp)   # two BNs read one tensor
     C = x.shape[1]
     sigma_in = np.full(C, math.sqrt(1.0 + INPUT_EPS))
     l, g = _stat_loss(x, np.zeros(C), sigma_in, INPUT_EPS, grad, w=_channel_weights(sigma_in, objective))  # input term
     loss += l
     if grad:
         gx += g
-        if seeds:
-            gx += input_gradient(tape, seeds)
+        if seeds[0]:
+            for gp, a, b in zip(_split_passes(input_gradient, list(zip(tapes, seeds))), bounds, bounds[1:]):
+                gx[a:b] += gp
     return loss, gx
+
+
+def _part_bounds(n: int, parts: int) -> list[int]:
+    """``parts`` (at most n) consecutive ranges of n images as their bounds: ``[0, ..., n]``."""
+    parts = max(1, min(parts, n))
+    return [n * i // parts for i in range(parts + 1)]
+
+
+def _split_passes(f, args: list):
+    """``[f(*a) for a in args]``, on the calling thread for one part, else on the engine's worker threads
+    (:func:`dfmpc.engine.executor.worker_pool`, each at one Numba thread), with the caller's kernel
+    setting (:func:`unmeasured_convs`) in each. Measured gains in :data:`DISTILL_THREADS`."""
+    if len(args) == 1:
+        return [f(*args[0])]
+    from .engine.conv import is_unmeasured, unmeasured
+    from .engine.executor import worker_pool
+    setting = unmeasured if is_unmeasured() else contextlib.nullcontext
+
+    def run(a):
+        with setting():
+            return f(*a)
+    return list(worker_pool(len(args)).map(run, args))
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts of one tensor joined along the images, in the memory order of the first (an NCHW view of
+    NHWC memory stays one, so that :func:`_rows` of it is a view)."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].ndim == 4 and parts[0].transpose(0, 2, 3, 1).flags.c_contiguous:
+        return np.concatenate([p.transpose(0, 2, 3, 1) for p in parts]).transpose(0, 3, 1, 2)
+    return np.concatenate(parts)
 
 
 def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None, objective: str = "absolute") -> float:
@@ -558,10 +603,11 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
         A progress bar (tqdm) on stderr; None: only when stderr is a terminal and the work lasts
         more than a couple of seconds (:class:`dfmpc.evaluation.Progress`).
     threads : int >= 1 or None
-        Numba threads while distilling (the previous setting is restored on return; capped at
-        ``numba.config.NUMBA_NUM_THREADS``); None keeps the current setting. The result does not depend
-        on it: every kernel on this path gives the same bits at any thread count. Default
-        :data:`DISTILL_THREADS` (1), see there.
+        Threads that share each batch's images: each runs the forward and reverse passes of its part
+        at one Numba thread (:func:`_loss_and_grad`), capped at the batch size and at
+        ``numba.config.NUMBA_NUM_THREADS``. None: the caller's Numba thread count
+        (``numba.get_num_threads()``), restored on return. The result does not depend on it: the same
+        bits at any count. Default :data:`DISTILL_THREADS`, see there.
     objective : {"relative", "absolute"}
         The loss: D.6, in units of each BN's sigma (default, :data:`DEFAULT_OBJECTIVE`), or ZeroQ's D.1.
     optimizer : {"adam", "lbfgs"}
@@ -592,8 +638,8 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     _check_optimizer(optimizer)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-    if threads is not None:
-        threads = min(_check_int(threads, "threads", 1), numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    parts = before if threads is None else min(_check_int(threads, "threads", 1), numba.config.NUMBA_NUM_THREADS)
     N = len(x0)
     batch_size = N if batch_size is None else _check_int(batch_size, "batch_size", 1)
     targets = bn_targets(graph)
@@ -605,27 +651,25 @@ def distill(graph: Graph, x0: np.ndarray, iterations: int = DEFAULT_ITERATIONS, 
     from .evaluation import Progress
     bar = Progress(iterations * len(starts), "distilling probe inputs", enabled=progress, unit="step")
     program = _program(graph, targets)
-    before = numba.get_num_threads()
     try:
-        if threads is not None:
-            numba.set_num_threads(threads)
+        numba.set_num_threads(1)                  # the loss's own kernels; the parts run on the workers
         if optimizer == "adam":
-            _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar, objective)
+            _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar, objective, parts)
         else:
-            _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, bar, objective)
+            _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, bar, objective, parts)
     finally:
         numba.set_num_threads(before)
     return DistillationResult(x, [float(v) for v in losses.mean(axis=0)], time.perf_counter() - t0)
 
 
-def _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar, objective):
+def _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses, bar, objective, parts=1):
     """:func:`distill`'s loop: Adam on each batch of ``x`` in place; ``losses[bi, k]`` = L before step k."""
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     for bi, s in enumerate(starts):
         xb = x[s:s + batch_size]                                  # a view: updated in place
         m, v = np.zeros_like(xb), np.zeros_like(xb)
         for k in range(iterations):
-            loss, g = _loss_and_grad(graph, targets, xb, program=program, objective=objective)
+            loss, g = _loss_and_grad(graph, targets, xb, program=program, objective=objective, parts=parts)
             losses[bi, k] = loss
             step = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * k / max(iterations, 1))))
             m *= b1
@@ -637,14 +681,14 @@ def _adam(graph, targets, program, x, starts, batch_size, iterations, lr, losses
             xb -= (step * mhat / (np.sqrt(vhat) + adam_eps)).astype(np.float32)
             bar.update(bi * iterations + k + 1, postfix=f"BN loss {loss:.3g}")
         losses[bi, iterations] = _loss_and_grad(graph, targets, xb, grad=False, program=program,
-                                                objective=objective)[0]
+                                                objective=objective, parts=parts)[0]
 
 
 class _BudgetSpent(Exception):
     """Raised inside L-BFGS-B's objective once the evaluation budget is spent (SciPy's maxfun can overrun it)."""
 
 
-def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, bar, objective):
+def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, bar, objective, parts=1):
     """:func:`distill`'s loop with L-BFGS-B: each batch of ``x`` in place, at most ``iterations`` evaluations,
     ending at the images of the lowest loss evaluated; ``losses[bi, k]`` = the lowest L of the first k + 1
     evaluations (the last entry: L of the images returned)."""
@@ -653,7 +697,8 @@ def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, b
     for bi, s in enumerate(starts):
         xb = x[s:s + batch_size]                                  # a view: updated in place
         if iterations == 0:                                        # no step: the loss of x0 only
-            losses[bi, 0] = _loss_and_grad(graph, targets, xb, grad=False, program=program, objective=objective)[0]
+            losses[bi, 0] = _loss_and_grad(graph, targets, xb, grad=False, program=program, objective=objective,
+                                           parts=parts)[0]
             continue
         shape, seen, best = xb.shape, [], [math.inf, xb.copy()]
 
@@ -661,7 +706,7 @@ def _lbfgs(graph, targets, program, x, starts, batch_size, iterations, losses, b
             if len(seen) == iterations:
                 raise _BudgetSpent
             xv = v.reshape(shape).astype(np.float32)
-            loss, g = _loss_and_grad(graph, targets, xv, program=program, objective=objective)
+            loss, g = _loss_and_grad(graph, targets, xv, program=program, objective=objective, parts=parts)
             seen.append(loss)
             if loss < best[0]:
                 best[:] = [loss, xv]

@@ -32,6 +32,8 @@ and the float64 reference convolution :func:`dfmpc.conv2d`.
 
 from __future__ import annotations
 
+import functools
+
 import llvmlite.ir as ir
 import numba
 import numpy as np
@@ -91,9 +93,19 @@ def tap_offsets(kernel, dilations, wp: int, c: int) -> np.ndarray:
     the kernel over more multiply-adds (3x3 convs on 16 channels: 48 instead of 16).
     """
     (kh, kw), (dh, dw) = kernel, dilations
+    return _tap_offsets(int(kh), int(kw), int(dh), int(dw), int(wp), int(c))
+
+
+@functools.lru_cache(maxsize=1024)
+def _tap_offsets(kh, kw, dh, dw, wp, c):
+    """:func:`tap_offsets`, made once per geometry (a conv call asks for it every time). The array is
+    shared by every caller and must not be changed; it stays writeable, since Numba compiles a kernel
+    anew for a read-only argument."""
     if dw == 1:
-        return np.array([i * dh * wp * c for i in range(kh)], np.int64)
-    return np.array([(i * dh * wp + j * dw) * c for i in range(kh) for j in range(kw)], np.int64)
+        t = np.array([i * dh * wp * c for i in range(kh)], np.int64)
+    else:
+        t = np.array([(i * dh * wp + j * dw) * c for i in range(kh) for j in range(kw)], np.int64)
+    return t
 
 
 def conv_blocked(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group=None):

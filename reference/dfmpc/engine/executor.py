@@ -280,7 +280,7 @@ def run_graph(graph, x, outputs=None, batch_size=16):
 
     threads = numba.get_num_threads()
     if SPLIT_BATCH and threads > 1 and len(starts) > 1:
-        pool = _chunk_pool(threads)
+        pool = worker_pool(threads)
         futures = [pool.submit(chunk, s) for s in starts]
         try:
             parts = [f.result() for f in futures]        # in chunk order; a worker's error re-raised
@@ -327,10 +327,11 @@ def _one_numba_thread():
     numba.set_num_threads(1)                    # per thread: the caller's count is unchanged
 
 
-def _chunk_pool(threads):
+def worker_pool(threads):
     """The worker threads that run whole chunks, ``threads`` of them, each at one Numba thread;
     made anew for another thread count and in a forked child process (the parent's threads do
-    not exist there)."""
+    not exist there). The distillation of probe images runs its parts of a batch on them too
+    (:func:`dfmpc.probes.distill`)."""
     global _POOL, _POOL_KEY
     key = (os.getpid(), threads)
     with _POOL_LOCK:
