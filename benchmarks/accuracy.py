@@ -36,10 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
+from _common import update_readme, write_text  # noqa: E402
+
 import numpy as np
 
 import dfmpc
-from dfmpc.interop._atomic import write_atomically
 from dfmpc.evaluation import BACKENDS, accuracy, load_dataset, load_zoo_model, zoo_manifest
 from dfmpc.pipeline import DEFAULT_PROBE_IMAGES
 from dfmpc.probes import probe_inputs
@@ -47,10 +49,6 @@ from dfmpc.probes import probe_inputs
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 N_CAL = 500
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
-
 
 def split():
     x, y = load_dataset("fashion-mnist")
@@ -123,16 +121,6 @@ def table(rows, settings):
                          f"| {cell('none/sequential')} | {cell('dfmpc/sequential')} | {cell('none/data')} "
                          f"| {cell('dfmpc/data')} | {cell('oracle/absorb')} |")
     return "\n".join(lines)
-
-
-def update_readme(text, start="<!-- accuracy-table:start -->", end="<!-- accuracy-table:end -->"):
-    readme = ROOT / "README.md"
-    s = readme.read_text()
-    if start not in s or end not in s:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    before, rest = s.split(start, 1)
-    _, after = rest.split(end, 1)
-    _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
 
 
 #: Every row of the paper's accuracy tables (Chen et al., "Data-Free Quantization via Mixed-Precision
@@ -259,11 +247,12 @@ def merge_results(rows):
     out = {"protocol": f"evaluate on Fashion-MNIST test[:-{N_CAL}], calibrate data-aware rows on test[-{N_CAL}:]",
            "rows": [merged[m] for m in sorted(merged, key=lambda m: list(zoo_manifest()).index(m)
                                               if m in zoo_manifest() else 99)]}
-    _atomic_write(path, json.dumps(out, indent=1))
+    write_text(path, json.dumps(out, indent=1))
     return out
 
 
 PAPER_MARKERS = ("<!-- paper-table:start -->", "<!-- paper-table:end -->")
+ACCURACY_MARKERS = ("<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->")
 
 
 def sweep(arch, log, lambda1s=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), lambda2s=(0.0, 0.001, 0.005, 0.01),
@@ -313,7 +302,7 @@ def main(argv=None):
     if a.table_only:
         rows = json.loads((RESULTS / "accuracy.json").read_text())["rows"]
         md = table(rows, ["2/6", "3/6", "6/6"])
-        update_readme(md)
+        update_readme(md, *ACCURACY_MARKERS)
         update_readme(paper_table(rows, zoo_manifest()), *PAPER_MARKERS)
         print(md)
         return 0
@@ -331,7 +320,7 @@ def main(argv=None):
         return 0
     if a.sweep:
         res = sweep(a.sweep, log, eval_images=a.eval_images)
-        _atomic_write(RESULTS / f"sweep_{a.sweep}.json", json.dumps(res, indent=1))
+        write_text(RESULTS / f"sweep_{a.sweep}.json", json.dumps(res, indent=1))
         if a.json:
             print(json.dumps(res))
         return 0
@@ -344,7 +333,7 @@ def main(argv=None):
         out = merge_results([run_model(m, settings, a.lambda1, a.lambda2, log, modes, a.backend)])
     md = table(out["rows"], ["2/6", "3/6", "6/6"])
     if not a.no_readme:
-        update_readme(md)
+        update_readme(md, *ACCURACY_MARKERS)
         update_readme(paper_table(out["rows"], zoo_manifest()), *PAPER_MARKERS)
     print(json.dumps(out) if a.json else md)
     return 0

@@ -29,10 +29,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
+from _common import replace_block, write_text  # noqa: E402
+
 import numpy as np
 
 import dfmpc
-from dfmpc.interop._atomic import write_atomically
 from dfmpc.baselines import DEFAULT_METHODS, METHODS
 from dfmpc.compare import compare
 from dfmpc.compensation import compensation_coefficients
@@ -59,16 +61,8 @@ PAPER = {
 }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
-
-
 def _replace_between(text: str, marker: str, body: str) -> str:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block")
-    head, rest = text.split(start, 1)
-    return head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+    return replace_block(text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->", body)
 
 
 # ------------------------------------------------------------------------------------ accuracy
@@ -241,18 +235,18 @@ def main(argv=None):
     if not a.table_only:
         if a.cost:
             rows = run_cost(models, methods, a.repeats, log)
-            _atomic_write(cost_path, json.dumps({"rows": rows}, indent=1) + "\n")
+            write_text(cost_path, json.dumps({"rows": rows}, indent=1) + "\n")
         else:
             res = run_accuracy(models, [s for s in a.settings.split(",") if s], methods, log, a.backend)
             old = json.loads(acc_path.read_text())["results"] if acc_path.exists() else []
-            _atomic_write(acc_path, json.dumps({"results": merge_results(old, res)}, indent=1) + "\n")
+            write_text(acc_path, json.dumps({"results": merge_results(old, res)}, indent=1) + "\n")
     if not a.no_readme:
         text = README.read_text()
         if acc_path.exists():
             text = _replace_between(text, "compare-table", all_tables(json.loads(acc_path.read_text())["results"]))
         if cost_path.exists():
             text = _replace_between(text, "cost-table", cost_table(json.loads(cost_path.read_text())["rows"]))
-        _atomic_write(README, text)
+        write_text(README, text)
     if acc_path.exists():
         print(all_tables(json.loads(acc_path.read_text())["results"]))
     if cost_path.exists():

@@ -26,19 +26,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
+from _common import update_readme, write_text  # noqa: E402
+
 from dfmpc.diagnose import diagnose
 from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
-from dfmpc.interop._atomic import write_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 #: the issue's targets for the variance prediction (median, max |log ratio| over layers)
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
 def results_path(probe_views: int) -> Path:
@@ -79,17 +77,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    s = readme.read_text()
-    start, end = MARKERS
-    if start not in s or end not in s:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    before, rest = s.split(start, 1)
-    _, after = rest.split(end, 1)
-    _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma-separated zoo models (default: all shipped)")
@@ -127,10 +114,10 @@ def main(argv=None) -> int:
                 new.append(r)
         rows = merge(new, path)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps({"rows": rows}, indent=1))
+        write_text(path, json.dumps({"rows": rows}, indent=1))
     md = table(rows)
     if not a.no_readme:
-        update_readme(md)
+        update_readme(md, *MARKERS)
     print(md)
     return 0
 

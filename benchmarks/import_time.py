@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from probes import cpu_info  # noqa: E402  (CPU model and SIMD flags, as every benchmark records them)
+from _common import cpu_info  # noqa: E402  (CPU model and SIMD flags, as every benchmark records them)
 
 STATEMENTS = {
     "python": "pass",

@@ -34,34 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
+from _common import cpu_info, write_text  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("resnet20", "resnet56", "resnet_bottleneck", "vgg_small")
-#: SIMD flags of /proc/cpuinfo worth recording (what Numba's and OpenBLAS's kernels can use)
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "amx_tile", "neon", "asimd", "sve")
-
-
-def cpu_info() -> dict:
-    """CPU model name, logical CPU count and the SIMD flags present (Linux /proc/cpuinfo; else platform)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key == "model name":
-                model = value.strip()
-            elif key in ("flags", "features"):
-                flags.update(value.split())
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def time_model(name: str, repeats: int) -> dict:
@@ -135,7 +113,7 @@ def main(argv=None) -> dict:
               "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        _atomic_write(RESULTS / "probes.json", json.dumps(result, indent=1) + "\n")
+        write_text(RESULTS / "probes.json", json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -29,9 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
+from _common import update_readme, write_text  # noqa: E402
+
 import dfmpc
 from dfmpc.evaluation import BACKENDS, accuracy, check_backend, load_dataset, load_zoo_model, zoo_manifest
-from dfmpc.interop._atomic import write_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,10 +41,6 @@ MARKERS = ("<!-- seeds-table:start -->", "<!-- seeds-table:end -->")
 N_CAL = 500                      # as benchmarks/accuracy.py: held out, never evaluated on
 #: the issue's accuracy target: default data-free DF-MPC within this many points of `data` (c = 1)
 TARGET_POINTS = 1.5
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomically(path, lambda f: f.write(text.encode()), overwrite=True)
 
 
 def run(model: str, g, setting: str, seed: int, x, y, backend: str) -> dict:
@@ -107,17 +105,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    s = readme.read_text()
-    start, end = MARKERS
-    if start not in s or end not in s:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    before, rest = s.split(start, 1)
-    _, after = rest.split(end, 1)
-    _atomic_write(readme, before + start + "\n" + text + "\n" + end + after)
-
-
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -161,11 +148,11 @@ def main(argv=None) -> int:
                           file=sys.stderr, flush=True)
                     rows = merge([r])                    # saved after every run: a long job keeps what it measured
                     RESULTS.mkdir(parents=True, exist_ok=True)
-                    _atomic_write(RESULTS / "seeds.json", json.dumps({"rows": rows}, indent=1))
+                    write_text(RESULTS / "seeds.json", json.dumps({"rows": rows}, indent=1))
         rows = json.loads((RESULTS / "seeds.json").read_text())["rows"]
     md = table(rows)
     if not a.no_readme:
-        update_readme(md)
+        update_readme(md, *MARKERS)
     print(md)
     return 0
 
