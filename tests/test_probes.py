@@ -236,7 +236,8 @@ def test_loss_and_gradient_are_the_same_bits_in_any_number_of_parts(name):
 def test_parts_handle_a_bn_on_the_input_and_two_bns_on_one_tensor():
     """The cases of _loss_and_grad no zoo model has: a BN reading the graph input (its D.3 gradient joins
     the input's directly) and two BNs reading one tensor (their D.3 seeds are summed per part). Same bits
-    in any number of parts as in one, on a graph with every differentiable op (test_backward.small_graph)."""
+    in any number of parts as in one, on a graph with every differentiable op (test_backward.small_graph;
+    grouped and depthwise convs, Clip, MaxPool, AveragePool and Concat on the way)."""
     base = small_graph(np.random.default_rng(5), np.float32)
     rng = np.random.default_rng(6)
 
@@ -260,6 +261,36 @@ def test_parts_handle_a_bn_on_the_input_and_two_bns_on_one_tensor():
             assert lp == l1
             np.testing.assert_array_equal(gp, g1)
     assert np.abs(g1).max() > 0
+
+
+def test_a_program_through_a_gemm_runs_in_one_piece(monkeypatch):
+    """Gemm (BLAS: its order of summation may change with the number of rows) and GlobalAveragePool are
+    not in PART_OPS: a batch whose BN sits after them runs in one part, whatever ``parts`` asks, and so
+    keeps the bits of D.2-D.3 and of the gradient. Negative control: with the rule off the same call does run in parts. (Run so, parts
+    of one image each gave other bits on the project's AMD EPYC, the loss differing in its 8th digit: a
+    one-row product takes another BLAS path. Not asserted, since that depends on the BLAS kernels.)"""
+    from dfmpc.engine import executor
+    base = small_graph(np.random.default_rng(5), np.float32)
+    c = 4
+    bn_fc = Node("b_fc", "BatchNormalization", ["out"], ["b_fc"], {"epsilon": 1e-5},
+                 {"gamma": np.ones(c, np.float32), "beta": np.zeros(c, np.float32),
+                  "mean": np.full(c, 0.5, np.float32), "var": np.full(c, 2.0, np.float32)})
+    g = Graph(base.nodes + [bn_fc], ["x"], ["b_fc"], base.input_shapes)
+    targets = probes.bn_targets(g)
+    program = probes._program(g, targets)
+    assert not probes.splittable(program)
+    assert probes.splittable(probes._program(load_zoo_model("resnet20"), probes.bn_targets(load_zoo_model("resnet20"))))
+    x = np.random.default_rng(8).standard_normal((7, 2, 8, 8)).astype(np.float32)
+    pools, real = [], executor.worker_pool
+    monkeypatch.setattr(executor, "worker_pool", lambda n: pools.append(n) or real(n))
+    with unmeasured():
+        l1, g1 = probes._loss_and_grad(g, targets, x, program=program)
+        l7, g7 = probes._loss_and_grad(g, targets, x, program=program, parts=7)
+        assert pools == [] and l7 == l1
+        np.testing.assert_array_equal(g7, g1)
+        monkeypatch.setattr(probes, "splittable", lambda p: True)       # the rule off: parts run
+        probes._loss_and_grad(g, targets, x, program=program, parts=7)
+    assert pools and set(pools) == {7}               # the forward and the reverse pass in 7 parts
 
 
 def test_distill_history_and_batches(resnet20):

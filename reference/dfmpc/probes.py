@@ -55,7 +55,7 @@ __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DE
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
            "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
-           "PROBE_SHIFTS", "shifted_views", "check_views"]
+           "PROBE_SHIFTS", "shifted_views", "check_views", "PART_OPS", "splittable"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -371,7 +371,8 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
     of x's shape and dtype.
 
     ``program``: :func:`_program` of ``graph`` and ``targets``, reused across calls (made if None).
-    ``parts``: the images are cut into this many consecutive parts (at most N), and each part's forward
+    ``parts``: the images are cut into this many consecutive parts (at most N; one when an op on the way
+    is not in :data:`PART_OPS`), and each part's forward
     and reverse pass runs on a worker thread at one Numba thread (:func:`_split_passes`); the batch
     statistics are taken over the parts joined again. Every op on the way treats each image alone and,
     with the kernels fixed as :func:`distill` fixes them (:func:`unmeasured_convs`), every kernel sums in
@@ -380,7 +381,7 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
     """
     name = graph.inputs[0]
     program = program or _program(graph, targets)
-    bounds = _part_bounds(len(x), parts)
+    bounds = _part_bounds(len(x), parts if splittable(program) else 1)
     tapes = _split_passes(lambda xp: program.record(xp), [(x[a:b],) for a, b in zip(bounds, bounds[1:])])
     loss, seeds, gx = 0.0, [{} for _ in tapes], np.zeros_like(x) if grad else None
     for t in targets:
@@ -405,6 +406,20 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
             for gp, a, b in zip(_split_passes(input_gradient, list(zip(tapes, seeds))), bounds, bounds[1:]):
                 gx[a:b] += gp
     return loss, gx
+
+
+#: Ops whose float32 forward and reverse rules give each image's values independently of the other images
+#: and of the batch size, bit for bit (with the conv kernels fixed, :func:`unmeasured_convs`): a batch of
+#: probes whose program holds only these may run in parts (:func:`_loss_and_grad`). Not Gemm (BLAS's
+#: order of summation may change with the number of rows) nor GlobalAveragePool (NumPy's reduction
+#: order over H, W may change with the layout), nor any op not checked in ``tests/test_probes.py``.
+PART_OPS = frozenset({"Conv", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "MaxPool", "AveragePool",
+                      "Add", "Mul", "Concat", "Identity", "Dropout"})
+
+
+def splittable(program: Program) -> bool:
+    """Whether a batch may run through ``program`` in parts with the same bits (every op in :data:`PART_OPS`)."""
+    return all(n.op in PART_OPS for n in program.nodes)
 
 
 def _part_bounds(n: int, parts: int) -> list[int]:
