@@ -675,8 +675,9 @@ def _rows_variant(parallel):
     """The one-pass float32 row kernels of V.2-V.3, with (``parallel=True``) or without Numba's thread
     pool. Distillation runs them at one Numba thread (each part of its batch on a worker thread,
     :data:`dfmpc.probes.DISTILL_THREADS`), where handing each call to the pool costs more than the
-    loop (as the engine found for its kernels: ``engine/kernels_numba.py``). ``parallel`` is read in each body so that Numba's on-disk cache tells
-    the variants apart. Both variants make the same operations per element, so the same bits."""
+    loop (as the engine found for its kernels: ``engine/kernels_numba.py``). ``parallel`` is read in
+    each body so that Numba's on-disk cache tells the variants apart. Both variants make the same
+    operations per element, so the same bits."""
 
     @njit(parallel=parallel, cache=True, nogil=True)
     def affine(x, scale, shift, out):                   # pragma: no cover (compiled)

@@ -372,9 +372,8 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
 
     ``program``: :func:`_program` of ``graph`` and ``targets``, reused across calls (made if None).
     ``parts``: the images are cut into this many consecutive parts (at most N; one when an op on the way
-    is not in :data:`PART_OPS`), and each part's forward
-    and reverse pass runs on a worker thread at one Numba thread (:func:`_split_passes`); the batch
-    statistics are taken over the parts joined again. Every op on the way treats each image alone and,
+    is not in :data:`PART_OPS`), and each part's forward and reverse pass runs on a worker thread at one
+    Numba thread (:func:`_split_passes`); the batch statistics are taken over the parts joined again. Every op on the way treats each image alone and,
     with the kernels fixed as :func:`distill` fixes them (:func:`unmeasured_convs`), every kernel sums in
     an order that does not depend on the batch, so L and dL/dx are the same bits for any ``parts``
     (``tests/test_probes.py``).
@@ -382,7 +381,7 @@ def _loss_and_grad(graph: Graph, targets: list[BNTarget], x: np.ndarray, grad: b
     name = graph.inputs[0]
     program = program or _program(graph, targets)
     bounds = _part_bounds(len(x), parts if splittable(program) else 1)
-    tapes = _split_passes(lambda xp: program.record(xp), [(x[a:b],) for a, b in zip(bounds, bounds[1:])])
+    tapes = _split_passes(program.record, [(x[a:b],) for a, b in zip(bounds, bounds[1:])])
     loss, seeds, gx = 0.0, [{} for _ in tapes], np.zeros_like(x) if grad else None
     for t in targets:
         z = x if t.tensor == name else _joined([tape.values[t.tensor] for tape in tapes])

@@ -102,10 +102,8 @@ def _tap_offsets(kh, kw, dh, dw, wp, c):
     shared by every caller and must not be changed; it stays writeable, since Numba compiles a kernel
     anew for a read-only argument."""
     if dw == 1:
-        t = np.array([i * dh * wp * c for i in range(kh)], np.int64)
-    else:
-        t = np.array([(i * dh * wp + j * dw) * c for i in range(kh) for j in range(kw)], np.int64)
-    return t
+        return np.array([i * dh * wp * c for i in range(kh)], np.int64)
+    return np.array([(i * dh * wp + j * dw) * c for i in range(kh) for j in range(kw)], np.int64)
 
 
 def conv_blocked(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, group=None):
