@@ -266,9 +266,10 @@ def test_parts_handle_a_bn_on_the_input_and_two_bns_on_one_tensor():
 def test_a_program_through_a_gemm_runs_in_one_piece(monkeypatch):
     """Gemm (BLAS: its order of summation may change with the number of rows) and GlobalAveragePool are
     not in PART_OPS: a batch whose BN sits after them runs in one part, whatever ``parts`` asks, and so
-    keeps the bits of D.2-D.3 and of the gradient. Negative control: with the rule off the same call does run in parts. (Run so, parts
-    of one image each gave other bits on the project's AMD EPYC, the loss differing in its 8th digit: a
-    one-row product takes another BLAS path. Not asserted, since that depends on the BLAS kernels.)"""
+    keeps the bits of D.2-D.3 and of the gradient. Negative control: with the rule off the same call does
+    run in parts. (Run so, parts of one image each gave other bits on the project's AMD EPYC, the loss
+    differing in its 8th digit: a one-row product takes another BLAS path. Not asserted, since that
+    depends on the BLAS kernels.) splittable refuses what is not a program."""
     from dfmpc.engine import executor
     base = small_graph(np.random.default_rng(5), np.float32)
     c = 4
@@ -279,7 +280,10 @@ def test_a_program_through_a_gemm_runs_in_one_piece(monkeypatch):
     targets = probes.bn_targets(g)
     program = probes._program(g, targets)
     assert not probes.splittable(program)
-    assert probes.splittable(probes._program(load_zoo_model("resnet20"), probes.bn_targets(load_zoo_model("resnet20"))))
+    r20 = load_zoo_model("resnet20")
+    assert probes.splittable(probes._program(r20, probes.bn_targets(r20)))
+    with pytest.raises(ValueError, match="program"):
+        probes.splittable(r20)
     x = np.random.default_rng(8).standard_normal((7, 2, 8, 8)).astype(np.float32)
     pools, real = [], executor.worker_pool
     monkeypatch.setattr(executor, "worker_pool", lambda n: pools.append(n) or real(n))

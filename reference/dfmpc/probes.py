@@ -417,7 +417,24 @@ PART_OPS = frozenset({"Conv", "BatchNormalization", "Relu", "Clip", "LeakyRelu",
 
 
 def splittable(program: Program) -> bool:
-    """Whether a batch may run through ``program`` in parts with the same bits (every op in :data:`PART_OPS`)."""
+    """Whether a batch may run through ``program`` in parts with the same bits (every op in :data:`PART_OPS`).
+
+    Parameters
+    ----------
+    program : dfmpc.autodiff.Program
+        The reverse-mode program of a distillation (its nodes from the input to the last BN input).
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        ``program`` is not a :class:`~dfmpc.autodiff.Program`.
+    """
+    if not isinstance(program, Program):
+        raise ValueError(f"program: expected a dfmpc.autodiff.Program, got {type(program).__name__}")
     return all(n.op in PART_OPS for n in program.nodes)
 
 
