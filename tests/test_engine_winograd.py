@@ -182,6 +182,60 @@ def test_blocks_kernel_is_the_python_loop_over_blocks(m):
     assert not np.array_equal(part, want) and np.array_equal(part[1:], want[1:])
 
 
+_CACHE_CHILD = """
+import hashlib, numpy as np
+from dfmpc.engine import winograd
+rng = np.random.default_rng(5)
+for m, c, o in ((2, 16, 16), (4, 16, 16), (4, 16, 32)):
+    n, h, wd, tb = 2, 9, 7, 3
+    xp = rng.normal(size=(n, h + 6, wd + 6, c)).astype(np.float32)
+    th, tw = winograd.tile_counts(h, wd, m)
+    U = winograd.weight_transform(rng.normal(size=(o, c, 3, 3)).astype(np.float32), m)
+    b = rng.normal(size=o).astype(np.float32)
+    a2 = (m + 2) ** 2
+    V, M = np.empty(tb * a2 * c, np.float32), np.empty(tb * a2 * o, np.float32)
+    out = np.zeros((n, h, wd, o), np.float32)
+    winograd.blocks_kernel(m, c, o)(xp.reshape(-1), xp.shape, th, tw, 0, n * th * tw, tb, V, U.reshape(-1), M,
+                                    (h, wd), b, np.empty(0, np.float32), True, out.reshape(-1), 0, 0)
+    print("OUT", m, c, o, hashlib.sha256(out.tobytes()).hexdigest())
+"""
+
+
+def test_blocks_kernel_loads_from_the_disk_cache_in_a_new_process(tmp_path):
+    """A second process loads every Winograd kernel, the blocks kernel included, from Numba's disk cache:
+    it compiles and saves nothing, and its outputs have the same bits as the first process's (the
+    cache entries of three shapes are told apart). Negative control: the first process, on an empty
+    cache directory, does save, so the log is read right. Before the blocks kernel's callees became
+    globals, every process compiled it again (about 0.5 s per shape) and added a cache file."""
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_CHILD], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (r.stdout.splitlines() for r in runs)
+    saved = [[ln for ln in log if ln.startswith("[cache]") and "saved" in ln] for log in (first, second)]
+    assert any("_blocks" in ln for ln in saved[0])                   # the control: a cold cache saves
+    assert saved[1] == [], saved[1]
+    assert sum("_blocks" in ln and "data loaded" in ln for ln in second) == 3
+    outs = [[ln for ln in log if ln.startswith("OUT")] for log in (first, second)]
+    assert len(outs[0]) == 3 and outs[0] == outs[1]
+
+
+def test_blocks_kernel_refuses_other_channel_counts():
+    """The blocks kernel is made for (m, C, O); an input with other channel counts is refused."""
+    m, c, o, h = 4, 16, 16, 4
+    xp = np.zeros((1, h + 6, h + 6, 2 * c), np.float32)
+    U = winograd.weight_transform(np.zeros((o, c, 3, 3), np.float32), m)
+    V, M = np.empty(36 * 2 * c, np.float32), np.empty(36 * o, np.float32)
+    out = np.zeros((1, h, h, o), np.float32)
+    with pytest.raises(ValueError, match="other channel counts"):
+        winograd.blocks_kernel(m, c, o)(xp.reshape(-1), xp.shape, 1, 1, 0, 1, 1, V, U.reshape(-1), M, (h, h),
+                                        np.zeros(o, np.float32), np.empty(0, np.float32), True, out.reshape(-1),
+                                        0, 0)
+
+
 def test_products_kernel_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="o: .*multiple of 16"):
         winograd.products_kernel(36, 8, 24)

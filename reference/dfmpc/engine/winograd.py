@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import types
 
 import numba
 import numpy as np
@@ -187,7 +188,8 @@ _KERNELS = {}
 _NO_RES = np.empty(0, np.float32)        # "no residual" for the output kernels (one compiled variant)
 
 
-_KERNELS_LOCK = threading.Lock()       # the batch-split workers may ask for a kernel at once
+_KERNELS_LOCK = threading.RLock()      # the batch-split workers may ask for a kernel at once; re-entered
+#                                        when the blocks kernel makes the three it calls
 
 
 def _kernel(key, factory, size):
@@ -533,26 +535,46 @@ def _blocks(shape):
     (:func:`products_kernel`) and the output transform, as :func:`conv3x3`'s Python loop does with BLAS
     products. One call per conv instead of three per block: each call of a Numba kernel from Python
     takes the GIL for a few microseconds, and at 64 images the 16-channel convs of ResNet-20 have 55
-    blocks (``pt``, ``pl``: see :func:`_input_f43`; ignored for m = 2). Same kernels, same order, same bits."""
+    blocks (``pt``, ``pl``: see :func:`_input_f43`; ignored for m = 2). Same kernels, same order, same bits.
+
+    The three kernels it calls are globals of the compiled function (:func:`_with_globals`), not
+    closure variables: Numba keys its on-disk cache by the pickled closure, and a dispatcher pickles
+    with an identifier new in every process, so a closure over them was compiled again (about 0.5 s
+    per shape) and saved again, as one more cache file, by every process. Its closure holds ``C`` and
+    ``O`` (checked against the arguments), which tell the shapes' cache entries apart.
+    """
     m, C, O = shape
-    kin, kmul, kout = input_kernel(m, C), products_kernel((m + 2) ** 2, C, O), output_kernel(m, O)
+    calls = dict(_kin=input_kernel(m, C), _kmul=products_kernel((m + 2) ** 2, C, O), _kout=output_kernel(m, O))
     if m == 4:
-        @njit(cache=True, nogil=True)
         def kernel(xf, shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, out_hw, bias, res, relu, out, pt, pl):
+            if shape[3] != C or bias.shape[0] != O:
+                raise ValueError("the blocks kernel was made for other channel counts")
             for t0 in range(t_lo, t_hi, tb):
                 t1 = min(t0 + tb, t_hi)
-                kin(xf, shape, th, tw, t0, t1, vf, pt, pl)
-                kmul(vf, uf, mf, t1 - t0)
-                kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)
+                _kin(xf, shape, th, tw, t0, t1, vf, pt, pl)               # noqa: F821 (bound as a global)
+                _kmul(vf, uf, mf, t1 - t0)                                # noqa: F821
+                _kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)   # noqa: F821
     else:
-        @njit(cache=True, nogil=True)
         def kernel(xf, shape, th, tw, t_lo, t_hi, tb, vf, uf, mf, out_hw, bias, res, relu, out, pt, pl):
+            if shape[3] != C or bias.shape[0] != O:
+                raise ValueError("the blocks kernel was made for other channel counts")
             for t0 in range(t_lo, t_hi, tb):
                 t1 = min(t0 + tb, t_hi)
-                kin(xf, shape, th, tw, t0, t1, vf)
-                kmul(vf, uf, mf, t1 - t0)
-                kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)
-    return kernel
+                _kin(xf, shape, th, tw, t0, t1, vf)                       # noqa: F821
+                _kmul(vf, uf, mf, t1 - t0)                                # noqa: F821
+                _kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)   # noqa: F821
+    return njit(cache=True, nogil=True)(_with_globals(kernel, calls))
+
+
+def _with_globals(fn, names):
+    """A copy of the function ``fn`` that sees ``names`` (a dict) among its globals; same code,
+    closure, name and defaults. Numba reads a global dispatcher as a constant when it compiles, and
+    leaves globals out of its cache key (code and closure only)."""
+    g = dict(fn.__globals__)
+    g.update(names)
+    out = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__qualname__, out.__module__ = fn.__qualname__, fn.__module__
+    return out
 
 
 def conv3x3(xn, U, bias, pads, out_hw, m, relu=False, res=None, out=None, block=None, pool=None,
