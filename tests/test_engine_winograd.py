@@ -183,11 +183,12 @@ def test_blocks_kernel_is_the_python_loop_over_blocks(m):
 
 
 _CACHE_CHILD = """
-import hashlib, numpy as np
+import hashlib, sys, numpy as np
 from dfmpc.engine import winograd
-rng = np.random.default_rng(5)
-for m, c, o in ((2, 16, 16), (4, 16, 16), (4, 16, 32)):
-    n, h, wd, tb = 2, 9, 7, 3
+for arg in sys.argv[1:]:
+    m, c = (int(v) for v in arg.split(":"))
+    o, n, h, wd, tb = c, 2, 9, 7, 3
+    rng = np.random.default_rng(c)
     xp = rng.normal(size=(n, h + 6, wd + 6, c)).astype(np.float32)
     th, tw = winograd.tile_counts(h, wd, m)
     U = winograd.weight_transform(rng.normal(size=(o, c, 3, 3)).astype(np.float32), m)
@@ -197,30 +198,39 @@ for m, c, o in ((2, 16, 16), (4, 16, 16), (4, 16, 32)):
     out = np.zeros((n, h, wd, o), np.float32)
     winograd.blocks_kernel(m, c, o)(xp.reshape(-1), xp.shape, th, tw, 0, n * th * tw, tb, V, U.reshape(-1), M,
                                     (h, wd), b, np.empty(0, np.float32), True, out.reshape(-1), 0, 0)
-    print("OUT", m, c, o, hashlib.sha256(out.tobytes()).hexdigest())
+    print("OUT", arg, hashlib.sha256(out.tobytes()).hexdigest())
 """
 
 
-def test_blocks_kernel_loads_from_the_disk_cache_in_a_new_process(tmp_path):
-    """A second process loads every Winograd kernel, the blocks kernel included, from Numba's disk cache:
-    it compiles and saves nothing, and its outputs have the same bits as the first process's (the
-    cache entries of three shapes are told apart). Negative control: the first process, on an empty
-    cache directory, does save, so the log is read right. Before the blocks kernel's callees became
-    globals, every process compiled it again (about 0.5 s per shape) and added a cache file."""
+def test_kernels_of_one_factory_compiled_by_two_processes_stay_apart(tmp_path):
+    """Two processes with the same history compile the blocks kernel (and the three it calls) for 16
+    and for 32 channels into one empty Numba cache; a third loads both from it. It must compile and
+    save nothing, and give the bits of the first two. On the code before ``kernels_numba.specialised``
+    renamed each specialisation, the third process summed the 32-channel conv with the 16-channel
+    transforms (Numba issue #10486: same symbol, one body), or crashed. Negative control: the first
+    processes, on the empty directory, do save, so the log is read right."""
     import subprocess
     import sys
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
-    runs = [subprocess.run([sys.executable, "-c", _CACHE_CHILD], env=env, capture_output=True, text=True,
-                           timeout=300) for _ in range(2)]
-    for r in runs:
+
+    def child(*shapes):
+        r = subprocess.run([sys.executable, "-c", _CACHE_CHILD, *shapes], env=env, capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    first, second = (r.stdout.splitlines() for r in runs)
-    saved = [[ln for ln in log if ln.startswith("[cache]") and "saved" in ln] for log in (first, second)]
-    assert any("_blocks" in ln for ln in saved[0])                   # the control: a cold cache saves
-    assert saved[1] == [], saved[1]
-    assert sum("_blocks" in ln and "data loaded" in ln for ln in second) == 3
-    outs = [[ln for ln in log if ln.startswith("OUT")] for log in (first, second)]
-    assert len(outs[0]) == 3 and outs[0] == outs[1]
+        log = r.stdout.splitlines()
+        return ([ln for ln in log if ln.startswith("OUT")],
+                [ln for ln in log if ln.startswith("[cache]") and "saved" in ln],
+                [ln for ln in log if ln.startswith("[cache]") and "data loaded" in ln])
+
+    out16, saved16, _ = child("4:16")               # the same calls in the same order: the same counter
+    out32, saved32, _ = child("4:32")
+    assert any("_blocks" in ln for ln in saved16) and any("_blocks" in ln for ln in saved32)   # the control
+    both, saved, loaded = child("4:16", "4:32")
+    assert saved == [], saved
+    assert sum("_blocks" in ln for ln in loaded) == 2
+    assert both == out16 + out32 and len(both) == 2
+    f23, saved23, _ = child("2:16")                # F(2x2) too, compiled, then loaded
+    assert saved23 and child("2:16")[0] == f23
 
 
 def test_blocks_kernel_refuses_other_channel_counts():

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .engine.conv import conv2d_f32 as _engine_conv2d
@@ -44,6 +44,7 @@ from .engine.conv import dense_weight as _dense_weight
 from .engine.conv import freeze as _freeze
 from .engine.graph import Graph, Node
 from .engine.kernels_numba import num_threads as _num_threads
+from .engine.kernels_numba import specialised
 from .engine.ops import _geometry
 
 __all__ = ["RULES", "Tape", "Program", "record", "input_gradient", "conv_forward", "conv_vjp", "max_pool_forward",
@@ -679,7 +680,7 @@ def _rows_variant(parallel):
     each body so that Numba's on-disk cache tells the variants apart. Both variants make the same
     operations per element, so the same bits."""
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def affine(x, scale, shift, out):                   # pragma: no cover (compiled)
         if parallel and x.shape[0] < 0:                 # never: see the docstring
             return
@@ -688,7 +689,7 @@ def _rows_variant(parallel):
                 v = x[p, c] * scale[c]
                 out[p, c] = v + shift[c]
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def affine_relu(x, scale, shift, out, mask):        # pragma: no cover (compiled)
         if parallel and x.shape[0] < 0:                 # never: see the docstring
             return
@@ -700,7 +701,7 @@ def _rows_variant(parallel):
                 mask[p, c] = pos
                 out[p, c] = v if pos else np.float32(0)
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def relu(x, out, mask):                             # pragma: no cover (compiled)
         if parallel and x.shape[0] < 0:                 # never: see the docstring
             return
@@ -711,7 +712,7 @@ def _rows_variant(parallel):
                 mask[p, c] = pos
                 out[p, c] = v if pos else np.float32(0)
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def masked(gy, mask, out):                          # pragma: no cover (compiled)
         if parallel and gy.shape[0] < 0:                # never: see the docstring
             return
@@ -719,7 +720,7 @@ def _rows_variant(parallel):
             for c in range(gy.shape[1]):
                 out[p, c] = gy[p, c] if mask[p, c] else np.float32(0)
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def masked_scale(gy, mask, scale, acc, out):        # pragma: no cover (compiled)
         if parallel and gy.shape[0] < 0:                # never: see the docstring
             return
@@ -729,7 +730,7 @@ def _rows_variant(parallel):
                 v = gy[p, c] * scale[c] if (not use_mask or mask[p, c]) else np.float32(0)
                 out[p, c] = acc[p, c] + v if use_acc else v
 
-    @njit(parallel=parallel, cache=True, nogil=True)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True)
     def masked_scale_affine(gy, mask, scale, z, b, c0, out):   # pragma: no cover (compiled)
         if parallel and gy.shape[0] < 0:                # never: see the docstring
             return

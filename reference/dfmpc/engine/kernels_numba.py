@@ -40,6 +40,25 @@ if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER ==
 _DOT_MATH = {"reassoc", "contract"}
 
 
+def specialised(tag: str, **options):
+    """``njit(cache=True, **options)`` for a kernel that a factory makes per shape or variant, its
+    function renamed ``<name>_<tag>`` first.
+
+    Numba names the machine code of a function after its qualified name and a counter of the
+    process that compiled it. Two kernels of one factory (say the Winograd input transform for 16
+    and for 32 channels) compiled by two processes can thus get the same symbol; a later process
+    that loads, from the disk cache, kernels that call both runs one body for both (Numba issue
+    #10486; here: wrong sums, then a segfault). ``tag`` names the specialisation (e.g. ``"c16"``),
+    so that different code never shares a symbol. Tested in ``tests/test_engine_winograd.py``
+    (``test_kernels_of_one_factory_compiled_by_two_processes_stay_apart``).
+    """
+    def decorate(fn):
+        fn.__name__ = f"{fn.__name__}_{tag}"
+        fn.__qualname__ = f"{fn.__qualname__}_{tag}"
+        return njit(cache=True, **options)(fn)
+    return decorate
+
+
 def num_threads() -> int:
     """``numba.get_num_threads()`` of the calling thread, without its per-call locks once Numba's
     thread pool is up (``get_num_threads`` takes two locks on every call to check that; with the
@@ -231,7 +250,7 @@ def _conv3rows_variant(parallel):
     of ~105.  ``parallel`` is read in the body so that the two variants differ in
     their closure, which is how Numba's on-disk cache tells them apart.
     """
-    @njit(parallel=parallel, cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
     def kernel(xf, shape, w, strides, dh, out_hw, bias, relu, res, out):
         n_img, hp, wp, c = shape
         sh, sw = strides
@@ -348,7 +367,7 @@ def _conv_grouped_variant(parallel):
     "workqueue" layer aborts the process when two Python threads launch parallel kernels at once,
     so the batch-split workers (one Numba thread each) must run the serial one.  ``parallel`` is
     read in the body so that Numba's on-disk cache tells the variants apart."""
-    @njit(parallel=parallel, cache=True, nogil=True, fastmath=False)
+    @specialised("par" if parallel else "ser", parallel=parallel, nogil=True, fastmath=False)
     def kernel(x, w, groups, sh, sw, pt, pl, dh, dw, oh, ow):
         if parallel and oh < 0:                             # never: see the docstring
             return np.zeros((0, 0, 0, 0), dtype=np.float32)

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit
 
 from .blocked import _stack_f32
-from .kernels_numba import _DOT_MATH, padded
+from .kernels_numba import _DOT_MATH, padded, specialised
 
 #: B^T, G, A^T of F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.1 and 4.2),
 #: interpolation points 0, 1, -1 (m = 2) and 0, 1, -1, 2, -2 (m = 4), plus infinity.
@@ -251,7 +251,7 @@ def _input_f43(C):
     """
     CB = _channel_block(C)
 
-    @njit(cache=True, nogil=True, boundscheck=False)
+    @specialised(f"in4_c{C}", nogil=True, boundscheck=False)
     def kernel(xf, shape, th, tw, t0, t1, vf, pt=0, pl=0):
         h, wd = shape[1], shape[2]
         rs, a2c = wd * C, 36 * C
@@ -303,7 +303,7 @@ def _input_f43(C):
 def _input_f23(C):
     """F(2x2, 3x3) input transform for C channels; as :func:`_input_f43` with 4 x 4 input tiles
     ``d = xp[n, 2*ty : 2*ty + 4, 2*tx : 2*tx + 4, c]`` (``Hp >= 2*th + 2``, ``Wp >= 2*tw + 2``)."""
-    @njit(cache=True, nogil=True, boundscheck=False)
+    @specialised(f"in2_c{C}", nogil=True, boundscheck=False)
     def kernel(xf, shape, th, tw, t0, t1, vf):
         hp, wp = shape[1], shape[2]
         rs, run, a2c = wp * C, 4 * C, 16 * C
@@ -344,7 +344,7 @@ def _output_f43(O):
     """
     OB = _channel_block(O)
 
-    @njit(cache=True, nogil=True, boundscheck=False)
+    @specialised(f"out4_o{O}", nogil=True, boundscheck=False)
     def kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out):
         oh, ow = out_hw
         a2o = 36 * O
@@ -412,7 +412,7 @@ def _output_f43(O):
 def _output_f23(O):
     """F(2x2, 3x3) output transform for O channels; as :func:`_output_f43` with 2 x 2 output
     tiles from a 4 x 4 grid ``M = mf[q, :, o]``."""
-    @njit(cache=True, nogil=True, boundscheck=False)
+    @specialised(f"out2_o{O}", nogil=True, boundscheck=False)
     def kernel(mf, th, tw, t0, t1, out_hw, bias, res, relu, out):
         oh, ow = out_hw
         a2o = 16 * O
@@ -494,7 +494,7 @@ def _products(shape):
     A2, C, O = shape
     L, P = PRODUCT_LANES, PRODUCT_TILES
 
-    @njit(cache=True, nogil=True, fastmath=_DOT_MATH, boundscheck=False)
+    @specialised(f"a{A2}_c{C}_o{O}", nogil=True, fastmath=_DOT_MATH, boundscheck=False)
     def kernel(vf, uf, mf, k):
         acc = numba.carray(_stack_f32(64), (64,))             # P x L running sums
         for t0 in range(0, k, P):
@@ -540,8 +540,9 @@ def _blocks(shape):
     The three kernels it calls are globals of the compiled function (:func:`_with_globals`), not
     closure variables: Numba keys its on-disk cache by the pickled closure, and a dispatcher pickles
     with an identifier new in every process, so a closure over them was compiled again (about 0.5 s
-    per shape) and saved again, as one more cache file, by every process. Its closure holds ``C`` and
-    ``O`` (checked against the arguments), which tell the shapes' cache entries apart.
+    per shape) and saved again, as one more cache file, by every process. Each kernel is named after
+    its shape (:func:`~dfmpc.engine.kernels_numba.specialised`), so that a process which loads
+    several from the cache runs each with its own callees.
     """
     m, C, O = shape
     calls = dict(_kin=input_kernel(m, C), _kmul=products_kernel((m + 2) ** 2, C, O), _kout=output_kernel(m, O))
@@ -563,7 +564,7 @@ def _blocks(shape):
                 _kin(xf, shape, th, tw, t0, t1, vf)                       # noqa: F821
                 _kmul(vf, uf, mf, t1 - t0)                                # noqa: F821
                 _kout(mf, th, tw, t0, t1, out_hw, bias, res, relu, out)   # noqa: F821
-    return njit(cache=True, nogil=True)(_with_globals(kernel, calls))
+    return specialised(f"m{m}_c{C}_o{O}", nogil=True)(_with_globals(kernel, calls))
 
 
 def _with_globals(fn, names):
