@@ -233,6 +233,22 @@ def test_kernels_of_one_factory_compiled_by_two_processes_stay_apart(tmp_path):
     assert saved23 and child("2:16")[0] == f23
 
 
+def _nested_njit(text):
+    """Lines of ``text`` that compile a function defined inside another with a bare ``njit``."""
+    import re
+    return [ln for ln in text.splitlines() if re.match(r"\s+@(numba\.)?njit\b", ln)]
+
+
+def test_every_kernel_a_factory_makes_is_specialised():
+    """No nested function in the package is compiled by a bare ``@njit``: a kernel made by a factory
+    goes through ``kernels_numba.specialised``, which names it after its specialisation (see the test
+    above). Negative control: the scan finds a nested ``@njit`` in a sample."""
+    root = Path(winograd.__file__).resolve().parents[1]
+    found = {str(p.relative_to(root)): _nested_njit(p.read_text()) for p in root.rglob("*.py")}
+    assert {k: v for k, v in found.items() if v} == {}
+    assert _nested_njit("def f():\n    @njit(cache=True)\n    def k(x):\n        return x\n")
+
+
 def test_blocks_kernel_refuses_other_channel_counts():
     """The blocks kernel is made for (m, C, O); an input with other channel counts is refused."""
     m, c, o, h = 4, 16, 16, 4
