@@ -14,8 +14,11 @@ Usage::
     python benchmarks/diagnose.py --models resnet20 --settings 2/6,3/6 --no-readme
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
     python benchmarks/diagnose.py --probe-views 4          # shifted views of the probes (not the default)
+    python benchmarks/diagnose.py --out benchmarks/results/diagnose_znver4.json   # another machine's figures
 
-Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there).
+Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there), each
+row with the CPU it was measured on: the probes' bits, and so these figures, follow the SIMD width the
+kernels are compiled for (ResNet-18's maximum: 0.172 on an AVX2 ``znver1``, 0.147 on an AVX-512 ``znver4``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
-from _common import update_readme, write_text  # noqa: E402
+from _common import cpu_info, update_readme, write_text  # noqa: E402
 
 from dfmpc.diagnose import diagnose
 from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
@@ -39,8 +42,11 @@ MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 
-def results_path(probe_views: int) -> Path:
-    """Where the rows go: ``diagnose.json`` for the default one view, ``diagnose_views<V>.json`` otherwise."""
+def results_path(probe_views: int, out: str | None = None) -> Path:
+    """Where the rows go: ``out`` when given, else ``diagnose.json`` for the default one view and
+    ``diagnose_views<V>.json`` otherwise."""
+    if out:
+        return Path(out)
     return RESULTS / ("diagnose.json" if probe_views == 1 else f"diagnose_views{probe_views}.json")
 
 
@@ -52,7 +58,15 @@ def run(model: str, setting: str, images, recalibration: str, probe_views: int =
                  probe_views=probe_views, progress=False)
     return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
             "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
-            "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers}}
+            "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers},
+            "cpu": {**cpu_info(), "llvm_cpu": llvm_cpu()}}
+
+
+def llvm_cpu() -> str:
+    """LLVM's name for the host core (``znver1``, ``znver4``, ...): the probes' bits follow the SIMD width the
+    kernels are compiled for, so the gauge's figures are recorded with it."""
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_name()
 
 
 def merge(new_rows: list[dict], path: Path) -> list[dict]:
@@ -88,13 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--probe-views", type=int, default=1, metavar="V",
                    help="views per probe image (1-4, default 1 = the library's default); other than 1, the rows "
                         "go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write (merge) the rows into this JSON file instead, e.g. for another machine; the README is "
+                        "not touched")
     a = p.parse_args(argv)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number of images, got {a.images}")
     if not 1 <= a.probe_views <= 4:
         raise SystemExit(f"--probe-views: expected 1 to 4, got {a.probe_views}")
-    path = results_path(a.probe_views)
-    if a.probe_views != 1:
+    path = results_path(a.probe_views, a.out)
+    if a.probe_views != 1 or a.out:
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]
