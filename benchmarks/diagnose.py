@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
-from _common import cpu_info, update_readme, write_text  # noqa: E402
+from _common import update_readme, write_text  # noqa: E402
 
 from dfmpc.diagnose import diagnose
+from dfmpc.engine.kernel_choice import cpu_signature
 from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +60,7 @@ def run(model: str, setting: str, images, recalibration: str, probe_views: int =
     return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
             "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
             "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers},
-            "cpu": {**cpu_info(), "llvm_cpu": llvm_cpu()}}
-
-
-def llvm_cpu() -> str:
-    """LLVM's name for the host core (``znver1``, ``znver4``, ...): the probes' bits follow the SIMD width the
-    kernels are compiled for, so the gauge's figures are recorded with it."""
-    import llvmlite.binding as llvm
-    return llvm.get_host_cpu_name()
+            "cpu": cpu_signature()}                 # model, LLVM's core name, SIMD features: the probes' bits follow them
 
 
 def merge(new_rows: list[dict], path: Path) -> list[dict]:
