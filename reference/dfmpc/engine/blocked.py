@@ -51,9 +51,24 @@ LANES = 16
 #: channels, so that the weights stay in cache while the pixels stream past
 WEIGHT_BYTES = 128 << 10
 
-#: output pixels per block: PIXELS x LANES / 8 = 8 AVX2 accumulators, plus 2 weight vectors and a
-#: broadcast input, within AVX2's 16 vector registers
-PIXELS = 4
+def _compiles_for_avx512() -> bool:
+    """Whether Numba compiles for a CPU with AVX-512: the CPU features it compiles for
+    (``NUMBA_CPU_FEATURES`` when set, else the host's), which are also part of the key of its
+    on-disk cache, so that a kernel compiled with one :data:`PIXELS` is never loaded where the
+    other is in force."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        import llvmlite.binding as ll
+        features = ll.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+#: output pixels per block. AVX2 (16 vector registers of 8 floats): 4, so that 4 x 16 / 8 = 8
+#: accumulators, 2 weight vectors and a broadcast input fit. AVX-512 (32 registers of 16 floats):
+#: 8, eight one-register accumulators, since four left the FMA units waiting on each other's
+#: results (4-cycle latency): 1.2-1.3x faster on a Zen 4 (table in :func:`_group_blocks`). Each
+#: output's sum is the same either way (taps, then channels, in order), so are the bits.
+PIXELS = 8 if _compiles_for_avx512() else 4
 
 
 @intrinsic
@@ -192,7 +207,7 @@ def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, bl
     oh, ow = out_hw
     n_p, n_o = out.shape[0], out.shape[1]
     n_t, run = taps.shape[0], wb.shape[1]
-    acc = numba.carray(_stack_f32(64), (PIXELS * LANES,))   # PIXELS * LANES running sums
+    acc = numba.carray(_stack_f32(128), (PIXELS * LANES,))  # PIXELS * LANES running sums
     p = blk0 * PIXELS
     n, y, x = p // (oh * ow), p % (oh * ow) // ow, p % ow    # the next pixel
     last = (((n_img - 1) * hp + (oh - 1) * sh) * wp + (ow - 1) * sw) * c   # the batch's last pixel
@@ -207,6 +222,16 @@ def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, bl
         n, y, x = _next_pixel(n, y, x, oh, ow)
         b3 = ((n * hp + y * sh) * wp + x * sw) * c if p0 + 3 < n_p else last
         n, y, x = _next_pixel(n, y, x, oh, ow)
+        b4, b5, b6, b7 = b0, b1, b2, b3                         # (unused at PIXELS = 4)
+        if PIXELS == 8:                                          # a compile-time constant
+            b4 = ((n * hp + y * sh) * wp + x * sw) * c if p0 + 4 < n_p else last
+            n, y, x = _next_pixel(n, y, x, oh, ow)
+            b5 = ((n * hp + y * sh) * wp + x * sw) * c if p0 + 5 < n_p else last
+            n, y, x = _next_pixel(n, y, x, oh, ow)
+            b6 = ((n * hp + y * sh) * wp + x * sw) * c if p0 + 6 < n_p else last
+            n, y, x = _next_pixel(n, y, x, oh, ow)
+            b7 = ((n * hp + y * sh) * wp + x * sw) * c if p0 + 7 < n_p else last
+            n, y, x = _next_pixel(n, y, x, oh, ow)
         for o0 in range(g0, g1, LANES):
             for k in range(PIXELS * LANES):
                 acc[k] = np.float32(0)
@@ -214,6 +239,8 @@ def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, bl
                 d = taps[t]
                 x0, x1 = xf[b0 + d:b0 + d + run], xf[b1 + d:b1 + d + run]
                 x2, x3 = xf[b2 + d:b2 + d + run], xf[b3 + d:b3 + d + run]
+                x4, x5 = xf[b4 + d:b4 + d + run], xf[b5 + d:b5 + d + run]
+                x6, x7 = xf[b6 + d:b6 + d + run], xf[b7 + d:b7 + d + run]
                 wt = wb[t]
                 for ci in range(run):
                     wr = wt[ci, o0:o0 + LANES]
@@ -224,6 +251,11 @@ def _group_blocks(xf, shape, wb, taps, strides, out_hw, bias, relu, res, out, bl
                         acc[LANES + k] += v1 * wv
                         acc[2 * LANES + k] += v2 * wv
                         acc[3 * LANES + k] += v3 * wv
+                        if PIXELS == 8:
+                            acc[4 * LANES + k] += x4[ci] * wv
+                            acc[5 * LANES + k] += x5[ci] * wv
+                            acc[6 * LANES + k] += x6[ci] * wv
+                            acc[7 * LANES + k] += x7[ci] * wv
             if o0 + LANES <= g1 and p0 + PIXELS <= n_p:     # a full block: vectorised epilogue
                 bb = bias[o0:o0 + LANES]
                 for i in range(PIXELS):
