@@ -226,3 +226,58 @@ def test_choose_applies_the_handicap(tmp_path, monkeypatch):
     assert kernel_choice.choose("k-handicapped", cands, "ref", 0.0, {"fast": 1e9})[0] == "ref"
     entry = kernel_choice.table()["k-handicapped"]
     assert entry["handicap"] == {"fast": 1e9} and entry["ms"]["fast"] < entry["ms"]["ref"]
+
+
+_PIXELS_SCRIPT = """
+import sys, numpy as np
+from dfmpc.engine import blocked
+rng = np.random.default_rng(5)
+outs = {}
+for i, (n, c, hw, o, k, s) in enumerate([(3, 16, 9, 32, 3, 2), (2, 5, 7, 20, 3, 1), (2, 24, 6, 40, 1, 1)]):
+    x = rng.standard_normal((n, hw + k - 1, hw + k - 1, c)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    oh = (hw - 1) // s + 1
+    taps = blocked.tap_offsets((k, k), (1, 1), x.shape[2], c)
+    wb = blocked.blocked_weight(w).reshape(len(taps), -1, -(-o // 16) * 16)
+    res = rng.standard_normal((n * oh * oh, o)).astype(np.float32)
+    out = np.empty((n * oh * oh, o), np.float32)
+    blocked.conv_blocked(x.reshape(-1), x.shape, wb, taps, (s, s), (oh, oh), rng.standard_normal(o).astype(np.float32),
+                         True, res, out)
+    outs[str(i)] = out
+np.savez(sys.argv[1], pixels=blocked.PIXELS, **outs)
+"""
+
+
+def test_pixels_per_block_follow_the_compile_target_and_keep_the_bits(tmp_path):
+    """blocked.PIXELS is 8 where Numba compiles for AVX-512 and 4 otherwise (the features are part of
+    Numba's cache key, so a kernel is never loaded under the other value), and both give the same
+    bits: each output is the same sum in the same order. The second process compiles for an AVX2 core
+    (NUMBA_CPU_NAME=znver3, which every AVX-512 x86 host also runs); on a host without AVX-512 both
+    processes have PIXELS = 4 and the comparison holds trivially, which the test reports by its
+    assertion on the first process's value."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("compiles for an x86 core")
+    runs = {}
+    for name, extra in (("native", {}), ("avx2", {"NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": ""})):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"cache_{name}"), **extra}
+        subprocess.run([sys.executable, "-c", _PIXELS_SCRIPT, str(tmp_path / f"{name}.npz")], env=env, check=True)
+        runs[name] = np.load(tmp_path / f"{name}.npz")
+    assert int(runs["native"]["pixels"]) == (8 if blocked._compiles_for_avx512() else 4)
+    assert int(runs["avx2"]["pixels"]) == 4
+    for k in ("0", "1", "2"):
+        np.testing.assert_array_equal(runs["native"][k], runs["avx2"][k])
+
+
+def test_compile_target_check_reads_numbas_features(monkeypatch):
+    """_compiles_for_avx512 reads NUMBA_CPU_FEATURES when set (negative control: a feature list
+    without +avx512f, and one with -avx512f, give False)."""
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512bw")
+    assert blocked._compiles_for_avx512()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma")
+    assert not blocked._compiles_for_avx512()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512f")
+    assert not blocked._compiles_for_avx512()

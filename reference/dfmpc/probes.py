@@ -153,6 +153,19 @@ class DistillationResult:
     budgets: list = field(default_factory=list)
 
 
+def unmeasured_convs(f):
+    """Decorator: ``f`` runs inside :func:`dfmpc.engine.conv.unmeasured` (no timed kernel choice), so
+    that what it computes from a network depends on the weights and the seed, not on the machine's
+    kernel-choice file. Used by :func:`distill`, :func:`probe_inputs`, :func:`bn_mismatch`,
+    :func:`bn_matching_loss` and :func:`dfmpc.pipeline.quantize_network`."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from .engine.conv import unmeasured
+        with unmeasured():
+            return f(*args, **kwargs)
+    return wrapper
+
+
 def bn_targets(graph: Graph) -> list[BNTarget]:
     """The BatchNormalization nodes of ``graph`` with what their inputs should look like.
 
@@ -470,6 +483,7 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
+@unmeasured_convs
 def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None, objective: str = "absolute") -> float:
     """ZeroQ's BN-statistics loss (D.1), or its relative form (D.6), of a batch of images, batch statistics over all of ``x``.
 
@@ -499,6 +513,7 @@ def bn_matching_loss(graph: Graph, x: np.ndarray, batch_size: int | None = None,
     return _loss_and_grad(graph, targets, x, grad=False, objective=_check_objective(objective))[0]
 
 
+@unmeasured_convs
 def bn_mismatch(graph: Graph, x: np.ndarray) -> float:
     """How far the BN layers' batch statistics on ``x`` are from their running statistics (D.5).
 
@@ -589,19 +604,6 @@ def _input_shape(graph, input_shape):
         raise ValueError(f"input_shape: expected (C, H, W) of positive ints (the graph's input shape is "
                          f"{graph.input_shapes.get(graph.inputs[0])}), got {shape!r}")
     return tuple(int(s) for s in shape)
-
-
-def unmeasured_convs(f):
-    """Decorator: ``f`` runs inside :func:`dfmpc.engine.conv.unmeasured` (no timed kernel choice), so
-    that what it computes from a network depends on the weights and the seed, not on the machine's
-    kernel-choice file. Used by :func:`distill`, :func:`probe_inputs` and
-    :func:`dfmpc.pipeline.quantize_network`."""
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        from .engine.conv import unmeasured
-        with unmeasured():
-            return f(*args, **kwargs)
-    return wrapper
 
 
 @unmeasured_convs

@@ -227,14 +227,16 @@ def im2col_nhwc(xp: np.ndarray, kernel, strides, dilations, oh: int, ow: int,
 
 
 #: convs with fewer multiply-adds per call than this run :func:`small_conv_kernel`, not the
-#: kernel measured fastest.  ResNet-20's convs have 2**24.8 on 16 images (the engine's chunk) and
-#: 2**23.8 on the 8 probe images of ``dfmpc quantize``, whose distillation (a few thousand convs
-#: and their input gradients, :mod:`dfmpc.autodiff`) thus always runs the same kernel: the
-#: kernels round differently and the descent steps amplify that (``dfmpc demo``: 91.22 % vs
-#: 91.48 % for "sequential re-calibration only" between the direct kernel and a measured mix),
-#: so a choice made by timing would make the quantized model depend on the machine's load.
+#: kernel measured fastest: below it a conv takes too little time for a timing to mean much.
+#: 2^22 since 2026-12-06 (fourteenth session; it was 2^24): ResNet-20's 1-channel stem on a
+#: 64-image chunk (2^22.8) is then measured, and on a Zen 4 takes ``winograd_f4_numba`` at 0.76 ms
+#: per chunk instead of 2.1 ms for ``direct``; its 1x1 shortcuts (2^22.6) are measured too.
+#: The quantization pipeline and the distillation never measure (:func:`unmeasured`): the kernels
+#: round differently, the descent steps amplify it (``dfmpc demo``: 91.22 % vs 91.48 % for
+#: "sequential re-calibration only" between the direct kernel and a measured mix), and a choice
+#: made by timing would make the quantized model depend on the machine's load.
 #: The blocked kernel's result does not depend on the thread count.
-MEASURE_MIN_MACS = 1 << 24
+MEASURE_MIN_MACS = 1 << 22
 
 _UNMEASURED = threading.local()
 
@@ -246,9 +248,9 @@ def unmeasured():
 
     The quantization pipeline and the probe distillation run inside it, so that their result
     depends on the weights and the seed only, not on which kernel won a timing on this machine
-    (the kernels round differently and the distillation's descent amplifies it). ResNet-20's
-    convs on 8 probe images are all below :data:`MEASURE_MIN_MACS` anyway; VGG-small's are not,
-    and its probes differed between two checkouts with different choice files before this.
+    (the kernels round differently and the distillation's descent amplifies it). Most of
+    ResNet-20's convs on 8 probe images are above :data:`MEASURE_MIN_MACS`, as are VGG-small's,
+    whose probes differed between two checkouts with different choice files before this.
     Re-entrant; other threads (e.g. an evaluation running beside it) are not affected, except the
     engine's own batch-split workers, which carry the setting of the thread that called it.
 
