@@ -25,7 +25,8 @@ seen and remembered on disk per CPU (:mod:`dfmpc.engine.kernel_choice`):
   kernel heights) im2col by one strided NumPy copy, a few images at a time so that ``cols``
   stays small (``COLS_BYTES``) and in cache, then :func:`~dfmpc.engine.kernels_numba.matmul_nt`;
 - ``"blocked"``: the register-blocked direct kernel, :mod:`dfmpc.engine.blocked` (16 output
-  channels x 4 pixels of running sums kept in SIMD registers over all taps and channels), any
+  channels x 4 pixels, 8 on AVX-512 (:data:`~dfmpc.engine.blocked.PIXELS`), of running sums kept in
+  SIMD registers over all taps and channels), any
   kernel size, stride, dilation; the filters' layout cached per weight array;
 - ``"im2col_blas"``: im2col as above + ``np.matmul`` (BLAS);
 - ``"winograd_f2"``, ``"winograd_f4"`` (3x3, stride 1, dilation 1 only): Winograd
