@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 
 
@@ -53,3 +56,19 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"cpu_model": model, "cpu_count": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
+def package_at(rev: str, into: str) -> str:
+    """``reference/dfmpc`` of git revision ``rev`` extracted (``git archive``) under ``into``; returns the
+    directory to put first on ``PYTHONPATH`` to import that package. ValueError naming ``--before``
+    (the option every caller takes the revision from) when git cannot archive it."""
+    r = subprocess.run(["git", "archive", rev, "reference/dfmpc"], cwd=ROOT, capture_output=True)
+    if r.returncode != 0:
+        raise ValueError(f"--before: git cannot archive reference/dfmpc at {rev!r}: "
+                         f"{r.stderr.decode(errors='replace').strip()}")
+    with tempfile.TemporaryFile() as f:
+        f.write(r.stdout)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as t:
+            t.extractall(into, filter="data")
+    return os.path.join(into, "reference")

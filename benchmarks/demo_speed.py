@@ -33,35 +33,19 @@ import resource
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import cpu_info, write_text  # noqa: E402  (CPU model and SIMD flags; atomic writes)
+from _common import cpu_info, package_at, write_text  # noqa: E402  (CPU record; git archive; atomic writes)
 
 #: the demo as it was when issue 13 was filed
 ISSUE_13_REVISION = "6c6af3b"
 
 #: float keys of ``dfmpc demo --json`` that are timings or settings, not accuracies
 NOT_ACCURACIES = ("probe_seconds", "dfmpc_seconds", "lambda1", "lambda2")
-
-
-def checkout(rev: str, into: str) -> str:
-    """``reference/dfmpc`` of git revision ``rev`` extracted under ``into``; returns the directory to put
-    first on ``PYTHONPATH``. ValueError naming ``--before`` when git does not know the revision."""
-    r = subprocess.run(["git", "archive", rev, "reference/dfmpc"], cwd=ROOT, capture_output=True)
-    if r.returncode != 0:
-        raise ValueError(f"--before: git cannot archive reference/dfmpc at {rev!r}: "
-                         f"{r.stderr.decode(errors='replace').strip()}")
-    with tempfile.TemporaryFile() as f:
-        f.write(r.stdout)
-        f.seek(0)
-        with tarfile.open(fileobj=f) as t:
-            t.extractall(into, filter="data")
-    return os.path.join(into, "reference")
 
 
 def run_demo(path: str) -> dict:
@@ -110,7 +94,7 @@ def summarise(old: list[dict], new: list[dict]) -> dict:
 
 def measure(before: str, rounds: int, log=sys.stderr) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"before": checkout(before, tmp), "now": str(ROOT / "reference")}
+        paths = {"before": package_at(before, tmp), "now": str(ROOT / "reference")}
         for name, path in paths.items():
             print(f"warm-up: {name}", file=log, flush=True)
             run_demo(path)

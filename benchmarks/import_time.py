@@ -30,14 +30,13 @@ import os
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import cpu_info  # noqa: E402  (CPU model and SIMD flags, as every benchmark records them)
+from _common import cpu_info, package_at  # noqa: E402  (CPU record, as every benchmark keeps; git archive)
 
 STATEMENTS = {
     "python": "pass",
@@ -59,22 +58,11 @@ def _run(code: str, path: str | None = None) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _checkout(rev: str, into: str) -> str:
-    """``reference/`` of git revision ``rev`` extracted under ``into``; returns the directory to import from."""
-    tar = subprocess.run(["git", "archive", rev, "reference/dfmpc"], check=True, cwd=ROOT, capture_output=True).stdout
-    with tempfile.TemporaryFile() as f:
-        f.write(tar)
-        f.seek(0)
-        with tarfile.open(fileobj=f) as t:
-            t.extractall(into, filter="data")
-    return os.path.join(into, "reference")
-
-
 def measure(repeats: int, before: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {name: (code, None) for name, code in STATEMENTS.items()}
         if before:
-            runs["before"] = ("import dfmpc", _checkout(before, tmp))
+            runs["before"] = ("import dfmpc", package_at(before, tmp))
         for code, path in runs.values():        # warm-up: file-system cache, __pycache__, Numba's cache
             _run(code, path)
         times = {k: ([], []) for k in runs}
@@ -103,7 +91,10 @@ def main(argv=None) -> dict:
     p.add_argument("--write", action="store_true", help="also write benchmarks/results/import_time.json")
     p.add_argument("--before", metavar="REV", help="also time `import dfmpc` of the package at this git revision")
     a = p.parse_args(argv)
-    r = measure(a.repeats, a.before)
+    try:
+        r = measure(a.repeats, a.before)
+    except ValueError as e:                      # an unknown --before revision
+        raise SystemExit(str(e)) from None
     if a.json:
         print(json.dumps(r, indent=2))
     else:
