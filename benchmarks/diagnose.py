@@ -13,7 +13,7 @@ Usage::
     python benchmarks/diagnose.py                          # all zoo models at MP2/6; rewrites the README table
     python benchmarks/diagnose.py --models resnet20 --settings 2/6,3/6 --no-readme
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
-    python benchmarks/diagnose.py --probe-views 4          # shifted views of the probes (not the default)
+    python benchmarks/diagnose.py --probe-views 1          # the distilled images alone, without their views
     python benchmarks/diagnose.py --out benchmarks/results/diagnose_znver4.json   # another machine's figures
 
 Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there), each
@@ -43,15 +43,15 @@ MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 
-def results_path(probe_views: int, out: str | None = None) -> Path:
-    """Where the rows go: ``out`` when given, else ``diagnose.json`` for the default one view and
-    ``diagnose_views<V>.json`` otherwise."""
+def results_path(probe_views: int | None, out: str | None = None) -> Path:
+    """Where the rows go: ``out`` when given, else ``diagnose.json`` for the library's default views (None)
+    and ``diagnose_views<V>.json`` for V views asked for."""
     if out:
         return Path(out)
-    return RESULTS / ("diagnose.json" if probe_views == 1 else f"diagnose_views{probe_views}.json")
+    return RESULTS / ("diagnose.json" if probe_views is None else f"diagnose_views{probe_views}.json")
 
 
-def run(model: str, setting: str, images, recalibration: str, probe_views: int = 1) -> dict:
+def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None) -> dict:
     """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
     lo, hi = map(int, setting.split("/"))
     t0 = time.perf_counter()
@@ -93,19 +93,19 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="first N shipped test images (default %(default)s)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
-    p.add_argument("--probe-views", type=int, default=1, metavar="V",
-                   help="views per probe image (1-4, default 1 = the library's default); other than 1, the rows "
-                        "go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
+    p.add_argument("--probe-views", type=int, default=None, metavar="V",
+                   help="views per probe image (1-4; default: the library's, 4 for distilled probes); when given, the "
+                        "rows go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write (merge) the rows into this JSON file instead, e.g. for another machine; the README is "
                         "not touched")
     a = p.parse_args(argv)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number of images, got {a.images}")
-    if not 1 <= a.probe_views <= 4:
+    if a.probe_views is not None and not 1 <= a.probe_views <= 4:
         raise SystemExit(f"--probe-views: expected 1 to 4, got {a.probe_views}")
     path = results_path(a.probe_views, a.out)
-    if a.probe_views != 1 or a.out:
+    if a.probe_views is not None or a.out:
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]

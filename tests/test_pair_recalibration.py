@@ -55,6 +55,7 @@ def _record(monkeypatch, mode):
         if mode == "sequential":                    # the conv's input in the FP net and in the net quantized so far
             rec["X_fp"] = ctx.fp.run(ctx.probes, output=tensor)
             rec["X_q"] = ctx.g.run(ctx.probes, output=tensor)
+            rec["n_images"] = ctx.n_images          # the images, then their views (S.5)
         if mode == "data":
             rec["X_q"] = ctx.g.run(ctx.calibration_data, output=tensor)
         rec["bn_hat"] = original(ctx, site)
@@ -67,7 +68,7 @@ def _record(monkeypatch, mode):
 
 def _recalibrate(rec, mode):
     site, a = rec["site"], rec["attrs"]
-    kwargs = {k: rec[k] for k in ("X_fp", "X_q", "in_mean", "in_var") if k in rec}
+    kwargs = {k: rec[k] for k in ("X_fp", "X_q", "in_mean", "in_var", "n_images") if k in rec}
     return dfmpc.recalibrate_bn(site.bn, site.W, site.W_q, mode, stride=tuple(a.get("strides", (1, 1))),
                                 padding=tuple(a.get("pads", (0, 0, 0, 0))), groups=a.get("group", 1),
                                 dilation=tuple(a.get("dilations", (1, 1))), bias=rec["bias"], **kwargs)
@@ -83,7 +84,7 @@ def test_agrees_with_quantize_network_at_every_resnet20_site(net, images, monkey
     the engine's Winograd convs)."""
     records = _record(monkeypatch, mode)
     x = images[:8]                      # 8 images: the recording re-runs the network up to each site
-    q, report = dfmpc.quantize_network(net, recalibration=mode, probes=x, calibration_data=x)
+    q, report = dfmpc.quantize_network(net, recalibration=mode, probes=x, calibration_data=x)   # 4 views each (S.5)
     assert len(records) == len(recalibration_sites(net, net)) == 21 and len(report.pairs) > 0   # 19 + 2 shortcuts
     for rec in records:
         got, want = _recalibrate(rec, mode), rec["bn_hat"]
@@ -293,6 +294,10 @@ _OK = {"sequential": dict(X_fp=_X, X_q=_X), "analytic": dict(in_mean=np.zeros(2)
     ("sequential", dict(bias=np.ones(3)), "bias"),
     ("sequential", dict(stride=0), "stride"),
     ("data", dict(padding=-1), "padding"),
+    ("sequential", dict(n_images=0), "n_images"),
+    ("sequential", dict(n_images=len(_X) + 1), "n_images"),
+    ("sequential", dict(n_images=1, X_q=_X[:1]), "n_images"),
+    ("data", dict(n_images=1), "n_images"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(mode, change, match):
     kwargs = dict(W=_W, W_q=0.5 * _W, **(_OK.get(mode, {})))

@@ -553,7 +553,7 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
     mismatch; noise has neither. quantize_network names them in its report (negative control: a
     different budget gives a different label)."""
     import dfmpc
-    from dfmpc.pipeline import probes_label
+    from dfmpc.pipeline import probes_label, views_label
     r = probes.make_probes(resnet20, n=2, seed=0, iterations=2, tolerance=10.0)
     assert r.iterations == 2 and r.budgets == [2] and r.mismatch == probes.bn_mismatch(resnet20, r.x)
     np.testing.assert_array_equal(r.x, probes.probe_inputs(resnet20, n=2, seed=0, iterations=2, tolerance=10.0))
@@ -563,7 +563,7 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
     assert probes_label("noise", noise) == "noise (3 images)"
     _, rep = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=2,
                                     probe_tolerance=10.0, progress=False)
-    assert rep.probes == probes_label("distilled", r) and "2 steps" in rep.summary()
+    assert rep.probes == probes_label("distilled", r) + views_label(4) and "2 steps" in rep.summary()
     _, rep3 = dfmpc.quantize_network(resnet20, compensation="none", probe_images=2, probe_iterations=3,
                                      probe_tolerance=10.0, progress=False)
     assert rep3.probes != rep.probes and "3 steps" in rep3.probes
@@ -574,12 +574,16 @@ def test_make_probes_reports_how_the_probes_were_made(resnet20):
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9),
        st.integers(1, len(probes.PROBE_SHIFTS)))
 def test_shifted_views_are_circular_shifts_of_each_image(seed, n, c, h, w, views):
-    """S.4: view k of image i is image i rolled by PROBE_SHIFTS[k] (checked pixel by pixel against index
-    arithmetic, any size, wrap-around included); view 0 is the image itself; views come view after view."""
+    """S.4: view k of image i is image i rolled by PROBE_SHIFTS[k] quarters of the image (H // 4, W // 4 pixels;
+    checked pixel by pixel against index arithmetic, any size, wrap-around included); view 0 is the image
+    itself; views come view after view."""
+    h, w = 4 * h, 4 * w + 3                       # a quarter of 4h is h pixels; of 4w + 3 it is w (rounded down)
     x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
     v = probes.shifted_views(x, views)
     assert v.shape == (views * n, c, h, w) and v.dtype == np.float32 and v.flags.c_contiguous
-    for k, (dy, dx) in enumerate(probes.PROBE_SHIFTS[:views]):
+    assert probes.view_shifts((h, w), views) == [(a * (h // 4), b * (w // 4)) for a, b in probes.PROBE_SHIFTS[:views]]
+    for k, (a, b) in enumerate(probes.PROBE_SHIFTS[:views]):
+        dy, dx = a * (h // 4), b * (w // 4)
         for i in range(h):
             for j in range(w):
                 np.testing.assert_array_equal(v[k * n:(k + 1) * n, :, (i + dy) % h, (j + dx) % w], x[:, :, i, j])
@@ -596,29 +600,31 @@ def test_shifted_views_refuse_bad_arguments():
 
 
 def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
-    """S.4 in the pipeline: the sequential pass runs on the probes alone by default (DEFAULT_PROBE_VIEWS = 1)
-    and on ``probe_views`` views of each when asked, for given, distilled or noise probes, and the report
-    says so; a bad value is refused before any work (negative control: with four views the re-calibrated
+    """S.4 in the pipeline: by default the sequential pass runs on DEFAULT_PROBE_VIEWS = 4 views of each
+    distilled or given probe image and on noise probes alone; ``probe_views`` overrides it, and the report
+    says so; a bad value is refused before any work (negative control: with one view the re-calibrated
     network differs)."""
     import dfmpc
     import dfmpc.recalibration as R
-    from dfmpc.pipeline import DEFAULT_PROBE_VIEWS
-    assert DEFAULT_PROBE_VIEWS == 1
+    from dfmpc.pipeline import DEFAULT_PROBE_VIEWS, default_views
+    assert DEFAULT_PROBE_VIEWS == 4
+    assert (default_views("distilled"), default_views("noise"), default_views(np.zeros((1, 1, 4, 4), np.float32))) == (4, 1, 4)
     seen = []
     real_init = R.RecalibrationContext.__init__
 
     def spy(self, *a, **k):
         real_init(self, *a, **k)
-        seen.append(None if self.probes is None else len(self.probes))
+        seen.append(None if self.probes is None else (len(self.probes), self.n_images))
     monkeypatch.setattr(R.RecalibrationContext, "__init__", spy)
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    q1, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
-    q4, rep4 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=4)
-    _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5, probe_views=2)
-    assert seen == [3, 12, 10]
-    assert rep4.probes == "given (3 images), 4 shifted views each" and rep1.probes == "given (3 images)"
-    assert repn.probes == "noise (5 images), 2 shifted views each"
+    q4, rep4 = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    q1, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1)
+    _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5)
+    _, repn2 = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5, probe_views=2)
+    assert seen == [(12, 3), (3, 3), (5, 5), (10, 5)]
+    assert rep4.probes == "given (3 images), 4 shifted views each for the variance" and rep1.probes == "given (3 images)"
+    assert repn.probes == "noise (5 images)" and repn2.probes == "noise (5 images), 2 shifted views each for the variance"
     assert not np.array_equal(q4.run(x), q1.run(x))
-    for bad in (0, 5, 2.0, True, None):
+    for bad in (0, 5, 2.0, True, "4"):
         with pytest.raises(ValueError, match="probe_views"):
             dfmpc.quantize_network(resnet20, probes="distilled", probe_views=bad)

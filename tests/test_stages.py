@@ -124,7 +124,7 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
         bn = measured_bn(site.bn, X)
         fp.node(site.bn_node).params.update(mean=bn.mean.astype(np.float32), var=bn.var.astype(np.float32))
     q_seq, _ = quantize_network(fp, recalibration="sequential", compensation="none", probes=images,
-                                probe_views=1)                  # the images themselves (the default), not shifts (S.4)
+                                probe_views=1)                  # the images themselves, not shifted views (S.4)
     q_dat, _ = quantize_network(fp, recalibration="data", compensation="none", calibration_data=images)
     for bn in q_seq.nodes_of("BatchNormalization"):
         ref = q_dat.node(bn.name).params
@@ -137,12 +137,44 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
     assert worst > 0.05
 
 
+def test_sequential_takes_the_mean_shift_on_the_images_and_the_variance_ratio_on_all_views(net, images):
+    """S.5 (derivation 15): with probes = the images followed by their shifted views, the sequential mode
+    moves each BN's mean by the images' mean difference (S.1 over the first ``n_images`` rows) and scales its
+    variance by the ratio over all rows (S.2); checked at every site against the conv outputs of the two
+    networks, computed here with ``Graph.run``. Negative controls: taking the mean over all rows, or the
+    variance over the images alone, gives other statistics."""
+    from dfmpc.probes import shifted_views
+    from dfmpc.recalibration import RecalibrationContext, recalibrate_sequential
+    fp = prepare(net)
+    q, _ = quantize_network(fp, recalibration="absorb", compensation="none")      # a quantized network, BNs kept
+    x = images[:6]
+    V = shifted_views(x, 4)
+    ctx = RecalibrationContext(fp, q, probes=V, n_images=len(x))
+    mean_gap, var_gap = [], []
+    for site in recalibration_sites(fp, q):
+        out = fp.node(site.conv).outputs[0]
+        X_fp, X_q = fp.run(V, output=out), q.run(V, output=out)
+        got = recalibrate_sequential(ctx, site)
+        (m_q, _), (m_fp, _) = channel_moments(X_q[:6]), channel_moments(X_fp[:6])
+        (_, v_q), (_, v_fp) = channel_moments(X_q), channel_moments(X_fp)
+        want = ratio_bn(site.bn, m_q, v_q, m_fp, v_fp)
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.var, want.var, rtol=1e-4, atol=1e-6)
+        all_rows = ratio_bn(site.bn, *channel_moments(X_q), *channel_moments(X_fp))
+        images_only = ratio_bn(site.bn, *channel_moments(X_q[:6]), *channel_moments(X_fp[:6]))
+        mean_gap.append(np.max(np.abs(all_rows.mean - got.mean) / np.sqrt(got.var + 1e-5)))
+        var_gap.append(np.max(np.abs(np.log((images_only.var + 1e-5) / (got.var + 1e-5)))))
+    assert max(mean_gap) > 0.01 and max(var_gap) > 0.01          # 1% of sigma, 1% in variance
+    with pytest.raises(ValueError, match="n_images"):
+        RecalibrationContext(fp, q, probes=V, n_images=len(V) + 1)
+
+
 def test_sequential_report_names_its_probes(net, images):
-    q, rep = quantize_network(net, recalibration="sequential", probes=images)
+    q, rep = quantize_network(net, recalibration="sequential", probes=images, probe_views=1)
     assert rep.recalibration == "sequential" and rep.probes == "given (24 images)"
     assert "sequential on given (24 images)" in rep.summary()
-    assert quantize_network(net, recalibration="sequential", probes=images, probe_views=4)[1].probes == \
-        "given (24 images), 4 shifted views each"
+    assert quantize_network(net, recalibration="sequential", probes=images)[1].probes == \
+        "given (24 images), 4 shifted views each for the variance"
     with pytest.raises(ValueError, match="probes"):
         quantize_network(net, recalibration="sequential", probes=images.astype(np.float64))
     with pytest.raises(ValueError, match="probes"):

@@ -80,12 +80,13 @@ def _quant_kwargs(a):
         raise ValueError(f"--probe-images: expected a positive number of probe images, got {a.probe_images}")
     if a.probe_iterations < 0:
         raise ValueError(f"--probe-iterations: expected a number of steps >= 0, got {a.probe_iterations}")
+    from .pipeline import default_views
     from .probes import check_views
-    check_views(a.probe_views, "--probe-views")
+    views = check_views(default_views(a.probes) if a.probe_views is None else a.probe_views, "--probe-views")
     return dict(low_bits=a.low, high_bits=a.high, lambda1=a.lambda1, lambda2=a.lambda2,
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
-                probe_objective=a.probe_objective, probe_optimizer=a.probe_optimizer, probe_views=a.probe_views,
+                probe_objective=a.probe_objective, probe_optimizer=a.probe_optimizer, probe_views=views,
                 progress=False if a.json else None)
 
 
@@ -314,9 +315,11 @@ def _parser() -> argparse.ArgumentParser:
                             f"{n} {k}" for k, n in DEFAULT_PROBE_IMAGES.items()) + ")")
         sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
         from .pipeline import DEFAULT_PROBE_VIEWS
-        sp.add_argument("--probe-views", type=int, default=DEFAULT_PROBE_VIEWS, metavar="V",
-                        help="views per probe image in the sequential pass: the image and V - 1 of its 2-pixel "
-                             "diagonal shifts, 1 to 4 (default %(default)s; derivation 15, S.4)")
+        sp.add_argument("--probe-views", type=int, default=None, metavar="V",
+                        help="views per probe image in the sequential pass: the image and V - 1 of its diagonal "
+                             "shifts by a quarter of the image, 1 to 4; the variance ratio uses all views, the mean "
+                             f"shift the images alone (default {DEFAULT_PROBE_VIEWS} for distilled probes, 1 for "
+                             "noise; derivation 15, S.4-S.5)")
         from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
         sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                         help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "

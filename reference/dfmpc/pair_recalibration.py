@@ -45,7 +45,7 @@ def _input_moment(a, name, C):
 
 
 def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_var=None,
-                   stride=1, padding=0, groups=1, dilation=1, bias=None):
+                   stride=1, padding=0, groups=1, dilation=1, bias=None, n_images=None):
     """Re-calibrated statistics ``muhat``, ``sigmahat`` of the BN after one quantized conv.
 
     Quantizing ``W`` to ``W_q`` changes the statistics of the conv's output, which the trained BN
@@ -59,6 +59,10 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
 
             muhat_o      = mu_o + (m_q_o - m_fp_o)                          (S.1)
             sigmahat_o^2 = sigma_o^2 * v_q_o / v_fp_o  (1 where v_fp_o = 0)  (S.2)
+
+        With ``n_images``, the batches are probe images followed by their shifted views (the
+        pipeline's default, :func:`dfmpc.probes.shifted_views`): the means of S.1 are taken over the
+        first ``n_images`` rows, the variances of S.2 over all rows (S.5).
 
     ``"analytic"`` (data-free; derivation 10)
         ``in_mean``, ``in_var``: expected moments ``m_i, v_i`` of the conv's input in the
@@ -95,6 +99,9 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
     bias : array_like, shape (O,), optional
         The conv's bias. It cancels in ``"sequential"`` and ``"analytic"``; in ``"data"`` it is part of
         the measured mean (as a BN after a biased conv sees it).
+    n_images : int, optional
+        ``"sequential"`` only: how many of the first rows of ``X_fp`` and ``X_q`` (which then hold the
+        same number of rows) are the probe images themselves (S.5); None: all rows (S.1-S.2).
 
     Returns
     -------
@@ -110,7 +117,7 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
         Unknown ``mode``; an input the mode needs is missing or one it does not read is given;
         ``W``, ``W_q`` not 4-D or of different shapes, or O differing from ``bn``'s channels;
         ``groups`` not dividing O; an input batch not 4-D, empty, or with the wrong number of
-        channels; ``in_var < 0``; NaN/Inf anywhere; a bad conv geometry (from :func:`dfmpc.conv2d`).
+        channels; ``n_images`` not in [1, N] or given with batches of different lengths; ``in_var < 0``; NaN/Inf anywhere; a bad conv geometry (from :func:`dfmpc.conv2d`).
         Each message names the argument.
 
     See Also
@@ -122,7 +129,7 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
     References
     ----------
     J. Chen et al., Pattern Recognition 143 (2023) 109780, Sec. 4 (BNhat^l of Eq. (22)).
-    ``data_free_derivations/15_sequential_recalibration.md`` (S.1-S.3),
+    ``data_free_derivations/15_sequential_recalibration.md`` (S.1-S.3, S.5),
     ``data_free_derivations/10_analytic_recalibration.md`` (R.3-R.5),
     ``data_free_derivations/01_quantizers.md`` (Q.1).
 
@@ -160,6 +167,8 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
     bn = _check_bn(bn, "bn")
     if mode not in _INPUTS:
         raise ValueError(f"mode: expected one of {RECALIBRATIONS}, got {mode!r}")
+    if n_images is not None and mode != "sequential":
+        raise ValueError(f"n_images: mode={mode!r} does not read it (only 'sequential' does); pass None")
     given = {"X_fp": X_fp, "X_q": X_q, "in_mean": in_mean, "in_var": in_var}
     for name, value in given.items():
         if name in _INPUTS[mode] and value is None:
@@ -194,6 +203,13 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
     if mode == "data":
         return measured_bn(bn, conv(X_q, W_q))                           # derivation 10, R.5
     X_fp = _input_batch(X_fp, "X_fp", C)
-    m_q, v_q = channel_moments(conv(X_q, W_q))
-    m_fp, v_fp = channel_moments(conv(X_fp, W))
-    return ratio_bn(bn, m_q, v_q, m_fp, v_fp)                            # derivation 15, S.1-S.2
+    if n_images is None:
+        n_images = len(X_fp)
+    elif isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or not 1 <= n_images <= len(X_fp) \
+            or len(X_q) != len(X_fp):
+        raise ValueError(f"n_images: expected an int in [1, {len(X_fp)}] with X_fp and X_q of the same length "
+                         f"({len(X_fp)}, {len(X_q)}), got {n_images!r}")
+    Y_q, Y_fp = conv(X_q, W_q), conv(X_fp, W)
+    (m_q, _), (m_fp, _) = channel_moments(Y_q[:n_images]), channel_moments(Y_fp[:n_images])   # S.5: S.1 on the images
+    (_, v_q), (_, v_fp) = channel_moments(Y_q), channel_moments(Y_fp)                          # S.2 on all rows
+    return ratio_bn(bn, m_q, v_q, m_fp, v_fp)                            # derivation 15, S.1-S.2, S.5

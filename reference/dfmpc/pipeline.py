@@ -56,11 +56,19 @@ DEFAULT_PROBES = DEFAULT_KIND
 #: with few images optimised for long (derivation 16); noise costs only the two forward passes, so it
 #: gets enough images for stable per-channel statistics.
 DEFAULT_PROBE_IMAGES = {"distilled": DEFAULT_N, "noise": 256}
-#: views per probe image (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4): the image alone. Four views (the
-#: image and its three diagonal 2-pixel shifts) predict the variances better (7 of 9 zoo models within the
-#: ``dfmpc diagnose`` targets instead of 5) but lower DF-MPC's accuracy on the bottleneck net, MobileNetV2 and
-#: DenseNet by 0.6-2 points (derivation 16, "Shifted views"), so they are an option.
-DEFAULT_PROBE_VIEWS = 1
+#: views per distilled probe image when ``probe_views`` is not given (:func:`dfmpc.probes.shifted_views`,
+#: derivation 15, S.4-S.5): the image and three copies rolled by a quarter of the image. The variance ratio
+#: S.2 is taken over all views and the mean shift S.1 over the images alone. On the zoo this brings 8 of the 9
+#: models within both ``dfmpc diagnose`` targets instead of 5, with DF-MPC's accuracy unchanged within the
+#: seed spread (derivation 16, "Shifted views, for the variance only"). Noise probes are used as they are (one
+#: view): a shifted copy of white noise is more white noise.
+DEFAULT_PROBE_VIEWS = 4
+
+
+def default_views(probes) -> int:
+    """The views per probe image used when ``probe_views`` is None: 1 for noise probes (``probes="noise"``),
+    :data:`DEFAULT_PROBE_VIEWS` for distilled probes and for given images."""
+    return 1 if isinstance(probes, str) and probes == "noise" else DEFAULT_PROBE_VIEWS
 
 
 LOW_QUANTIZERS = ("auto", "twn", "dorefa")
@@ -353,7 +361,7 @@ def probes_label(kind: str, made) -> str:
 def views_label(views: int) -> str:
     """What reports add to the probes' label for ``views`` shifted views each: ``", 4 shifted views each"``, or
     nothing for one view."""
-    return "" if views == 1 else f", {views} shifted views each"
+    return "" if views == 1 else f", {views} shifted views each for the variance"
 
 
 #: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective, optimizer): the
@@ -386,7 +394,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
                      probe_objective: str = DEFAULT_OBJECTIVE, probe_optimizer: str = DEFAULT_OPTIMIZER,
-                     probe_views: int = DEFAULT_PROBE_VIEWS, progress=None, low_quantizer: str = "auto",
+                     probe_views: int | None = None, progress=None, low_quantizer: str = "auto",
                      c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
@@ -448,10 +456,11 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     probe_optimizer : {"adam", "lbfgs"}
         How the distillation moves the images (:func:`dfmpc.probes.distill`; default
         :data:`dfmpc.probes.DEFAULT_OPTIMIZER`).
-    probe_views : int in [1, 4]
+    probe_views : int in [1, 4] or None
         ``sequential`` only: each probe image is used with its first ``probe_views - 1`` circular shifts
-        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4); default :data:`DEFAULT_PROBE_VIEWS` (1: the
-        images alone).
+        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4); the variance ratio (S.2) is taken over all
+        of them, the mean shift (S.1) over the images alone (S.5). None (default, :func:`default_views`):
+        :data:`DEFAULT_PROBE_VIEWS` (4) for distilled probes and given images, 1 (the images alone) for noise.
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
@@ -481,7 +490,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         raise ValueError(f"compensation: expected one of {COMPENSATIONS}, got {compensation!r}")
     if c_form not in C_FORMS:
         raise ValueError(f"c_form: expected one of {C_FORMS}, got {c_form!r}")
-    probe_views = check_views(probe_views, "probe_views")
+    probe_views = check_views(default_views(probes) if probe_views is None else probe_views, "probe_views")
     if recalibration == "data" or compensation == "oracle":
         calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
@@ -501,10 +510,11 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     probe_x, probes_made = _probe_images(fp, probes, probe_images, seed, progress, probe_iterations,
                                          probe_tolerance, probe_objective, probe_optimizer) \
         if recalibration == "sequential" and sites else (None, None)
+    n_images = None if probe_x is None else len(probe_x)
     if probe_x is not None and probe_views > 1:
         probe_x = shifted_views(probe_x, probe_views)                                      # derivation 15, S.4
         probes_made += views_label(probe_views)
-    ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x)
+    ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x, n_images)   # S.5
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,
                                 unpaired=list(pairing.unpaired), why_unpaired=dict(pairing.why_unpaired),

@@ -20,8 +20,9 @@ are made from the network alone:
   The input gradient is one reverse sweep through the graph (:mod:`dfmpc.autodiff`); the forward
   stops at the last BN. Derivation and tests: ``data_free_derivations/16_probe_inputs.md``.
 
-  The sequential re-calibration can also use shifted copies of the probes (:func:`shifted_views`,
-  ``probe_views``; derivation 15, S.4), an option, not the default.
+  By default the sequential re-calibration also uses copies of each distilled probe rolled by a quarter of
+  the image (:func:`shifted_views`, ``probe_views``; derivation 15, S.4), for the variance ratio only
+  (S.5): they are not fitted to the full-precision weights as the distilled images are.
 
   The budget adapts to the network: when the distilled images still miss the BN statistics by more
   than :data:`DEFAULT_TOLERANCE` (RMS relative mismatch, D.5, :func:`bn_mismatch`), the distillation
@@ -55,7 +56,7 @@ __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DE
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
            "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
-           "PROBE_SHIFTS", "shifted_views", "check_views", "PART_OPS", "splittable"]
+           "PROBE_SHIFTS", "VIEW_STEP", "shifted_views", "view_shifts", "check_views", "PART_OPS", "splittable"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -111,12 +112,16 @@ MAX_BUDGET_FACTOR = 4
 #: core brings depends on how free it is: the blocked conv kernel alone ran 1.6-1.85x as fast on two threads
 #: in one minute of this session and about 1x in another.
 DISTILL_THREADS = None
-#: the circular shifts (rows, columns) of a probe image's views, in order: the image itself, then rolled by 2
-#: pixels along the three diagonals. The sequential re-calibration uses the first ``probe_views`` of them
-#: (derivation 15, S.4; default one): a conv net's statistics do not depend on where an object sits, and the
-#: shifted copies reach the last, strided stages at positions that the distillation did not fit jointly,
-#: which is where the probes alone see too little drift.
-PROBE_SHIFTS = ((0, 0), (2, 2), (-2, -2), (2, -2))
+#: the circular shifts of a probe image's views, in order, in units of a quarter of the image's height and
+#: width: the image itself, then rolled along the three diagonals (a 28 x 28 image by 7 pixels). The
+#: sequential re-calibration uses the first ``probe_views`` of them (derivation 15, S.4), and takes only the
+#: variance ratio (S.2) from the views; the mean shift (S.1) comes from the images alone (S.5). A conv net's
+#: statistics do not depend on where an object sits, and the shifted copies are not fitted to the
+#: full-precision network as the distilled images are, so they carry the drift of the quantized layers into
+#: the later stages as real images do (derivation 16, "Shifted views, for the variance only").
+PROBE_SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -1))
+#: a view's shift is PROBE_SHIFTS[k] times (H // VIEW_STEP, W // VIEW_STEP) pixels
+VIEW_STEP = 4
 
 #: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
 NO_BN_MESSAGE = ("graph: has no BatchNormalization node to distil against; if BN was folded into the convs on "
@@ -232,6 +237,9 @@ def _stat_loss(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: float, gra
 def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
     """The probes and their circularly shifted copies, ``views`` per image (derivation 15, S.4).
 
+    View k rolls every image by ``PROBE_SHIFTS[k] * (H // VIEW_STEP, W // VIEW_STEP)`` pixels along H and W:
+    the image itself, then a quarter of the image along each of three diagonals.
+
     Parameters
     ----------
     x : ndarray, shape (N, C, H, W), float32
@@ -241,7 +249,7 @@ def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
     Returns
     -------
     ndarray, shape (views * N, C, H, W), float32
-        View k of every image (``np.roll`` by :data:`PROBE_SHIFTS` ``[k]`` along H and W), view after view.
+        View after view: rows ``k * N`` to ``(k + 1) * N - 1`` hold view k, so the first N rows are ``x``.
 
     Raises
     ------
@@ -250,18 +258,31 @@ def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
 
     Examples
     --------
-    A pixel at (0, 0) moves to (2, 2) in the second view and wraps around to (H - 2, W - 2) in the third:
+    A pixel at (0, 0) of an 8 x 8 image moves to (2, 2) in the second view and wraps around to (6, 6) in
+    the third:
 
-    >>> x = np.zeros((1, 1, 6, 6), np.float32); x[0, 0, 0, 0] = 1
+    >>> x = np.zeros((1, 1, 8, 8), np.float32); x[0, 0, 0, 0] = 1
     >>> v = shifted_views(x, 3)
     >>> v.shape, [tuple(int(i) for i in np.argwhere(im[0])[0]) for im in v]
-    ((3, 1, 6, 6), [(0, 0), (2, 2), (4, 4)])
+    ((3, 1, 8, 8), [(0, 0), (2, 2), (6, 6)])
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
         raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     views = check_views(views)
-    return np.ascontiguousarray(np.concatenate([np.roll(x, s, axis=(2, 3)) for s in PROBE_SHIFTS[:views]]))
+    return np.ascontiguousarray(np.concatenate([np.roll(x, s, axis=(2, 3)) for s in view_shifts(x.shape[2:], views)]))
+
+
+def view_shifts(size, views: int) -> list[tuple[int, int]]:
+    """The pixel shifts (rows, columns) of the first ``views`` views of an image of ``size`` (H, W):
+    ``PROBE_SHIFTS[k] * (H // VIEW_STEP, W // VIEW_STEP)`` (an image smaller than VIEW_STEP pixels along an
+    axis is not shifted along it).
+
+    >>> view_shifts((28, 28), 4)
+    [(0, 0), (7, 7), (-7, -7), (7, -7)]
+    """
+    H, W = (int(v) for v in size)
+    return [(a * (H // VIEW_STEP), b * (W // VIEW_STEP)) for a, b in PROBE_SHIFTS[:check_views(views)]]
 
 
 def check_views(views, name: str = "views") -> int:

@@ -8,7 +8,8 @@ each a function ``mode(ctx, site) -> BatchNorm`` registered in :data:`RECALIBRAT
                (:mod:`dfmpc.probes`) are carried through the full-precision network and through
                the network quantized so far; each BN's trained statistics are moved by the probes'
                mean difference and scaled by their variance ratio
-               (``data_free_derivations/15_sequential_recalibration.md``, S.1-S.2).
+               (``data_free_derivations/15_sequential_recalibration.md``, S.1-S.2); the ratio is
+               taken over the images and their shifted views, the difference over the images alone (S.5).
 ``analytic``   data-free: expected input moments propagated from the previous BNs under a
                Gaussian / rectified-Gaussian assumption (as DFQ's bias correction does), giving the
                shift of the conv output's mean and an estimate of its variance ratio
@@ -197,14 +198,21 @@ class RecalibrationContext:
         Moments of the network input (``analytic``).
     calibration_data : ndarray (N, C, H, W) float32 or None
         Real images (``data`` only).
-    probes : ndarray (N, C, H, W) float32 or None
-        Data-free probe inputs (``sequential``; :mod:`dfmpc.probes`).
+    probes : ndarray (M, C, H, W) float32 or None
+        Data-free probe inputs (``sequential``; :mod:`dfmpc.probes`): the probe images, then their
+        shifted views (:func:`dfmpc.probes.shifted_views`), if any.
+    n_images : int or None
+        How many of the first rows of ``probes`` are the probe images themselves (the mean shift S.1 is
+        taken over them, the variance ratio S.2 over all M rows; derivation 15, S.5). None: all M.
     """
 
-    def __init__(self, fp, g, input_mean=0.0, input_var=1.0, calibration_data=None, probes=None):
+    def __init__(self, fp, g, input_mean=0.0, input_var=1.0, calibration_data=None, probes=None, n_images=None):
         self.fp, self.g = fp, g
         self.input_mean, self.input_var = input_mean, input_var
         self.calibration_data, self.probes = calibration_data, probes
+        if probes is not None and n_images is not None and not 1 <= n_images <= len(probes):
+            raise ValueError(f"n_images: expected 1 to {len(probes)} (the rows of probes), got {n_images}")
+        self.n_images = None if probes is None else (len(probes) if n_images is None else int(n_images))
         self._moments = None
         self._streams = {}
 
@@ -249,9 +257,11 @@ def recalibrate_data(ctx: RecalibrationContext, site: Site) -> BatchNorm:
 
 
 def recalibrate_sequential(ctx: RecalibrationContext, site: Site) -> BatchNorm:
-    """``sequential`` (data-free): the probe ratio (derivation 15, S.1-S.2) through the network quantized so far."""
-    m_q, v_q = channel_moments(ctx.stream("probe_q").advance(site.conv))
-    m_fp, v_fp = channel_moments(ctx.stream("probe_fp").advance(site.conv))
+    """``sequential`` (data-free): the probe ratio (derivation 15, S.1-S.2) through the network quantized so far,
+    the mean shift over the probe images and the variance ratio over them and their views (S.5)."""
+    X_q, X_fp, n = ctx.stream("probe_q").advance(site.conv), ctx.stream("probe_fp").advance(site.conv), ctx.n_images
+    (m_q, _), (m_fp, _) = channel_moments(X_q[:n]), channel_moments(X_fp[:n])     # S.5: S.1 on the images
+    (_, v_q), (_, v_fp) = channel_moments(X_q), channel_moments(X_fp)              # S.5: S.2 on images and views
     return ratio_bn(site.bn, m_q, v_q, m_fp, v_fp)
 
 
