@@ -205,12 +205,21 @@ def _write_bn(m: nn.BatchNorm2d, bn: BN):
             t.copy_(v.to(t.dtype))
 
 
+def shifted_views(x, views=4):
+    """The probes, then copies rolled by a quarter of the image along three diagonals (derivation 15, S.4)."""
+    a, b = x.shape[2] // 4, x.shape[3] // 4
+    shifts = [(0, 0), (a, b), (-a, -b), (a, -b)][:views]
+    return torch.cat([torch.roll(x, s, dims=(2, 3)) for s in shifts])
+
+
 def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="sequential", probes=None,
-                   lambda1=0.5, lambda2=0.0, pairs=None):
+                   lambda1=0.5, lambda2=0.0, pairs=None, views=4):
     """DF-MPC on a model in eval mode (Algorithm 1). Returns (quantized copy, {low conv: c}).
 
     recalibration: "sequential" (needs ``probes``, float32 NCHW images made without data) or "absorb".
     ``pairs``: optional [(low conv, BN, high conv)] module names.
+    ``views``: the sequential mode takes each BN's variance ratio over the probes and their first ``views - 1``
+    rolled copies, and its mean shift over the probes alone (derivation 15, S.4-S.5; 1: the probes alone).
     """
     if recalibration not in ("sequential", "absorb"):
         raise ValueError(f"recalibration: expected 'sequential' or 'absorb', got {recalibration!r}")
@@ -232,11 +241,14 @@ def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="seq
                 bits = low_bits if name in low else high_bits
                 m.weight.copy_(quantize_weight(m.weight, bits, name in low).to(m.weight.dtype))
     c_of = {}
+    if recalibration == "sequential":
+        n, probes = len(probes), shifted_views(probes, views)
     for conv, bn_name in sites:                                                # in execution order
         bn = bn_of(fp.get_submodule(bn_name))
         if recalibration == "sequential":                                      # step 3
-            m_fp, v_fp = channel_moments(_conv_output(fp, conv, probes))
-            m_q, v_q = channel_moments(_conv_output(q, conv, probes))          # q as quantized so far
+            Z_fp, Z_q = _conv_output(fp, conv, probes), _conv_output(q, conv, probes)   # q as quantized so far
+            (m_fp, _), (m_q, _) = channel_moments(Z_fp[:n]), channel_moments(Z_q[:n])  # S.5: means on the probes
+            (_, v_fp), (_, v_q) = channel_moments(Z_fp), channel_moments(Z_q)          # variances on all views
             bn_hat = ratio_bn(bn, m_q, v_q, m_fp, v_fp)
         else:
             bn_hat = bn
@@ -250,4 +262,4 @@ def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="seq
 
 __all__ = ["ternary", "dorefa", "quantize_weight", "BN", "bn_of", "absorb_scale", "quadratic_coefficients",
            "closed_form", "compensation_coefficients", "fold_into_bn", "channel_moments", "ratio_bn", "analytic_bn",
-           "sites_and_pairs", "dfmpc_quantize"]
+           "sites_and_pairs", "shifted_views", "dfmpc_quantize"]

@@ -136,7 +136,7 @@ def cmd_demo(a) -> dict:
         out["probe_seconds"] = time.perf_counter() - t0
         out["probes"] = probes_label(a.probes, made) + views_label(kw["probe_views"])
         if show:
-            print(f"  (sequential re-calibration: {out['probes']} made from the model alone in "
+            print(f"  (sequential re-calibration: {out['probes']}; made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")
     modes = ["analytic"] + ([a.recalibration] if a.recalibration not in ("absorb", "analytic") else [])
     for mode in modes:                            # separate what re-calibration does from what c does
