@@ -200,6 +200,16 @@ def test_probe_views_option(capsys, model, data):
         assert rc == 0, err
         got[views] = [r["predicted_var"] for r in json.loads(out)["layers"]]
     assert got["1"] != got["4"]
+    labels = {}
+    for kind in ("distilled", "noise"):          # the default: 4 views for distilled probes, 1 for noise (S.5)
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probes", kind, "--probe-images", "2",
+                           "--probe-iterations", "2", "--probe-tolerance", "off", "--json")
+        assert rc == 0, err
+        res = json.loads(out)
+        labels[kind] = res["probes"]
+        if kind == "distilled":
+            assert [r["predicted_var"] for r in res["layers"]] == got["4"]
+    assert labels["distilled"].endswith(", 4 shifted views each for the variance") and "shifted" not in labels["noise"]
     for bad in ("0", "5"):
         rc, out, err = run(capsys, "quantize", model, "-o", data.parent / "never.npz", "--probe-views", bad)
         assert rc == 2 and "--probe-views" in err and len(err.strip().splitlines()) == 1

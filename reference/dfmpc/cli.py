@@ -263,7 +263,7 @@ def cmd_diagnose(a) -> dict:
               f"re-calibration vs measured on {len(x)} images of {a.data} in the quantized network")
         print(d.table())
     return {"model": a.model, "data": a.data, "n_images": int(len(x)), "low_bits": a.low, "high_bits": a.high,
-            "recalibration": a.recalibration, **d.to_dict()}
+            "recalibration": a.recalibration, "probes": d.report.probes, **d.to_dict()}
 
 
 def cmd_vectors(a) -> dict:
