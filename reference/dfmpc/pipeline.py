@@ -360,8 +360,8 @@ def probes_label(kind: str, made) -> str:
 
 
 def views_label(views: int) -> str:
-    """What reports add to the probes' label for ``views`` shifted views each: ``", 4 shifted views each"``, or
-    nothing for one view."""
+    """What reports add to the probes' label for ``views`` shifted views each (S.4-S.5):
+    ``", 4 shifted views each for the variance"``, or nothing for one view."""
     return "" if views == 1 else f", {views} shifted views each for the variance"
 
 
