@@ -14,6 +14,7 @@ Usage::
     python benchmarks/diagnose.py --models resnet20 --settings 2/6,3/6 --no-readme
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
     python benchmarks/diagnose.py --probe-views 1          # the distilled images alone, without their views
+    python benchmarks/diagnose.py --seed 1                 # another draw of the probes' starting noise
     python benchmarks/diagnose.py --out benchmarks/results/diagnose_znver4.json   # another machine's figures
 
 Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there), each
@@ -43,21 +44,24 @@ MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 
-def results_path(probe_views: int | None, out: str | None = None) -> Path:
+def results_path(probe_views: int | None, out: str | None = None, seed: int = 0) -> Path:
     """Where the rows go: ``out`` when given, else ``diagnose.json`` for the library's default views (None)
-    and ``diagnose_views<V>.json`` for V views asked for."""
+    and seed 0, ``diagnose_views<V>.json`` for V views asked for, with ``_seed<S>`` before ``.json`` for
+    another seed."""
     if out:
         return Path(out)
-    return RESULTS / ("diagnose.json" if probe_views is None else f"diagnose_views{probe_views}.json")
+    stem = "diagnose" if probe_views is None else f"diagnose_views{probe_views}"
+    return RESULTS / (stem + ("" if seed == 0 else f"_seed{seed}") + ".json")
 
 
-def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None) -> dict:
+def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None, seed: int = 0) -> dict:
     """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
     lo, hi = map(int, setting.split("/"))
     t0 = time.perf_counter()
     d = diagnose(load_zoo_model(model), images, lo, hi, recalibration=recalibration, compensation="none",
-                 probe_views=probe_views, progress=False)
+                 probe_views=probe_views, seed=seed, progress=False)
     return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
+            "seed": seed,
             "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
             "layers_log_ratio": {r.conv: r.log_ratio for r in d.layers},
             "cpu": cpu_signature()}                 # model, LLVM's core name, SIMD features: the probes' bits follow them
@@ -96,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-views", type=int, default=None, metavar="V",
                    help="views per probe image (1-4; default: the library's, 4 for distilled probes); when given, the "
                         "rows go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the probes' starting noise (default 0); another seed writes "
+                        "benchmarks/results/diagnose_seed<S>.json and leaves the README alone")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write (merge) the rows into this JSON file instead, e.g. for another machine; the README is "
                         "not touched")
@@ -104,8 +111,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--images: expected a positive number of images, got {a.images}")
     if a.probe_views is not None and not 1 <= a.probe_views <= 4:
         raise SystemExit(f"--probe-views: expected 1 to 4, got {a.probe_views}")
-    path = results_path(a.probe_views, a.out)
-    if a.probe_views is not None or a.out:
+    if a.seed < 0:
+        raise SystemExit(f"--seed: expected a seed >= 0, got {a.seed}")
+    path = results_path(a.probe_views, a.out, a.seed)
+    if a.probe_views is not None or a.out or a.seed:
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
         new = []
         for m in models:
             for s in a.settings.split(","):
-                r = run(m, s, x[:a.images], a.recalibration, a.probe_views)
+                r = run(m, s, x[:a.images], a.recalibration, a.probe_views, a.seed)
                 print(f"{m} MP{s} {a.recalibration}: median {r['median_abs_log_ratio']:.3f} max "
                       f"{r['max_abs_log_ratio']:.3f} (FP floor {r['median_abs_log_ratio_trained']:.3f} / "
                       f"{r['max_abs_log_ratio_trained']:.3f}; {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
