@@ -16,7 +16,7 @@ import numpy as np
 
 from ._checks import as_float_array
 from .compensation import _check_bn
-from .recalibration import RECALIBRATIONS, analytic_bn, channel_moments, measured_bn, ratio_bn
+from .recalibration import RECALIBRATIONS, analytic_bn, measured_bn, ratio_bn, view_moments
 from .reconstruction import conv2d
 
 __all__ = ["recalibrate_bn"]
@@ -117,7 +117,8 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
         Unknown ``mode``; an input the mode needs is missing or one it does not read is given;
         ``W``, ``W_q`` not 4-D or of different shapes, or O differing from ``bn``'s channels;
         ``groups`` not dividing O; an input batch not 4-D, empty, or with the wrong number of
-        channels; ``n_images`` not in [1, N] or given with batches of different lengths; ``in_var < 0``; NaN/Inf anywhere; a bad conv geometry (from :func:`dfmpc.conv2d`).
+        channels; ``n_images`` not in [1, N] or given with batches of different lengths; ``in_var < 0``;
+        NaN/Inf anywhere; a bad conv geometry (from :func:`dfmpc.conv2d`).
         Each message names the argument.
 
     See Also
@@ -203,13 +204,9 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
     if mode == "data":
         return measured_bn(bn, conv(X_q, W_q))                           # derivation 10, R.5
     X_fp = _input_batch(X_fp, "X_fp", C)
-    if n_images is None:
-        n_images = len(X_fp)
-    elif isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or not 1 <= n_images <= len(X_fp) \
-            or len(X_q) != len(X_fp):
-        raise ValueError(f"n_images: expected an int in [1, {len(X_fp)}] with X_fp and X_q of the same length "
-                         f"({len(X_fp)}, {len(X_q)}), got {n_images!r}")
-    Y_q, Y_fp = conv(X_q, W_q), conv(X_fp, W)
-    (m_q, _), (m_fp, _) = channel_moments(Y_q[:n_images]), channel_moments(Y_fp[:n_images])   # S.5: S.1 on the images
-    (_, v_q), (_, v_fp) = channel_moments(Y_q), channel_moments(Y_fp)                          # S.2 on all rows
+    if n_images is not None and len(X_q) != len(X_fp):
+        raise ValueError(f"n_images: needs X_fp and X_q of the same length (the same probes), got {len(X_fp)} and "
+                         f"{len(X_q)}")
+    m_q, v_q = view_moments(conv(X_q, W_q), n_images)                    # S.5 (S.1-S.2 when n_images is None)
+    m_fp, v_fp = view_moments(conv(X_fp, W), n_images)
     return ratio_bn(bn, m_q, v_q, m_fp, v_fp)                            # derivation 15, S.1-S.2, S.5

@@ -158,6 +158,36 @@ def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
+def view_moments(X, n_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """S.5's moments of a batch of probe images followed by their shifted views: the per-channel mean over
+    the first ``n_images`` rows (the images) and the (biased) variance over all rows, in float64.
+
+    Parameters
+    ----------
+    X : ndarray, shape (M, C, ...)
+    n_images : int in [1, M], or None (all M rows: :func:`channel_moments`)
+
+    Returns
+    -------
+    mean, var : ndarray, shape (C,), float64
+
+    Raises
+    ------
+    ValueError
+        ``X`` has fewer than 2 dimensions or no samples, or ``n_images`` is outside [1, M].
+
+    References
+    ----------
+    ``data_free_derivations/15_sequential_recalibration.md``, S.5.
+    """
+    mean, var = channel_moments(X)
+    if n_images is None or n_images == len(X):
+        return mean, var
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or not 1 <= n_images <= len(X):
+        raise ValueError(f"n_images: expected an int in [1, {len(X)}] (the rows of the batch), got {n_images!r}")
+    return channel_moments(X[:n_images])[0], var                       # S.5: S.1 on the images, S.2 on all rows
+
+
 class Site:
     """One BN to re-calibrate and the node that computes its input, as a mode sees it (read-only record).
 
@@ -259,9 +289,8 @@ def recalibrate_data(ctx: RecalibrationContext, site: Site) -> BatchNorm:
 def recalibrate_sequential(ctx: RecalibrationContext, site: Site) -> BatchNorm:
     """``sequential`` (data-free): the probe ratio (derivation 15, S.1-S.2) through the network quantized so far,
     the mean shift over the probe images and the variance ratio over them and their views (S.5)."""
-    X_q, X_fp, n = ctx.stream("probe_q").advance(site.conv), ctx.stream("probe_fp").advance(site.conv), ctx.n_images
-    (m_q, _), (m_fp, _) = channel_moments(X_q[:n]), channel_moments(X_fp[:n])     # S.5: S.1 on the images
-    (_, v_q), (_, v_fp) = channel_moments(X_q), channel_moments(X_fp)              # S.5: S.2 on images and views
+    m_q, v_q = view_moments(ctx.stream("probe_q").advance(site.conv), ctx.n_images)       # S.5
+    m_fp, v_fp = view_moments(ctx.stream("probe_fp").advance(site.conv), ctx.n_images)
     return ratio_bn(site.bn, m_q, v_q, m_fp, v_fp)
 
 
