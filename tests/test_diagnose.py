@@ -99,3 +99,21 @@ def test_shifted_views_bring_resnet18_within_the_variance_target():
     alone = diagnose(g, x, compensation="none", probe_views=1, progress=False)
     assert "4 shifted views each for the variance" in views.report.probes and "shifted" not in alone.report.probes
     assert views.summary["max_abs_log_ratio"] < min(0.15, alone.summary["max_abs_log_ratio"])
+
+
+@pytest.mark.slow          # ~2 min: distillations of 200 and of 200 + 400 + 800 steps, two diagnoses on 1,000 images
+def test_the_tighter_tolerance_brings_mobilenetv2_closer_to_the_variance_targets():
+    """Derivation 16, "A tighter tolerance" (D.5): on the 17-block MobileNetV2 the default probes (tolerance 0.05)
+    are distilled on to 800 steps, and the variances they predict (MP2/6, c = 1, first 1,000 shipped test
+    images) are closer to the truth than with the old tolerance 0.1, which stops at 200 steps. Measured on an
+    AVX-512 `znver4` host, seed 0: median / max |log ratio| 0.043 / 0.092 against 0.096 / 0.151 (seed 1: 0.071 /
+    0.121 against 0.086 / 0.167). The probes' bits depend on the SIMD width (the order of float32 sums), so
+    only the order (the median with a margin of 0.005, a third of the smaller gain measured) and the issue's
+    0.15 for the maximum are asserted; negative control: the loose run stops at 200 steps."""
+    g = load_zoo_model("mobilenetv2")
+    x = normalize(load_fashion_mnist_test()[0][:1000]).astype(np.float32)
+    tight = diagnose(g, x, compensation="none", progress=False)
+    loose = diagnose(g, x, compensation="none", probe_tolerance=0.1, progress=False)
+    assert "200 steps" in loose.report.probes and "200 steps" not in tight.report.probes    # distilled on
+    assert tight.summary["median_abs_log_ratio"] < loose.summary["median_abs_log_ratio"] - 0.005
+    assert tight.summary["max_abs_log_ratio"] < min(0.15, loose.summary["max_abs_log_ratio"])
