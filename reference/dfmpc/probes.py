@@ -81,9 +81,10 @@ DEFAULT_OBJECTIVE = "relative"
 #: layers (D.5, :func:`bn_mismatch`). Measured after the default budget (16_probe_inputs.md, "When to stop"):
 #: with D.1, 0.055-0.088 on the zoo's ResNets, VGGs and DenseNet, and 0.12 and 0.16 on the MobileNetV2s, where
 #: the 17-block net gained 6.8 points at MP2/6 from the longer budget. With D.6 (the default), 0.011-0.046 on
-#: every zoo model at every seed of the README's seed table but the 17-block MobileNetV2 (0.062-0.073, seeds 0-4), which alone distils on to 800
-#: steps (D.5 0.050-0.054): that brought its variance gauge from 0.096 / 0.151 to 0.043 / 0.092 (median / max
-#: |log ratio|, seed 0; 16_probe_inputs.md, "A tighter tolerance"). It was 0.1 until then.
+#: every zoo model at every seed of the README's seed table, except the 17-block MobileNetV2 (0.062-0.073,
+#: seeds 0-4), which alone distils on to 800 steps (D.5 0.048-0.054): that brought its variance gauge from
+#: 0.096 / 0.151 to 0.043 / 0.092 (median / max |log ratio|, seed 0; 16_probe_inputs.md, "A tighter
+#: tolerance"). It was 0.1 until then.
 DEFAULT_TOLERANCE = 0.05
 #: how the images are moved: ``adam`` (ZeroQ's choice; step size on a half cosine from ``lr``) or ``lbfgs``
 #: (SciPy's L-BFGS-B, the quasi-Newton method for smooth losses; ``lr`` unused). Either way one step costs
