@@ -15,6 +15,7 @@ Usage::
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
     python benchmarks/diagnose.py --probe-views 1          # the distilled images alone, without their views
     python benchmarks/diagnose.py --seed 1                 # another draw of the probes' starting noise
+    python benchmarks/diagnose.py --probe-view-kind mirrors   # mirrored views instead of shifted ones
     python benchmarks/diagnose.py --out benchmarks/results/diagnose_znver4.json   # another machine's figures
 
 Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there), each
@@ -44,22 +45,24 @@ MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 
-def results_path(probe_views: int | None, out: str | None = None, seed: int = 0) -> Path:
+def results_path(probe_views: int | None, out: str | None = None, seed: int = 0, view_kind: str = "shifts") -> Path:
     """Where the rows go: ``out`` when given, else ``diagnose.json`` for the library's default views (None)
-    and seed 0, ``diagnose_views<V>.json`` for V views asked for, with ``_seed<S>`` before ``.json`` for
-    another seed."""
+    and seed 0, ``diagnose_views<V>.json`` for V views asked for, ``diagnose_mirrors.json`` (or
+    ``diagnose_views<V>_mirrors.json``) for mirrored views, with ``_seed<S>`` before ``.json`` for another seed."""
     if out:
         return Path(out)
     stem = "diagnose" if probe_views is None else f"diagnose_views{probe_views}"
+    stem += "" if view_kind == "shifts" else f"_{view_kind}"
     return RESULTS / (stem + ("" if seed == 0 else f"_seed{seed}") + ".json")
 
 
-def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None, seed: int = 0) -> dict:
+def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None, seed: int = 0,
+        view_kind: str = "shifts") -> dict:
     """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
     lo, hi = map(int, setting.split("/"))
     t0 = time.perf_counter()
     d = diagnose(load_zoo_model(model), images, lo, hi, recalibration=recalibration, compensation="none",
-                 probe_views=probe_views, seed=seed, progress=False)
+                 probe_views=probe_views, probe_view_kind=view_kind, seed=seed, progress=False)
     return {"model": model, "setting": setting, "recalibration": recalibration, "probes": d.report.probes,
             "seed": seed,
             "n_images": int(len(images)), "seconds": time.perf_counter() - t0, **d.summary,
@@ -100,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-views", type=int, default=None, metavar="V",
                    help="views per probe image (1-4; default: the library's, 4 for distilled probes); when given, the "
                         "rows go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
+    p.add_argument("--probe-view-kind", default="shifts", choices=("shifts", "mirrors"),
+                   help="how the views are made (default %(default)s); mirrors writes "
+                        "benchmarks/results/diagnose_mirrors.json and leaves the README alone")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the probes' starting noise (default 0); another seed writes "
                         "benchmarks/results/diagnose_seed<S>.json and leaves the README alone")
@@ -113,8 +119,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--probe-views: expected 1 to 4, got {a.probe_views}")
     if a.seed < 0:
         raise SystemExit(f"--seed: expected a seed >= 0, got {a.seed}")
-    path = results_path(a.probe_views, a.out, a.seed)
-    if a.probe_views is not None or a.out or a.seed:
+    path = results_path(a.probe_views, a.out, a.seed, a.probe_view_kind)
+    if a.probe_views is not None or a.out or a.seed or a.probe_view_kind != "shifts":
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
         new = []
         for m in models:
             for s in a.settings.split(","):
-                r = run(m, s, x[:a.images], a.recalibration, a.probe_views, a.seed)
+                r = run(m, s, x[:a.images], a.recalibration, a.probe_views, a.seed, a.probe_view_kind)
                 print(f"{m} MP{s} {a.recalibration}: median {r['median_abs_log_ratio']:.3f} max "
                       f"{r['max_abs_log_ratio']:.3f} (FP floor {r['median_abs_log_ratio_trained']:.3f} / "
                       f"{r['max_abs_log_ratio_trained']:.3f}; {r['seconds']:.0f} s)", file=sys.stderr, flush=True)

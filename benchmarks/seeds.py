@@ -14,6 +14,7 @@ Usage::
     python benchmarks/seeds.py                                # all zoo models, seeds 0-4; rewrites the README table
     python benchmarks/seeds.py --models resnet20 --seeds 0,1 --no-readme
     python benchmarks/seeds.py --table-only                   # README table from benchmarks/results/seeds.json
+    python benchmarks/seeds.py --probe-view-kind mirrors      # mirrored views: benchmarks/results/seeds_mirrors.json
 
 Evaluation runs in onnxruntime by default (``--backend``; the engine gives the same predictions on
 the shipped set, ``tests/test_backends.py``, at about half the pace on 2 cores). Results go to
@@ -43,23 +44,30 @@ N_CAL = 500                      # as benchmarks/accuracy.py: held out, never ev
 TARGET_POINTS = 1.5
 
 
-def run(model: str, g, setting: str, seed: int, x, y, backend: str) -> dict:
-    """One model (``g``, loaded once), setting and probe seed: default DF-MPC and c = 1, on the same probes."""
+def run(model: str, g, setting: str, seed: int, x, y, backend: str, view_kind: str = "shifts") -> dict:
+    """One model (``g``, loaded once), setting and probe seed: default DF-MPC and c = 1, on the same probes
+    (their views made as ``view_kind`` says)."""
     lo, hi = map(int, setting.split("/"))
     row = {"model": model, "setting": setting, "seed": seed, "n_eval": int(len(x)), "backend": backend,
            "probe_optimizer": dfmpc.probes.DEFAULT_OPTIMIZER}
     for comp in ("dfmpc", "none"):
         t0 = time.perf_counter()
-        q, rep = dfmpc.quantize_network(g, lo, hi, compensation=comp, seed=seed)
+        q, rep = dfmpc.quantize_network(g, lo, hi, compensation=comp, seed=seed, probe_view_kind=view_kind)
         row[comp] = accuracy(q, x, y, progress=False, backend=backend)
         row[f"{comp}_seconds"] = time.perf_counter() - t0
         row["probes"] = rep.probes
     return row
 
 
-def merge(new_rows: list[dict]) -> list[dict]:
-    """New rows replace the saved ones of the same model, setting and seed; the rest are kept."""
-    path = RESULTS / "seeds.json"
+def results_path(view_kind: str = "shifts") -> Path:
+    """``seeds.json`` for the library's default views, ``seeds_<kind>.json`` for another kind."""
+    return RESULTS / ("seeds.json" if view_kind == "shifts" else f"seeds_{view_kind}.json")
+
+
+def merge(new_rows: list[dict], path: Path | None = None) -> list[dict]:
+    """New rows replace the saved ones (in ``path``, default ``seeds.json``) of the same model, setting and seed;
+    the rest are kept."""
+    path = path or results_path()
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     key = lambda r: (r["model"], r["setting"], r["seed"])
     fresh = {key(r) for r in new_rows}
@@ -123,9 +131,15 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="evaluation (default %(default)s)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
+    p.add_argument("--probe-view-kind", default="shifts", choices=("shifts", "mirrors"),
+                   help="how the probes' views are made (default %(default)s); mirrors writes "
+                        "benchmarks/results/seeds_mirrors.json and leaves the README alone")
     a = p.parse_args(argv)
+    path = results_path(a.probe_view_kind)
+    if a.probe_view_kind != "shifts":
+        a.no_readme = True
     if a.table_only:
-        rows = json.loads((RESULTS / "seeds.json").read_text())["rows"]
+        rows = json.loads(path.read_text())["rows"]
     else:
         seeds = _seeds(a.seeds)
         try:
@@ -142,14 +156,14 @@ def main(argv=None) -> int:
             g = load_zoo_model(m)
             for s in a.settings.split(","):
                 for seed in seeds:
-                    r = run(m, g, s, seed, xe, ye, a.backend)
+                    r = run(m, g, s, seed, xe, ye, a.backend, a.probe_view_kind)
                     print(f"{m} MP{s} seed {seed}: DF-MPC {100 * r['dfmpc']:.2f}  c = 1 {100 * r['none']:.2f}  "
                           f"({r['probes']}; {r['dfmpc_seconds'] + r['none_seconds']:.0f} s)",
                           file=sys.stderr, flush=True)
-                    rows = merge([r])                    # saved after every run: a long job keeps what it measured
+                    rows = merge([r], path)              # saved after every run: a long job keeps what it measured
                     RESULTS.mkdir(parents=True, exist_ok=True)
-                    write_text(RESULTS / "seeds.json", json.dumps({"rows": rows}, indent=1))
-        rows = json.loads((RESULTS / "seeds.json").read_text())["rows"]
+                    write_text(path, json.dumps({"rows": rows}, indent=1))
+        rows = json.loads(path.read_text())["rows"]
     md = table(rows)
     if not a.no_readme:
         update_readme(md, *MARKERS)

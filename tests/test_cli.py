@@ -216,6 +216,26 @@ def test_probe_views_option(capsys, model, data):
         assert not (data.parent / "never.npz").exists()
 
 
+def test_probe_view_kind_option(capsys, model, data):
+    """--probe-view-kind mirrors reaches the sequential pass (other statistics than the shifts, and the JSON
+    names them); an unknown kind is refused by argparse, naming the option, and nothing is written."""
+    got, labels = {}, {}
+    for kind in ("shifts", "mirrors"):
+        rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",
+                           "2", "--probe-tolerance", "off", "--probe-view-kind", kind, "--json")
+        assert rc == 0, err
+        res = json.loads(out)
+        got[kind], labels[kind] = [r["predicted_var"] for r in res["layers"]], res["probes"]
+    assert got["shifts"] != got["mirrors"]
+    assert labels["mirrors"].endswith(", 4 mirrored views each for the variance")
+    assert labels["shifts"].endswith(", 4 shifted views each for the variance")
+    with pytest.raises(SystemExit) as e:                      # argparse's own refusal: usage, then the error
+        run(capsys, "quantize", model, "-o", data.parent / "never.npz", "--probe-view-kind", "rolls")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--probe-view-kind" in err and "rolls" in err
+    assert not (data.parent / "never.npz").exists()
+
+
 @pytest.mark.parametrize("option, values, bad", [("objective", ("absolute", "relative"), "sigma"),
                                                  ("optimizer", ("adam", "lbfgs"), "sgd")])
 def test_probe_options(capsys, model, data, option, values, bad):

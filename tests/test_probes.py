@@ -628,3 +628,67 @@ def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
     for bad in (0, 5, 2.0, True, "4"):
         with pytest.raises(ValueError, match="probe_views"):
             dfmpc.quantize_network(resnet20, probes="distilled", probe_views=bad)
+
+
+# ------------------------------------------------------------------------ mirrored views (derivation 15)
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, len(probes.PROBE_MIRRORS)))
+def test_mirrored_views_are_the_mirror_images_of_each_image(seed, n, c, h, w, views):
+    """Derivation 15, "Mirrored views": view k of image i is image i with its rows and/or columns reversed as
+    PROBE_MIRRORS[k] says (checked pixel by pixel against index arithmetic, any size); view 0 is the image
+    itself; views come view after view; ``make_views`` dispatches on the kind."""
+    assert probes.PROBE_MIRRORS == ((False, False), (False, True), (True, False), (True, True))
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    v = probes.mirrored_views(x, views)
+    assert v.shape == (views * n, c, h, w) and v.dtype == np.float32 and v.flags.c_contiguous
+    for k, (rows, cols) in enumerate(probes.PROBE_MIRRORS[:views]):
+        for i in range(h):
+            for j in range(w):
+                np.testing.assert_array_equal(v[k * n:(k + 1) * n, :, h - 1 - i if rows else i, w - 1 - j if cols else j],
+                                              x[:, :, i, j])
+    np.testing.assert_array_equal(v[:n], x)
+    np.testing.assert_array_equal(probes.make_views(x, views, "mirrors"), v)
+    np.testing.assert_array_equal(probes.make_views(x, views), probes.shifted_views(x, views))
+
+
+def test_mirrored_views_refuse_bad_arguments():
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    for bad in (0, 5, 1.5, True, None):
+        with pytest.raises(ValueError, match="views"):
+            probes.mirrored_views(x, bad)
+    with pytest.raises(ValueError, match="x: expected"):
+        probes.mirrored_views(x.astype(np.float64), 2)
+    for bad in ("rolls", None, 1, "Mirrors"):
+        with pytest.raises(ValueError, match="kind: expected one of"):
+            probes.make_views(x, 2, bad)
+
+
+def test_quantize_network_uses_the_mirrored_views_when_asked(resnet20, monkeypatch):
+    """``probe_view_kind="mirrors"``: the sequential pass runs on the images followed by their mirror images
+    (the batch the context receives is ``mirrored_views`` of the probes, the images counted for S.1), the
+    report says so, and the network differs from the shifted views' (negative control); a bad kind is refused
+    by name before any work."""
+    import dfmpc
+    import dfmpc.recalibration as R
+    seen = []
+    real_init = R.RecalibrationContext.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        seen.append((self.probes, self.n_images))
+    monkeypatch.setattr(R.RecalibrationContext, "__init__", spy)
+    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    qm, repm = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_view_kind="mirrors")
+    qs, reps = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    np.testing.assert_array_equal(seen[0][0], probes.mirrored_views(x, 4))
+    np.testing.assert_array_equal(seen[1][0], probes.shifted_views(x, 4))
+    assert seen[0][1] == seen[1][1] == 3
+    assert repm.probes == "given (3 images), 4 mirrored views each for the variance"
+    assert reps.probes == "given (3 images), 4 shifted views each for the variance"
+    assert not np.array_equal(qm.run(x), qs.run(x))
+    _, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1, probe_view_kind="mirrors")
+    assert rep1.probes == "given (3 images)"
+    for bad in ("rolls", "", None, 2):
+        with pytest.raises(ValueError, match="probe_view_kind"):
+            dfmpc.quantize_network(resnet20, probes="distilled", probe_view_kind=bad)

@@ -87,6 +87,7 @@ def _quant_kwargs(a):
                 low_quantizer=a.low_quantizer, recalibration=a.recalibration, probes=a.probes, probe_images=a.probe_images, seed=a.seed,
                 probe_iterations=a.probe_iterations, probe_tolerance=_tolerance(a.probe_tolerance),
                 probe_objective=a.probe_objective, probe_optimizer=a.probe_optimizer, probe_views=views,
+                probe_view_kind=a.probe_view_kind,
                 progress=False if a.json else None)
 
 
@@ -134,7 +135,7 @@ def cmd_demo(a) -> dict:
                            objective=a.probe_objective, optimizer=a.probe_optimizer)
         kw["probes"] = made.x
         out["probe_seconds"] = time.perf_counter() - t0
-        out["probes"] = probes_label(a.probes, made) + views_label(kw["probe_views"])
+        out["probes"] = probes_label(a.probes, made) + views_label(kw["probe_views"], kw["probe_view_kind"])
         if show:
             print(f"  (sequential re-calibration: {out['probes']}; made from the model alone in "
                   f"{out['probe_seconds']:.1f} s, no data)")
@@ -320,6 +321,11 @@ def _parser() -> argparse.ArgumentParser:
                              "shifts by a quarter of the image, 1 to 4; the variance ratio uses all views, the mean "
                              f"shift the images alone (default {DEFAULT_PROBE_VIEWS} for distilled probes, 1 for "
                              "noise; derivation 15, S.4-S.5)")
+        from .probes import DEFAULT_VIEW_KIND, VIEW_KINDS
+        sp.add_argument("--probe-view-kind", choices=VIEW_KINDS, default=DEFAULT_VIEW_KIND,
+                        help="how the views of --probe-views are made: shifts (circular shifts by a quarter of the "
+                             "image) or mirrors (the image mirrored left-right, upside down and both) "
+                             "(default %(default)s; derivation 15, S.4 and 'Mirrored views')")
         from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
         sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                         help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "

@@ -36,7 +36,8 @@ from .engine.graph import Graph
 from .pairing import Pair, Pairing, find_pairs, merge_affine_into_bn
 from .quantizers import dorefa, ternary
 from .probes import (DEFAULT_ITERATIONS, DEFAULT_KIND, DEFAULT_N, DEFAULT_OBJECTIVE, DEFAULT_OPTIMIZER,
-                     DEFAULT_TOLERANCE, PROBE_KINDS, check_views, make_probes, shifted_views,
+                     DEFAULT_TOLERANCE, PROBE_KINDS, check_views, make_probes, make_views,
+                     DEFAULT_VIEW_KIND, check_view_kind,
                      unmeasured_convs)
 from .recalibration import RECALIBRATION_MODES, RECALIBRATIONS, RecalibrationContext, Site, bn_of
 from .reconstruction import oracle_coefficients
@@ -359,10 +360,12 @@ def probes_label(kind: str, made) -> str:
     return f"{kind} ({len(made.x)} images, {made.iterations} steps, BN mismatch {made.mismatch:.3f})"
 
 
-def views_label(views: int) -> str:
-    """What reports add to the probes' label for ``views`` shifted views each (S.4-S.5):
-    ``", 4 shifted views each for the variance"``, or nothing for one view."""
-    return "" if views == 1 else f", {views} shifted views each for the variance"
+def views_label(views: int, kind: str = DEFAULT_VIEW_KIND) -> str:
+    """What reports add to the probes' label for ``views`` views each (S.4-S.5) of ``kind`` ("shifts" or
+    "mirrors"): ``", 4 shifted views each for the variance"``, ``", 4 mirrored views each for the variance"``,
+    or nothing for one view."""
+    word = "shifted" if check_view_kind(kind) == "shifts" else "mirrored"
+    return "" if views == 1 else f", {views} {word} views each for the variance"
 
 
 #: Probes are a pure function of (network, kind, n, seed, iterations, tolerance, objective, optimizer): the
@@ -395,7 +398,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
                      probes=DEFAULT_PROBES, probe_images: int | None = None, seed: int = 0,
                      probe_iterations: int = DEFAULT_ITERATIONS, probe_tolerance: float | None = DEFAULT_TOLERANCE,
                      probe_objective: str = DEFAULT_OBJECTIVE, probe_optimizer: str = DEFAULT_OPTIMIZER,
-                     probe_views: int | None = None, progress=None, low_quantizer: str = "auto",
+                     probe_views: int | None = None, probe_view_kind: str = DEFAULT_VIEW_KIND,
+                     progress=None, low_quantizer: str = "auto",
                      c_form: str = "auto"):
     """DF-MPC on a whole network: MP``low``/``high`` weights, c folded into the low layers' BN.
 
@@ -462,6 +466,10 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4); the variance ratio (S.2) is taken over all
         of them, the mean shift (S.1) over the images alone (S.5). None (default, :func:`default_views`):
         :data:`DEFAULT_PROBE_VIEWS` (4) for distilled probes and given images, 1 (the images alone) for noise.
+    probe_view_kind : {"shifts", "mirrors"}
+        ``sequential`` only: how the views are made. ``shifts`` (default): circular shifts by a quarter of
+        the image (S.4). ``mirrors``: the image mirrored left-right, upside down and both
+        (:func:`dfmpc.probes.mirrored_views`; derivation 15, "Mirrored views").
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
@@ -492,6 +500,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     if c_form not in C_FORMS:
         raise ValueError(f"c_form: expected one of {C_FORMS}, got {c_form!r}")
     probe_views = check_views(default_views(probes) if probe_views is None else probe_views, "probe_views")
+    check_view_kind(probe_view_kind, "probe_view_kind")
     if recalibration == "data" or compensation == "oracle":
         calibration_data = _check_calibration(calibration_data, "recalibration='data' and compensation='oracle'")
     if weight_quantizer is not None and not callable(weight_quantizer):
@@ -513,8 +522,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         if recalibration == "sequential" and sites else (None, None)
     n_images = None if probe_x is None else len(probe_x)
     if probe_x is not None and probe_views > 1:
-        probe_x = shifted_views(probe_x, probe_views)                                      # derivation 15, S.4
-        probes_made += views_label(probe_views)
+        probe_x = make_views(probe_x, probe_views, probe_view_kind)                        # derivation 15, S.4
+        probes_made += views_label(probe_views, probe_view_kind)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x, n_images)   # S.5
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}
     report = QuantizationReport(low_bits, high_bits, lambda1, lambda2, recalibration, compensation,

@@ -56,7 +56,8 @@ __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DE
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
            "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
-           "PROBE_SHIFTS", "VIEW_STEP", "shifted_views", "view_shifts", "check_views", "PART_OPS", "splittable"]
+           "PROBE_SHIFTS", "VIEW_STEP", "shifted_views", "view_shifts", "check_views",
+           "PROBE_MIRRORS", "VIEW_KINDS", "DEFAULT_VIEW_KIND", "mirrored_views", "make_views", "check_view_kind", "PART_OPS", "splittable"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
@@ -125,6 +126,13 @@ DISTILL_THREADS = None
 PROBE_SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -1))
 #: a view's shift is PROBE_SHIFTS[k] times (H // VIEW_STEP, W // VIEW_STEP) pixels
 VIEW_STEP = 4
+#: the mirrored views, in order, as (reverse the rows, reverse the columns): the image itself, mirrored left-right,
+#: upside down, and both (rotated by half a turn). An option beside the shifts (derivation 15, "Mirrored views").
+PROBE_MIRRORS = ((False, False), (False, True), (True, False), (True, True))
+#: how the views of a probe image are made: ``shifts`` (:func:`shifted_views`, the default) or ``mirrors``
+#: (:func:`mirrored_views`); either way ``views`` of them per image, the image itself first
+VIEW_KINDS = ("shifts", "mirrors")
+DEFAULT_VIEW_KIND = "shifts"
 
 #: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
 NO_BN_MESSAGE = ("graph: has no BatchNormalization node to distil against; if BN was folded into the convs on "
@@ -269,9 +277,7 @@ def shifted_views(x: np.ndarray, views: int) -> np.ndarray:
     >>> v.shape, [tuple(int(i) for i in np.argwhere(im[0])[0]) for im in v]
     ((3, 1, 8, 8), [(0, 0), (2, 2), (6, 6)])
     """
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    _check_images(x)
     views = check_views(views)
     return np.ascontiguousarray(np.concatenate([np.roll(x, s, axis=(2, 3)) for s in view_shifts(x.shape[2:], views)]))
 
@@ -286,6 +292,77 @@ def view_shifts(size, views: int) -> list[tuple[int, int]]:
     """
     H, W = (int(v) for v in size)
     return [(a * (H // VIEW_STEP), b * (W // VIEW_STEP)) for a, b in PROBE_SHIFTS[:check_views(views)]]
+
+
+def mirrored_views(x: np.ndarray, views: int) -> np.ndarray:
+    """The probes and their mirror images, ``views`` per image (derivation 15, "Mirrored views").
+
+    View k reverses the rows and/or the columns of every image as ``PROBE_MIRRORS[k]`` says: the image
+    itself, then mirrored left-right, upside down, and both.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    views : int, 1 <= views <= len(PROBE_MIRRORS)
+        1 returns a copy of ``x``.
+
+    Returns
+    -------
+    ndarray, shape (views * N, C, H, W), float32
+        View after view: rows ``k * N`` to ``(k + 1) * N - 1`` hold view k, so the first N rows are ``x``.
+
+    Raises
+    ------
+    ValueError
+        ``x`` not a non-empty float32 (N, C, H, W) array, or ``views`` out of range.
+
+    Examples
+    --------
+    A pixel at (0, 1) of a 4 x 4 image goes to (0, 2), (3, 1) and (3, 2) in the other views:
+
+    >>> x = np.zeros((1, 1, 4, 4), np.float32); x[0, 0, 0, 1] = 1
+    >>> [tuple(int(i) for i in np.argwhere(im[0])[0]) for im in mirrored_views(x, 4)]
+    [(0, 1), (0, 2), (3, 1), (3, 2)]
+    """
+    _check_images(x)
+    views = check_views(views)
+    out = [x[:, :, ::-1 if rows else 1, ::-1 if cols else 1] for rows, cols in PROBE_MIRRORS[:views]]
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def make_views(x: np.ndarray, views: int, kind: str = DEFAULT_VIEW_KIND) -> np.ndarray:
+    """``views`` views of every probe image, made as ``kind`` says: :func:`shifted_views` or :func:`mirrored_views`.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32
+    views : int in [1, 4]
+    kind : {"shifts", "mirrors"}
+
+    Returns
+    -------
+    ndarray, shape (views * N, C, H, W), float32; the first N rows are ``x``.
+
+    Raises
+    ------
+    ValueError
+        Bad ``x`` or ``views``, or ``kind`` not in :data:`VIEW_KINDS`.
+    """
+    kind = check_view_kind(kind)
+    return shifted_views(x, views) if kind == "shifts" else mirrored_views(x, views)
+
+
+def check_view_kind(kind, name: str = "kind") -> str:
+    """``kind`` if it is one of :data:`VIEW_KINDS`; otherwise a ValueError naming ``name``."""
+    if not isinstance(kind, str) or kind not in VIEW_KINDS:
+        raise ValueError(f"{name}: expected one of {VIEW_KINDS}, got {kind!r}")
+    return kind
+
+
+def _check_images(x):
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"x: expected a non-empty float32 array (N, C, H, W), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
 
 
 def check_views(views, name: str = "views") -> int:
