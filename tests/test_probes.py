@@ -630,14 +630,14 @@ def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
             dfmpc.quantize_network(resnet20, probes="distilled", probe_views=bad)
 
 
-# ------------------------------------------------------------------------ mirrored views (derivation 15)
+# ------------------------------------------------------------------------ S.6: mirrored views (derivation 15)
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9),
        st.integers(1, len(probes.PROBE_MIRRORS)))
 def test_mirrored_views_are_the_mirror_images_of_each_image(seed, n, c, h, w, views):
-    """Derivation 15, "Mirrored views": view k of image i is image i with its rows and/or columns reversed as
-    PROBE_MIRRORS[k] says (checked pixel by pixel against index arithmetic, any size); view 0 is the image
-    itself; views come view after view; ``make_views`` dispatches on the kind."""
+    """S.6 (derivation 15, "Mirrored views"): view k of image i is image i with its rows and/or columns
+    reversed as PROBE_MIRRORS[k] says (checked pixel by pixel against index arithmetic, any size); view 0 is
+    the image itself; views come view after view; ``make_views`` dispatches on the kind."""
     assert probes.PROBE_MIRRORS == ((False, False), (False, True), (True, False), (True, True))
     x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
     v = probes.mirrored_views(x, views)
@@ -665,10 +665,10 @@ def test_mirrored_views_refuse_bad_arguments():
 
 
 def test_quantize_network_uses_the_mirrored_views_when_asked(resnet20, monkeypatch):
-    """``probe_view_kind="mirrors"``: the sequential pass runs on the images followed by their mirror images
-    (the batch the context receives is ``mirrored_views`` of the probes, the images counted for S.1), the
-    report says so, and the network differs from the shifted views' (negative control); a bad kind is refused
-    by name before any work."""
+    """S.6 in the pipeline, ``probe_view_kind="mirrors"``: the sequential pass runs on the images followed by
+    their mirror images (the batch the context receives is ``mirrored_views`` of the probes, the images counted
+    for S.1), the report says so, and the network differs from the shifted views' (negative control); a bad
+    kind is refused by name before any work."""
     import dfmpc
     import dfmpc.recalibration as R
     seen = []

@@ -127,7 +127,7 @@ PROBE_SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -1))
 #: a view's shift is PROBE_SHIFTS[k] times (H // VIEW_STEP, W // VIEW_STEP) pixels
 VIEW_STEP = 4
 #: the mirrored views, in order, as (reverse the rows, reverse the columns): the image itself, mirrored left-right,
-#: upside down, and both (rotated by half a turn). An option beside the shifts (derivation 15, "Mirrored views").
+#: upside down, and both (rotated by half a turn). An option beside the shifts (derivation 15, S.6).
 PROBE_MIRRORS = ((False, False), (False, True), (True, False), (True, True))
 #: how the views of a probe image are made: ``shifts`` (:func:`shifted_views`, the default) or ``mirrors``
 #: (:func:`mirrored_views`); either way ``views`` of them per image, the image itself first
@@ -295,7 +295,7 @@ def view_shifts(size, views: int) -> list[tuple[int, int]]:
 
 
 def mirrored_views(x: np.ndarray, views: int) -> np.ndarray:
-    """The probes and their mirror images, ``views`` per image (derivation 15, "Mirrored views").
+    """The probes and their mirror images, ``views`` per image (derivation 15, S.6, "Mirrored views").
 
     View k reverses the rows and/or the columns of every image as ``PROBE_MIRRORS[k]`` says: the image
     itself, then mirrored left-right, upside down, and both.
