@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # benchmarks/_common.py, also when loaded from its file
 from _common import update_readme, write_text  # noqa: E402
 
+import dfmpc.probes
 from dfmpc.diagnose import diagnose
 from dfmpc.engine.kernel_choice import cpu_signature
 from dfmpc.evaluation import load_dataset, load_zoo_model, zoo_manifest
@@ -45,19 +46,19 @@ MARKERS = ("<!-- diagnose-table:start -->", "<!-- diagnose-table:end -->")
 TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 
-def results_path(probe_views: int | None, out: str | None = None, seed: int = 0, view_kind: str = "shifts") -> Path:
+def results_path(probe_views: int | None, out: str | None = None, seed: int = 0, view_kind: str = dfmpc.probes.DEFAULT_VIEW_KIND) -> Path:
     """Where the rows go: ``out`` when given, else ``diagnose.json`` for the library's default views (None)
     and seed 0, ``diagnose_views<V>.json`` for V views asked for, ``diagnose_mirrors.json`` (or
     ``diagnose_views<V>_mirrors.json``) for mirrored views, with ``_seed<S>`` before ``.json`` for another seed."""
     if out:
         return Path(out)
     stem = "diagnose" if probe_views is None else f"diagnose_views{probe_views}"
-    stem += "" if view_kind == "shifts" else f"_{view_kind}"
+    stem += "" if view_kind == dfmpc.probes.DEFAULT_VIEW_KIND else f"_{view_kind}"
     return RESULTS / (stem + ("" if seed == 0 else f"_seed{seed}") + ".json")
 
 
 def run(model: str, setting: str, images, recalibration: str, probe_views: int | None = None, seed: int = 0,
-        view_kind: str = "shifts") -> dict:
+        view_kind: str = dfmpc.probes.DEFAULT_VIEW_KIND) -> dict:
     """One model and setting: the summary of :func:`diagnose` and the per-layer log ratios."""
     lo, hi = map(int, setting.split("/"))
     t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--probe-views", type=int, default=None, metavar="V",
                    help="views per probe image (1-4; default: the library's, 4 for distilled probes); when given, the "
                         "rows go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
-    p.add_argument("--probe-view-kind", default="shifts", choices=("shifts", "mirrors"),
+    p.add_argument("--probe-view-kind", default=dfmpc.probes.DEFAULT_VIEW_KIND, choices=dfmpc.probes.VIEW_KINDS,
                    help="how the views are made (default %(default)s); mirrors writes "
                         "benchmarks/results/diagnose_mirrors.json and leaves the README alone")
     p.add_argument("--seed", type=int, default=0, metavar="S",
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     if a.seed < 0:
         raise SystemExit(f"--seed: expected a seed >= 0, got {a.seed}")
     path = results_path(a.probe_views, a.out, a.seed, a.probe_view_kind)
-    if a.probe_views is not None or a.out or a.seed or a.probe_view_kind != "shifts":
+    if a.probe_views is not None or a.out or a.seed or a.probe_view_kind != dfmpc.probes.DEFAULT_VIEW_KIND:
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]

@@ -44,7 +44,7 @@ N_CAL = 500                      # as benchmarks/accuracy.py: held out, never ev
 TARGET_POINTS = 1.5
 
 
-def run(model: str, g, setting: str, seed: int, x, y, backend: str, view_kind: str = "shifts") -> dict:
+def run(model: str, g, setting: str, seed: int, x, y, backend: str, view_kind: str = dfmpc.probes.DEFAULT_VIEW_KIND) -> dict:
     """One model (``g``, loaded once), setting and probe seed: default DF-MPC and c = 1, on the same probes
     (their views made as ``view_kind`` says)."""
     lo, hi = map(int, setting.split("/"))
@@ -59,9 +59,9 @@ def run(model: str, g, setting: str, seed: int, x, y, backend: str, view_kind: s
     return row
 
 
-def results_path(view_kind: str = "shifts") -> Path:
+def results_path(view_kind: str = dfmpc.probes.DEFAULT_VIEW_KIND) -> Path:
     """``seeds.json`` for the library's default views, ``seeds_<kind>.json`` for another kind."""
-    return RESULTS / ("seeds.json" if view_kind == "shifts" else f"seeds_{view_kind}.json")
+    return RESULTS / ("seeds.json" if view_kind == dfmpc.probes.DEFAULT_VIEW_KIND else f"seeds_{view_kind}.json")
 
 
 def merge(new_rows: list[dict], path: Path | None = None) -> list[dict]:
@@ -131,12 +131,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="evaluation (default %(default)s)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
-    p.add_argument("--probe-view-kind", default="shifts", choices=("shifts", "mirrors"),
+    p.add_argument("--probe-view-kind", default=dfmpc.probes.DEFAULT_VIEW_KIND, choices=dfmpc.probes.VIEW_KINDS,
                    help="how the probes' views are made (default %(default)s); mirrors writes "
                         "benchmarks/results/seeds_mirrors.json and leaves the README alone")
     a = p.parse_args(argv)
     path = results_path(a.probe_view_kind)
-    if a.probe_view_kind != "shifts":
+    if a.probe_view_kind != dfmpc.probes.DEFAULT_VIEW_KIND:
         a.no_readme = True
     if a.table_only:
         rows = json.loads(path.read_text())["rows"]

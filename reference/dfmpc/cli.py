@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--probe-view-kind", choices=VIEW_KINDS, default=DEFAULT_VIEW_KIND,
                         help="how the views of --probe-views are made: shifts (circular shifts by a quarter of the "
                              "image) or mirrors (the image mirrored left-right, upside down and both) "
-                             "(default %(default)s; derivation 15, S.4 and 'Mirrored views')")
+                             "(default %(default)s; derivation 15, S.4 and S.6)")
         from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
         sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                         help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "

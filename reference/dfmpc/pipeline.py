@@ -469,7 +469,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
     probe_view_kind : {"shifts", "mirrors"}
         ``sequential`` only: how the views are made. ``shifts`` (default): circular shifts by a quarter of
         the image (S.4). ``mirrors``: the image mirrored left-right, upside down and both
-        (:func:`dfmpc.probes.mirrored_views`; derivation 15, "Mirrored views").
+        (:func:`dfmpc.probes.mirrored_views`; derivation 15, S.6).
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 
@@ -522,7 +522,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         if recalibration == "sequential" and sites else (None, None)
     n_images = None if probe_x is None else len(probe_x)
     if probe_x is not None and probe_views > 1:
-        probe_x = make_views(probe_x, probe_views, probe_view_kind)                        # derivation 15, S.4
+        probe_x = make_views(probe_x, probe_views, probe_view_kind)                        # derivation 15, S.4 / S.6
         probes_made += views_label(probe_views, probe_view_kind)
     ctx = RecalibrationContext(fp, g, input_mean, input_var, calibration_data, probe_x, n_images)   # S.5
     oracle_acts = _oracle_inputs(fp, pairing, calibration_data[:oracle_images]) if compensation == "oracle" else {}

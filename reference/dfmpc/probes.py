@@ -56,8 +56,9 @@ __all__ = ["PROBE_KINDS", "DEFAULT_KIND", "DEFAULT_N", "DEFAULT_ITERATIONS", "DE
            "DEFAULT_TOLERANCE", "MAX_BUDGET_FACTOR", "distill_to_tolerance", "bn_mismatch", "make_probes",
            "DISTILL_THREADS", "distill", "bn_targets", "bn_matching_loss", "DistillationResult", "moments_numpy",
            "OBJECTIVES", "DEFAULT_OBJECTIVE", "channel_weights", "OPTIMIZERS", "DEFAULT_OPTIMIZER",
-           "PROBE_SHIFTS", "VIEW_STEP", "shifted_views", "view_shifts", "check_views",
-           "PROBE_MIRRORS", "VIEW_KINDS", "DEFAULT_VIEW_KIND", "mirrored_views", "make_views", "check_view_kind", "PART_OPS", "splittable"]
+           "PROBE_SHIFTS", "VIEW_STEP", "shifted_views", "view_shifts", "check_views", "PROBE_MIRRORS",
+           "VIEW_KINDS", "DEFAULT_VIEW_KIND", "mirrored_views", "make_views", "check_view_kind", "PART_OPS",
+           "splittable"]
 
 #: kinds of probe inputs :func:`probe_inputs` makes
 PROBE_KINDS = ("distilled", "noise")
