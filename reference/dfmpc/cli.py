@@ -318,7 +318,8 @@ def _parser() -> argparse.ArgumentParser:
         from .pipeline import DEFAULT_PROBE_VIEWS
         sp.add_argument("--probe-views", type=int, default=None, metavar="V",
                         help="views per probe image in the sequential pass: the image and V - 1 of its diagonal "
-                             "shifts by a quarter of the image, 1 to 4; the variance ratio uses all views, the mean "
+                             "shifts by a quarter of the image (or mirror images: --probe-view-kind), 1 to 4; the "
+                             "variance ratio uses all views, the mean "
                              f"shift the images alone (default {DEFAULT_PROBE_VIEWS} for distilled probes, 1 for "
                              "noise; derivation 15, S.4-S.5)")
         from .probes import DEFAULT_VIEW_KIND, VIEW_KINDS

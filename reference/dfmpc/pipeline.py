@@ -463,7 +463,8 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         :data:`dfmpc.probes.DEFAULT_OPTIMIZER`).
     probe_views : int in [1, 4] or None
         ``sequential`` only: each probe image is used with its first ``probe_views - 1`` circular shifts
-        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4); the variance ratio (S.2) is taken over all
+        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4), or mirror images with
+        ``probe_view_kind="mirrors"``; the variance ratio (S.2) is taken over all
         of them, the mean shift (S.1) over the images alone (S.5). None (default, :func:`default_views`):
         :data:`DEFAULT_PROBE_VIEWS` (4) for distilled probes and given images, 1 (the images alone) for noise.
     probe_view_kind : {"shifts", "mirrors"}
