@@ -15,7 +15,7 @@ Usage::
     python benchmarks/diagnose.py --table-only             # README table from benchmarks/results/diagnose.json
     python benchmarks/diagnose.py --probe-views 1          # the distilled images alone, without their views
     python benchmarks/diagnose.py --seed 1                 # another draw of the probes' starting noise
-    python benchmarks/diagnose.py --probe-view-kind mirrors   # mirrored views instead of shifted ones
+    python benchmarks/diagnose.py --probe-view-kind shifts    # shifted views instead of mirrored ones
     python benchmarks/diagnose.py --out benchmarks/results/diagnose_znver4.json   # another machine's figures
 
 Results go to ``benchmarks/results/diagnose.json`` (merged by model and setting with what is there), each
@@ -48,8 +48,8 @@ TARGET_MEDIAN, TARGET_MAX = 0.05, 0.15
 
 def results_path(probe_views: int | None, out: str | None = None, seed: int = 0, view_kind: str = dfmpc.probes.DEFAULT_VIEW_KIND) -> Path:
     """Where the rows go: ``out`` when given, else ``diagnose.json`` for the library's default views (None)
-    and seed 0, ``diagnose_views<V>.json`` for V views asked for, ``diagnose_mirrors.json`` (or
-    ``diagnose_views<V>_mirrors.json``) for mirrored views, with ``_seed<S>`` before ``.json`` for another seed."""
+    and seed 0, ``diagnose_views<V>.json`` for V views asked for, ``diagnose_shifts.json`` (or
+    ``diagnose_views<V>_shifts.json``) for shifted views, with ``_seed<S>`` before ``.json`` for another seed."""
     if out:
         return Path(out)
     stem = "diagnose" if probe_views is None else f"diagnose_views{probe_views}"
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
                    help="views per probe image (1-4; default: the library's, 4 for distilled probes); when given, the "
                         "rows go to benchmarks/results/diagnose_views<V>.json and the README is not touched")
     p.add_argument("--probe-view-kind", default=dfmpc.probes.DEFAULT_VIEW_KIND, choices=dfmpc.probes.VIEW_KINDS,
-                   help="how the views are made (default %(default)s); mirrors writes "
-                        "benchmarks/results/diagnose_mirrors.json and leaves the README alone")
+                   help="how the views are made (default %(default)s); shifts writes "
+                        "benchmarks/results/diagnose_shifts.json and leaves the README alone")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the probes' starting noise (default 0); another seed writes "
                         "benchmarks/results/diagnose_seed<S>.json and leaves the README alone")

@@ -14,7 +14,7 @@ Usage::
     python benchmarks/seeds.py                                # all zoo models, seeds 0-4; rewrites the README table
     python benchmarks/seeds.py --models resnet20 --seeds 0,1 --no-readme
     python benchmarks/seeds.py --table-only                   # README table from benchmarks/results/seeds.json
-    python benchmarks/seeds.py --probe-view-kind mirrors      # mirrored views: benchmarks/results/seeds_mirrors.json
+    python benchmarks/seeds.py --probe-view-kind shifts       # shifted views: benchmarks/results/seeds_shifts.json
 
 Evaluation runs in onnxruntime by default (``--backend``; the engine gives the same predictions on
 the shipped set, ``tests/test_backends.py``, at about half the pace on 2 cores). Results go to
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README table from the saved JSON")
     p.add_argument("--probe-view-kind", default=dfmpc.probes.DEFAULT_VIEW_KIND, choices=dfmpc.probes.VIEW_KINDS,
-                   help="how the probes' views are made (default %(default)s); mirrors writes "
-                        "benchmarks/results/seeds_mirrors.json and leaves the README alone")
+                   help="how the probes' views are made (default %(default)s); shifts writes "
+                        "benchmarks/results/seeds_shifts.json and leaves the README alone")
     a = p.parse_args(argv)
     path = results_path(a.probe_view_kind)
     if a.probe_view_kind != dfmpc.probes.DEFAULT_VIEW_KIND:

@@ -209,7 +209,7 @@ def test_probe_views_option(capsys, model, data):
         labels[kind] = res["probes"]
         if kind == "distilled":
             assert [r["predicted_var"] for r in res["layers"]] == got["4"]
-    assert labels["distilled"].endswith(", 4 shifted views each for the variance") and "shifted" not in labels["noise"]
+    assert labels["distilled"].endswith(", 4 mirrored views each for the variance") and "views" not in labels["noise"]
     for bad in ("0", "5"):
         rc, out, err = run(capsys, "quantize", model, "-o", data.parent / "never.npz", "--probe-views", bad)
         assert rc == 2 and "--probe-views" in err and len(err.strip().splitlines()) == 1
@@ -217,8 +217,8 @@ def test_probe_views_option(capsys, model, data):
 
 
 def test_probe_view_kind_option(capsys, model, data):
-    """--probe-view-kind mirrors reaches the sequential pass (other statistics than the shifts, and the JSON
-    names them); an unknown kind is refused by argparse, naming the option, and nothing is written."""
+    """--probe-view-kind shifts reaches the sequential pass (other statistics than the default mirrors, and the
+    JSON names them); an unknown kind is refused by argparse, naming the option, and nothing is written."""
     got, labels = {}, {}
     for kind in ("shifts", "mirrors"):
         rc, out, err = run(capsys, "diagnose", model, "--data", data, "--probe-images", "2", "--probe-iterations",

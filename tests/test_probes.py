@@ -600,7 +600,7 @@ def test_shifted_views_refuse_bad_arguments():
 
 
 def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
-    """S.4 in the pipeline: by default the sequential pass runs on DEFAULT_PROBE_VIEWS = 4 views of each
+    """S.5-S.6 in the pipeline: by default the sequential pass runs on DEFAULT_PROBE_VIEWS = 4 views of each
     distilled or given probe image and on noise probes alone; ``probe_views`` overrides it, and the report
     says so; a bad value is refused before any work (negative control: with one view the re-calibrated
     network differs)."""
@@ -622,8 +622,8 @@ def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
     _, repn = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5)
     _, repn2 = dfmpc.quantize_network(resnet20, compensation="none", probes="noise", probe_images=5, probe_views=2)
     assert seen == [(12, 3), (3, 3), (5, 5), (10, 5)]
-    assert rep4.probes == "given (3 images), 4 shifted views each for the variance" and rep1.probes == "given (3 images)"
-    assert repn.probes == "noise (5 images)" and repn2.probes == "noise (5 images), 2 shifted views each for the variance"
+    assert rep4.probes == "given (3 images), 4 mirrored views each for the variance" and rep1.probes == "given (3 images)"
+    assert repn.probes == "noise (5 images)" and repn2.probes == "noise (5 images), 2 mirrored views each for the variance"
     assert not np.array_equal(q4.run(x), q1.run(x))
     for bad in (0, 5, 2.0, True, "4"):
         with pytest.raises(ValueError, match="probe_views"):
@@ -637,7 +637,7 @@ def test_quantize_network_uses_the_views_of_its_probes(resnet20, monkeypatch):
 def test_mirrored_views_are_the_mirror_images_of_each_image(seed, n, c, h, w, views):
     """S.6 (derivation 15, "Mirrored views"): view k of image i is image i with its rows and/or columns
     reversed as PROBE_MIRRORS[k] says (checked pixel by pixel against index arithmetic, any size); view 0 is
-    the image itself; views come view after view; ``make_views`` dispatches on the kind."""
+    the image itself; views come view after view; ``make_views`` dispatches on the kind, mirrors by default."""
     assert probes.PROBE_MIRRORS == ((False, False), (False, True), (True, False), (True, True))
     x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
     v = probes.mirrored_views(x, views)
@@ -648,8 +648,9 @@ def test_mirrored_views_are_the_mirror_images_of_each_image(seed, n, c, h, w, vi
                 np.testing.assert_array_equal(v[k * n:(k + 1) * n, :, h - 1 - i if rows else i, w - 1 - j if cols else j],
                                               x[:, :, i, j])
     np.testing.assert_array_equal(v[:n], x)
-    np.testing.assert_array_equal(probes.make_views(x, views, "mirrors"), v)
-    np.testing.assert_array_equal(probes.make_views(x, views), probes.shifted_views(x, views))
+    assert probes.DEFAULT_VIEW_KIND == "mirrors"
+    np.testing.assert_array_equal(probes.make_views(x, views), v)
+    np.testing.assert_array_equal(probes.make_views(x, views, "shifts"), probes.shifted_views(x, views))
 
 
 def test_mirrored_views_refuse_bad_arguments():
@@ -664,11 +665,11 @@ def test_mirrored_views_refuse_bad_arguments():
             probes.make_views(x, 2, bad)
 
 
-def test_quantize_network_uses_the_mirrored_views_when_asked(resnet20, monkeypatch):
-    """S.6 in the pipeline, ``probe_view_kind="mirrors"``: the sequential pass runs on the images followed by
-    their mirror images (the batch the context receives is ``mirrored_views`` of the probes, the images counted
-    for S.1), the report says so, and the network differs from the shifted views' (negative control); a bad
-    kind is refused by name before any work."""
+def test_quantize_network_uses_the_mirrored_views_by_default_and_the_shifts_when_asked(resnet20, monkeypatch):
+    """S.6 in the pipeline: by default the sequential pass runs on the images followed by their mirror images
+    (the batch the context receives is ``mirrored_views`` of the probes, the images counted for S.1); with
+    ``probe_view_kind="shifts"`` on ``shifted_views`` (S.4). The report says which, and the two networks differ
+    (negative control); a bad kind is refused by name before any work."""
     import dfmpc
     import dfmpc.recalibration as R
     seen = []
@@ -679,15 +680,15 @@ def test_quantize_network_uses_the_mirrored_views_when_asked(resnet20, monkeypat
         seen.append((self.probes, self.n_images))
     monkeypatch.setattr(R.RecalibrationContext, "__init__", spy)
     x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    qm, repm = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_view_kind="mirrors")
-    qs, reps = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    qm, repm = dfmpc.quantize_network(resnet20, compensation="none", probes=x)
+    qs, reps = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_view_kind="shifts")
     np.testing.assert_array_equal(seen[0][0], probes.mirrored_views(x, 4))
     np.testing.assert_array_equal(seen[1][0], probes.shifted_views(x, 4))
     assert seen[0][1] == seen[1][1] == 3
     assert repm.probes == "given (3 images), 4 mirrored views each for the variance"
     assert reps.probes == "given (3 images), 4 shifted views each for the variance"
     assert not np.array_equal(qm.run(x), qs.run(x))
-    _, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1, probe_view_kind="mirrors")
+    _, rep1 = dfmpc.quantize_network(resnet20, compensation="none", probes=x, probe_views=1, probe_view_kind="shifts")
     assert rep1.probes == "given (3 images)"
     for bad in ("rolls", "", None, 2):
         with pytest.raises(ValueError, match="probe_view_kind"):

@@ -124,7 +124,7 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
         bn = measured_bn(site.bn, X)
         fp.node(site.bn_node).params.update(mean=bn.mean.astype(np.float32), var=bn.var.astype(np.float32))
     q_seq, _ = quantize_network(fp, recalibration="sequential", compensation="none", probes=images,
-                                probe_views=1)                  # the images themselves, not shifted views (S.4)
+                                probe_views=1)                  # the images themselves, not their views (S.6)
     q_dat, _ = quantize_network(fp, recalibration="data", compensation="none", calibration_data=images)
     for bn in q_seq.nodes_of("BatchNormalization"):
         ref = q_dat.node(bn.name).params
@@ -138,17 +138,17 @@ def test_sequential_on_real_images_equals_data_mode(net, images):
 
 
 def test_sequential_takes_the_mean_shift_on_the_images_and_the_variance_ratio_on_all_views(net, images):
-    """S.5 (derivation 15): with probes = the images followed by their shifted views, the sequential mode
+    """S.5 (derivation 15): with probes = the images followed by their views (S.6), the sequential mode
     moves each BN's mean by the images' mean difference (S.1 over the first ``n_images`` rows) and scales its
     variance by the ratio over all rows (S.2); checked at every site against the conv outputs of the two
     networks, computed here with ``Graph.run``. Negative controls: taking the mean over all rows, or the
     variance over the images alone, gives other statistics."""
-    from dfmpc.probes import shifted_views
+    from dfmpc.probes import mirrored_views
     from dfmpc.recalibration import RecalibrationContext, recalibrate_sequential
     fp = prepare(net)
     q, _ = quantize_network(fp, recalibration="absorb", compensation="none")      # a quantized network, BNs kept
     x = images[:6]
-    V = shifted_views(x, 4)
+    V = mirrored_views(x, 4)
     ctx = RecalibrationContext(fp, q, probes=V, n_images=len(x))
     mean_gap, var_gap = [], []
     for site in recalibration_sites(fp, q):
@@ -174,7 +174,7 @@ def test_sequential_report_names_its_probes(net, images):
     assert rep.recalibration == "sequential" and rep.probes == "given (24 images)"
     assert "sequential on given (24 images)" in rep.summary()
     assert quantize_network(net, recalibration="sequential", probes=images)[1].probes == \
-        "given (24 images), 4 shifted views each for the variance"
+        "given (24 images), 4 mirrored views each for the variance"
     with pytest.raises(ValueError, match="probes"):
         quantize_network(net, recalibration="sequential", probes=images.astype(np.float64))
     with pytest.raises(ValueError, match="probes"):

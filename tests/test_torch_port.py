@@ -236,7 +236,7 @@ def test_port_zoo_resnet20_fp32_and_absorb_match_vectors(vec, resnet20):
 
 @pytest.mark.slow
 def test_port_zoo_resnet20_sequential_matches_vectors(vec, resnet20):
-    """Sequential re-calibration (derivation 15, S.1-S.2, with the views of S.4-S.5) on the stored probes, then Eq. (27) and the fold, on the
+    """Sequential re-calibration (derivation 15, S.1-S.2, with the mirrored views of S.5-S.6) on the stored probes, then Eq. (27) and the fold, on the
     zoo ResNet-20: c, final BN and logits as in the vectors."""
     e, d = vec["resnet20_sequential"]
     q, c_of = P.dfmpc_quantize(resnet20, 2, 6, recalibration="sequential", probes=t(d["inputs"]["probes"]))

@@ -205,6 +205,12 @@ def _write_bn(m: nn.BatchNorm2d, bn: BN):
             t.copy_(v.to(t.dtype))
 
 
+def mirrored_views(x, views=4):
+    """The probes, then their mirror images: left-right, upside down, both (derivation 15, S.6; the default)."""
+    flips = [(), (3,), (2,), (2, 3)][:views]
+    return torch.cat([torch.flip(x, dims) if dims else x for dims in flips])
+
+
 def shifted_views(x, views=4):
     """The probes, then copies rolled by a quarter of the image along three diagonals (derivation 15, S.4)."""
     a, b = x.shape[2] // 4, x.shape[3] // 4
@@ -213,18 +219,21 @@ def shifted_views(x, views=4):
 
 
 def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="sequential", probes=None,
-                   lambda1=0.5, lambda2=0.0, pairs=None, views=4):
+                   lambda1=0.5, lambda2=0.0, pairs=None, views=4, view_kind="mirrors"):
     """DF-MPC on a model in eval mode (Algorithm 1). Returns (quantized copy, {low conv: c}).
 
     recalibration: "sequential" (needs ``probes``, float32 NCHW images made without data) or "absorb".
     ``pairs``: optional [(low conv, BN, high conv)] module names.
     ``views``: the sequential mode takes each BN's variance ratio over the probes and their first ``views - 1``
-    rolled copies, and its mean shift over the probes alone (derivation 15, S.4-S.5; 1: the probes alone).
+    mirror images (``view_kind="shifts"``: rolled copies), and its mean shift over the probes alone (derivation
+    15, S.4-S.6; 1: the probes alone).
     """
     if recalibration not in ("sequential", "absorb"):
         raise ValueError(f"recalibration: expected 'sequential' or 'absorb', got {recalibration!r}")
     if recalibration == "sequential" and probes is None:
         raise ValueError("probes: the sequential re-calibration needs probe images")
+    if view_kind not in ("mirrors", "shifts"):
+        raise ValueError(f"view_kind: expected 'mirrors' or 'shifts', got {view_kind!r}")
     fp = copy.deepcopy(model).eval()
     sites, found = sites_and_pairs(fp)
     with torch.no_grad():                                  # step 0: BN(W x + b) with mean mu is BN(W x) with mu - b
@@ -242,7 +251,7 @@ def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="seq
                 m.weight.copy_(quantize_weight(m.weight, bits, name in low).to(m.weight.dtype))
     c_of = {}
     if recalibration == "sequential":
-        n, probes = len(probes), shifted_views(probes, views)
+        n, probes = len(probes), (mirrored_views if view_kind == "mirrors" else shifted_views)(probes, views)
     for conv, bn_name in sites:                                                # in execution order
         bn = bn_of(fp.get_submodule(bn_name))
         if recalibration == "sequential":                                      # step 3
@@ -262,4 +271,4 @@ def dfmpc_quantize(model: nn.Module, low_bits=2, high_bits=6, recalibration="seq
 
 __all__ = ["ternary", "dorefa", "quantize_weight", "BN", "bn_of", "absorb_scale", "quadratic_coefficients",
            "closed_form", "compensation_coefficients", "fold_into_bn", "channel_moments", "ratio_bn", "analytic_bn",
-           "sites_and_pairs", "shifted_views", "dfmpc_quantize"]
+           "sites_and_pairs", "mirrored_views", "shifted_views", "dfmpc_quantize"]

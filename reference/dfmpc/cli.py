@@ -317,16 +317,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
         from .pipeline import DEFAULT_PROBE_VIEWS
         sp.add_argument("--probe-views", type=int, default=None, metavar="V",
-                        help="views per probe image in the sequential pass: the image and V - 1 of its diagonal "
-                             "shifts by a quarter of the image (or mirror images: --probe-view-kind), 1 to 4; the "
+                        help="views per probe image in the sequential pass: the image and V - 1 of its mirror images "
+                             "(or diagonal shifts by a quarter of the image: --probe-view-kind), 1 to 4; the "
                              "variance ratio uses all views, the mean "
                              f"shift the images alone (default {DEFAULT_PROBE_VIEWS} for distilled probes, 1 for "
-                             "noise; derivation 15, S.4-S.5)")
+                             "noise; derivation 15, S.5-S.6)")
         from .probes import DEFAULT_VIEW_KIND, VIEW_KINDS
         sp.add_argument("--probe-view-kind", choices=VIEW_KINDS, default=DEFAULT_VIEW_KIND,
-                        help="how the views of --probe-views are made: shifts (circular shifts by a quarter of the "
-                             "image) or mirrors (the image mirrored left-right, upside down and both) "
-                             "(default %(default)s; derivation 15, S.4 and S.6)")
+                        help="how the views of --probe-views are made: mirrors (the image mirrored left-right, upside "
+                             "down and both) or shifts (circular shifts by a quarter of the image) "
+                             "(default %(default)s; derivation 15, S.6 and S.4)")
         from .probes import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, MAX_BUDGET_FACTOR
         sp.add_argument("--probe-iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                         help=f"distillation steps of the distilled probes, doubled up to {MAX_BUDGET_FACTOR}x while "

@@ -60,8 +60,8 @@ def recalibrate_bn(bn, W, W_q, mode, *, X_fp=None, X_q=None, in_mean=None, in_va
             muhat_o      = mu_o + (m_q_o - m_fp_o)                          (S.1)
             sigmahat_o^2 = sigma_o^2 * v_q_o / v_fp_o  (1 where v_fp_o = 0)  (S.2)
 
-        With ``n_images``, the batches are probe images followed by their shifted views (the
-        pipeline's default, :func:`dfmpc.probes.shifted_views`): the means of S.1 are taken over the
+        With ``n_images``, the batches are probe images followed by their views (the pipeline's
+        default, :func:`dfmpc.probes.make_views`): the means of S.1 are taken over the
         first ``n_images`` rows, the variances of S.2 over all rows (S.5).
 
     ``"analytic"`` (data-free; derivation 10)

@@ -57,13 +57,13 @@ DEFAULT_PROBES = DEFAULT_KIND
 #: with few images optimised for long (derivation 16); noise costs only the two forward passes, so it
 #: gets enough images for stable per-channel statistics.
 DEFAULT_PROBE_IMAGES = {"distilled": DEFAULT_N, "noise": 256}
-#: views per distilled probe image when ``probe_views`` is not given (:func:`dfmpc.probes.shifted_views`,
-#: derivation 15, S.4-S.5): the image and three copies rolled by a quarter of the image. The variance ratio
-#: S.2 is taken over all views and the mean shift S.1 over the images alone. On the zoo this brings 8 of the 9
-#: models within both ``dfmpc diagnose`` targets instead of 5; DF-MPC's accuracy (seed means) moves by 0.2 points
-#: or less on seven models, gains 0.25 on MobileNetV2-small and loses 0.7 on MobileNetV2 (README, "How much the
-#: probe seed matters"; derivation 16, "Shifted views, for the variance only"). Noise probes are used as they
-#: are (one view): a shifted copy of white noise is more white noise.
+#: views per distilled probe image when ``probe_views`` is not given (:func:`dfmpc.probes.make_views`,
+#: derivation 15, S.5-S.6): the image and its three mirror images (or three copies rolled by a quarter of the
+#: image, ``probe_view_kind="shifts"``). The variance ratio S.2 is taken over all views and the mean shift S.1
+#: over the images alone. On the zoo the mirror images bring all 9 models within both ``dfmpc diagnose``
+#: targets (the images alone: 5) and every model's worst probe seed within 1.5 points of ``data`` (README,
+#: "How much the probe seed matters"; derivation 15, "Mirrored views"). Noise probes are used as they
+#: are (one view): a mirrored copy of white noise is more white noise.
 DEFAULT_PROBE_VIEWS = 4
 
 
@@ -361,8 +361,8 @@ def probes_label(kind: str, made) -> str:
 
 
 def views_label(views: int, kind: str = DEFAULT_VIEW_KIND) -> str:
-    """What reports add to the probes' label for ``views`` views each (S.4-S.5) of ``kind`` ("shifts" or
-    "mirrors"): ``", 4 shifted views each for the variance"``, ``", 4 mirrored views each for the variance"``,
+    """What reports add to the probes' label for ``views`` views each (S.5) of ``kind`` ("mirrors" or
+    "shifts"): ``", 4 mirrored views each for the variance"``, ``", 4 shifted views each for the variance"``,
     or nothing for one view."""
     word = "shifted" if check_view_kind(kind) == "shifts" else "mirrored"
     return "" if views == 1 else f", {views} {word} views each for the variance"
@@ -462,15 +462,15 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         How the distillation moves the images (:func:`dfmpc.probes.distill`; default
         :data:`dfmpc.probes.DEFAULT_OPTIMIZER`).
     probe_views : int in [1, 4] or None
-        ``sequential`` only: each probe image is used with its first ``probe_views - 1`` circular shifts
-        (:func:`dfmpc.probes.shifted_views`, derivation 15, S.4), or mirror images with
-        ``probe_view_kind="mirrors"``; the variance ratio (S.2) is taken over all
+        ``sequential`` only: each probe image is used with its first ``probe_views - 1`` mirror images
+        (:func:`dfmpc.probes.mirrored_views`, derivation 15, S.6), or circular shifts with
+        ``probe_view_kind="shifts"``; the variance ratio (S.2) is taken over all
         of them, the mean shift (S.1) over the images alone (S.5). None (default, :func:`default_views`):
         :data:`DEFAULT_PROBE_VIEWS` (4) for distilled probes and given images, 1 (the images alone) for noise.
     probe_view_kind : {"shifts", "mirrors"}
-        ``sequential`` only: how the views are made. ``shifts`` (default): circular shifts by a quarter of
-        the image (S.4). ``mirrors``: the image mirrored left-right, upside down and both
-        (:func:`dfmpc.probes.mirrored_views`; derivation 15, S.6).
+        ``sequential`` only: how the views are made. ``mirrors`` (default): the image mirrored left-right,
+        upside down and both (:func:`dfmpc.probes.mirrored_views`; derivation 15, S.6). ``shifts``: circular
+        shifts by a quarter of the image (:func:`dfmpc.probes.shifted_views`, S.4).
     progress : bool or None
         Progress bar on stderr while probes are made (None: only on a terminal).
 

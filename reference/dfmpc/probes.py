@@ -20,9 +20,10 @@ are made from the network alone:
   The input gradient is one reverse sweep through the graph (:mod:`dfmpc.autodiff`); the forward
   stops at the last BN. Derivation and tests: ``data_free_derivations/16_probe_inputs.md``.
 
-  By default the sequential re-calibration also uses copies of each distilled probe rolled by a quarter of
-  the image (:func:`shifted_views`, ``probe_views``; derivation 15, S.4), for the variance ratio only
-  (S.5): they are not fitted to the full-precision weights as the distilled images are.
+  By default the sequential re-calibration also uses the mirror images of each distilled probe
+  (:func:`mirrored_views`, ``probe_views``; derivation 15, S.6), for the variance ratio only (S.5): they
+  are not fitted to the full-precision weights as the distilled images are. Copies rolled by a quarter of
+  the image (:func:`shifted_views`, S.4) are the other kind.
 
   The budget adapts to the network: when the distilled images still miss the BN statistics by more
   than :data:`DEFAULT_TOLERANCE` (RMS relative mismatch, D.5, :func:`bn_mismatch`), the distillation
@@ -117,23 +118,24 @@ MAX_BUDGET_FACTOR = 4
 #: core brings depends on how free it is: the blocked conv kernel alone ran 1.6-1.85x as fast on two threads
 #: in one minute of this session and about 1x in another.
 DISTILL_THREADS = None
+#: the mirrored views, in order, as (reverse the rows, reverse the columns): the image itself, mirrored
+#: left-right, upside down, and both (rotated by half a turn). The default views (derivation 15, S.6): the
+#: sequential re-calibration uses the first ``probe_views`` of them and takes only the variance ratio (S.2)
+#: from the views; the mean shift (S.1) comes from the images alone (S.5). A mirror image keeps every object
+#: whole, and is not fitted to the full-precision network as the distilled images are, so it carries the
+#: drift of the quantized layers into the later stages as real images do (derivation 16, "Which views,
+#: measured per stretch").
+PROBE_MIRRORS = ((False, False), (False, True), (True, False), (True, True))
 #: the circular shifts of a probe image's views, in order, in units of a quarter of the image's height and
-#: width: the image itself, then rolled along the three diagonals (a 28 x 28 image by 7 pixels). The
-#: sequential re-calibration uses the first ``probe_views`` of them (derivation 15, S.4), and takes only the
-#: variance ratio (S.2) from the views; the mean shift (S.1) comes from the images alone (S.5). A conv net's
-#: statistics do not depend on where an object sits, and the shifted copies are not fitted to the
-#: full-precision network as the distilled images are, so they carry the drift of the quantized layers into
-#: the later stages as real images do (derivation 16, "Shifted views, for the variance only").
+#: width: the image itself, then rolled along the three diagonals (a 28 x 28 image by 7 pixels). The option
+#: ``shifts`` (derivation 15, S.4; the default before the mirrors).
 PROBE_SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -1))
 #: a view's shift is PROBE_SHIFTS[k] times (H // VIEW_STEP, W // VIEW_STEP) pixels
 VIEW_STEP = 4
-#: the mirrored views, in order, as (reverse the rows, reverse the columns): the image itself, mirrored left-right,
-#: upside down, and both (rotated by half a turn). An option beside the shifts (derivation 15, S.6).
-PROBE_MIRRORS = ((False, False), (False, True), (True, False), (True, True))
-#: how the views of a probe image are made: ``shifts`` (:func:`shifted_views`, the default) or ``mirrors``
-#: (:func:`mirrored_views`); either way ``views`` of them per image, the image itself first
-VIEW_KINDS = ("shifts", "mirrors")
-DEFAULT_VIEW_KIND = "shifts"
+#: how the views of a probe image are made: ``mirrors`` (:func:`mirrored_views`, the default) or ``shifts``
+#: (:func:`shifted_views`); either way ``views`` of them per image, the image itself first
+VIEW_KINDS = ("mirrors", "shifts")
+DEFAULT_VIEW_KIND = "mirrors"
 
 #: the error for a graph without BatchNormalization nodes (distillation matches their statistics)
 NO_BN_MESSAGE = ("graph: has no BatchNormalization node to distil against; if BN was folded into the convs on "

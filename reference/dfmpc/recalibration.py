@@ -9,7 +9,7 @@ each a function ``mode(ctx, site) -> BatchNorm`` registered in :data:`RECALIBRAT
                the network quantized so far; each BN's trained statistics are moved by the probes'
                mean difference and scaled by their variance ratio
                (``data_free_derivations/15_sequential_recalibration.md``, S.1-S.2); the ratio is
-               taken over the images and their shifted views, the difference over the images alone (S.5).
+               taken over the images and their views, the difference over the images alone (S.5).
 ``analytic``   data-free: expected input moments propagated from the previous BNs under a
                Gaussian / rectified-Gaussian assumption (as DFQ's bias correction does), giving the
                shift of the conv output's mean and an estimate of its variance ratio
@@ -159,7 +159,7 @@ def channel_moments(X) -> tuple[np.ndarray, np.ndarray]:
 
 
 def view_moments(X, n_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """S.5's moments of a batch of probe images followed by their shifted views: the per-channel mean over
+    """S.5's moments of a batch of probe images followed by their views: the per-channel mean over
     the first ``n_images`` rows (the images) and the (biased) variance over all rows, in float64.
 
     Parameters
@@ -230,7 +230,7 @@ class RecalibrationContext:
         Real images (``data`` only).
     probes : ndarray (M, C, H, W) float32 or None
         Data-free probe inputs (``sequential``; :mod:`dfmpc.probes`): the probe images, then their
-        shifted views (:func:`dfmpc.probes.shifted_views`), if any.
+        views (:func:`dfmpc.probes.make_views`: mirror images or shifted copies), if any.
     n_images : int or None
         How many of the first rows of ``probes`` are the probe images themselves (the mean shift S.1 is
         taken over them, the variance ratio S.2 over all M rows; derivation 15, S.5). None: all M.

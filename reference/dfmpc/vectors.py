@@ -377,7 +377,7 @@ def zoo_vectors(modes=("absorb", "analytic", "sequential")) -> list[Vector]:
                           f"ResNet-20 after DF-MPC MP2/6 (TWN on each pair's low conv, DoReFa-6 on every other conv and "
                           f"the fc), recalibration={mode}, lambda1 = 0.5, lambda2 = 0"
                           + (f", probes = the {ZOO_PROBES} standard-normal images stored here (numpy default_rng({ZOO_SEED})), "
-                             "each with its three copies rolled by a quarter of the image for the variance ratio (S.4-S.5: "
+                             "each with its three mirror images (left-right, upside down, both) for the variance ratio (S.5-S.6: "
                              "the mean shift over the probes alone, the variance ratio over all 64 images)"
                              if mode == "sequential" else "")
                           + ". pairs: low conv module names, c concatenated in that order (pair_channels each); sites: "
