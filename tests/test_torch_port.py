@@ -234,6 +234,20 @@ def test_port_zoo_resnet20_fp32_and_absorb_match_vectors(vec, resnet20):
     assert check(vec, "resnet20_absorb", out) == []
 
 
+def test_port_views_equal_dfmpc_views_and_a_bad_kind_is_refused(resnet20):
+    """S.4 and S.6 in the port: its mirrored and shifted views are dfmpc.probes' bit for bit (an odd-sized image,
+    so a wrong axis or a wrong roll would differ; the two kinds differ from each other as a negative control),
+    and an unknown ``view_kind`` is refused by name."""
+    from dfmpc import probes as D
+    x = np.random.default_rng(3).standard_normal((2, 1, 7, 9)).astype(np.float32)
+    for views in (1, 2, 4):
+        np.testing.assert_array_equal(P.mirrored_views(t(x), views).numpy(), D.mirrored_views(x, views))
+        np.testing.assert_array_equal(P.shifted_views(t(x), views).numpy(), D.shifted_views(x, views))
+    assert not np.array_equal(P.mirrored_views(t(x), 4).numpy(), D.shifted_views(x, 4))
+    with pytest.raises(ValueError, match="view_kind"):
+        P.dfmpc_quantize(resnet20, 2, 6, probes=t(x), view_kind="rolls")
+
+
 @pytest.mark.slow
 def test_port_zoo_resnet20_sequential_matches_vectors(vec, resnet20):
     """Sequential re-calibration (derivation 15, S.1-S.2, with the mirrored views of S.5-S.6) on the stored probes, then Eq. (27) and the fold, on the

@@ -467,7 +467,7 @@ def quantize_network(graph: Graph, low_bits: int = 2, high_bits: int = 6, *, lam
         ``probe_view_kind="shifts"``; the variance ratio (S.2) is taken over all
         of them, the mean shift (S.1) over the images alone (S.5). None (default, :func:`default_views`):
         :data:`DEFAULT_PROBE_VIEWS` (4) for distilled probes and given images, 1 (the images alone) for noise.
-    probe_view_kind : {"shifts", "mirrors"}
+    probe_view_kind : {"mirrors", "shifts"}
         ``sequential`` only: how the views are made. ``mirrors`` (default): the image mirrored left-right,
         upside down and both (:func:`dfmpc.probes.mirrored_views`; derivation 15, S.6). ``shifts``: circular
         shifts by a quarter of the image (:func:`dfmpc.probes.shifted_views`, S.4).

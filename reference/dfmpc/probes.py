@@ -340,7 +340,7 @@ def make_views(x: np.ndarray, views: int, kind: str = DEFAULT_VIEW_KIND) -> np.n
     ----------
     x : ndarray, shape (N, C, H, W), float32
     views : int in [1, 4]
-    kind : {"shifts", "mirrors"}
+    kind : {"mirrors", "shifts"}
 
     Returns
     -------
